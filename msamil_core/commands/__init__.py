@@ -1,0 +1,1 @@
+"""One module per ``msamil`` sub-command (see :mod:`msamil_core.cli`)."""

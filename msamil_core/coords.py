@@ -1,0 +1,162 @@
+"""Patch grids at 20x, 10x and 5x, and their TRIDENT-compatible HDF5 files.
+
+Each scale is a grid of square patches of ``patch_size`` px *at that magnification*: on a
+0.5 µm/px slide a 512-px patch spans 512 level-0 px at 20x, 1024 at 10x and 2048 at 5x. All
+grids start at level-0 (0, 0) and their steps are 1x, 2x and 4x the 20x step, so every 5x
+patch holds exactly four 10x and sixteen 20x patches. Only patches wholly inside the slide are
+considered, and a patch is kept when the selection mask (thumbnail resolution) covers at least
+``min_fraction`` of its area (0.7 in MsaMIL-Net).
+
+The HDF5 layout is the one TRIDENT writes: dataset ``coords`` int64 [N, 2] of level-0 top-left
+(x, y), with attributes ``patch_size`` (px at the target magnification), ``patch_size_level0``,
+``level0_magnification``, ``target_magnification``, ``overlap``, ``level0_width``,
+``level0_height`` and ``name``. A slide with no kept patch still gets a [0, 2] dataset.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import MsamilError
+from .fileio import atomic_path
+from .slide import DEFAULT_BASE_MPP, MAGNIFICATIONS, patch_size_level0
+
+
+@dataclass(frozen=True)
+class Grid:
+    """Kept patches of one scale: level-0 top-left coordinates and the attributes of the file."""
+
+    coords: np.ndarray  # int64 [N, 2]
+    fractions: np.ndarray  # float32 [N], selection-mask fraction of each kept patch
+    attrs: dict
+
+
+def area_fractions(mask: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+    """Fraction of each box covered by a mask, exactly, with fractional pixel overlap.
+
+    Args:
+        mask: [h, w] bool or 0..1 array; pixel (i, j) covers [j, j+1) x [i, i+1).
+        boxes: float [N, 4] of (x0, y0, x1, y1) in mask pixel units.
+
+    Returns:
+        float64 [N] in [0, 1].
+
+    The integral of a piecewise-constant image is bilinear inside each pixel cell, so bilinear
+    interpolation of the summed-area table at the box corners is exact.
+    """
+    h, w = mask.shape
+    sat = np.zeros((h + 1, w + 1), dtype=np.float64)
+    sat[1:, 1:] = np.cumsum(np.cumsum(mask.astype(np.float64), axis=0), axis=1)
+
+    def integral(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        x = np.clip(x, 0, w)
+        y = np.clip(y, 0, h)
+        x0 = np.minimum(np.floor(x).astype(np.int64), w - 1)
+        y0 = np.minimum(np.floor(y).astype(np.int64), h - 1)
+        fx, fy = x - x0, y - y0
+        top = sat[y0, x0] * (1 - fx) + sat[y0, x0 + 1] * fx
+        bottom = sat[y0 + 1, x0] * (1 - fx) + sat[y0 + 1, x0 + 1] * fx
+        return top * (1 - fy) + bottom * fy
+
+    if len(boxes) == 0:
+        return np.zeros(0)
+    x0, y0, x1, y1 = (boxes[:, i].astype(np.float64) for i in range(4))
+    inside = integral(x1, y1) - integral(x0, y1) - integral(x1, y0) + integral(x0, y0)
+    area = np.maximum((x1 - x0) * (y1 - y0), 1e-12)
+    return np.clip(inside / area, 0.0, 1.0)
+
+
+def make_grid(
+    mask: np.ndarray,
+    level0_size: tuple[int, int],
+    mpp: float,
+    magnification: int,
+    patch_size: int = 512,
+    min_fraction: float = 0.7,
+    base_mpp: float = DEFAULT_BASE_MPP,
+    name: str = "",
+) -> Grid:
+    """Grid of one magnification, kept where ``mask`` covers at least ``min_fraction``.
+
+    Args:
+        mask: selection mask [h, w] at thumbnail resolution, spanning the whole slide.
+        level0_size: slide (width, height) in level-0 px.
+        mpp: slide level-0 µm/px.
+        magnification: 20, 10 or 5 (µm/px = base_mpp * 20 / magnification).
+        patch_size: px at the target magnification.
+    """
+    w0, h0 = level0_size
+    step = patch_size_level0(patch_size, magnification, mpp, base_mpp)
+    nx, ny = w0 // step, h0 // step
+    xs, ys = np.meshgrid(np.arange(nx, dtype=np.int64) * step, np.arange(ny, dtype=np.int64) * step)
+    coords = np.stack([xs.ravel(), ys.ravel()], axis=1)  # row-major: y, then x
+    sx, sy = mask.shape[1] / w0, mask.shape[0] / h0
+    boxes = np.stack(
+        [coords[:, 0] * sx, coords[:, 1] * sy, (coords[:, 0] + step) * sx, (coords[:, 1] + step) * sy], axis=1
+    )
+    fractions = area_fractions(mask > 0, boxes)
+    keep = fractions >= min_fraction - 1e-9
+    attrs = {
+        "patch_size": int(patch_size),
+        "patch_size_level0": int(step),
+        "level0_magnification": float(round(20.0 * base_mpp / mpp, 4)),
+        "target_magnification": int(magnification),
+        "overlap": 0,
+        "level0_width": int(w0),
+        "level0_height": int(h0),
+        "name": name,
+        "mpp": float(mpp),
+        "min_mask_fraction": float(min_fraction),
+    }
+    return Grid(coords=coords[keep].reshape(-1, 2), fractions=fractions[keep].astype(np.float32), attrs=attrs)
+
+
+def make_grids(mask, level0_size, mpp, patch_size=512, min_fraction=0.7, base_mpp=DEFAULT_BASE_MPP, name=""):
+    """:func:`make_grid` for 20x, 10x and 5x; returns ``{"20x": Grid, "10x": Grid, "5x": Grid}``."""
+    return {
+        f"{m}x": make_grid(mask, level0_size, mpp, m, patch_size, min_fraction, base_mpp, name) for m in MAGNIFICATIONS
+    }
+
+
+def write_coords(path: str | os.PathLike, coords: np.ndarray, attrs: dict) -> None:
+    """Write a TRIDENT-layout coordinates file atomically (``coords`` int64 [N, 2] plus attributes)."""
+    import h5py
+
+    coords = np.asarray(coords, dtype=np.int64).reshape(-1, 2)
+    with atomic_path(path) as tmp:
+        with h5py.File(tmp, "w") as f:
+            ds = f.create_dataset("coords", data=coords, maxshape=(None, 2))
+            for key, value in attrs.items():
+                ds.attrs[key] = value
+
+
+def read_coords(path: str | os.PathLike) -> tuple[np.ndarray, dict]:
+    """Read a coordinates file (ours, TRIDENT's or CLAM's): int64 [N, 2] level-0 top-left and attributes.
+
+    CLAM stores ``patch_level`` and ``patch_size`` (at that level) instead of
+    ``patch_size_level0``; those attributes are passed through unchanged.
+    """
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as f:
+            if "coords" not in f:
+                raise MsamilError(f"{path}: no `coords` dataset; is this a patch-coordinates HDF5 file?")
+            ds = f["coords"]
+            coords = np.asarray(ds[()], dtype=np.int64).reshape(-1, 2)
+            attrs = {k: _plain(v) for k, v in ds.attrs.items()}
+    except OSError as exc:
+        raise MsamilError(f"{path}: cannot read HDF5 ({exc}); rerun the step that wrote it") from None
+    return coords, attrs
+
+
+def _plain(value):
+    """h5py attribute -> plain Python value (numpy scalars and bytes are unwrapped)."""
+    if isinstance(value, bytes):
+        return value.decode()
+    if isinstance(value, np.generic):
+        return value.item()
+    return value

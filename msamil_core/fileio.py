@@ -1,0 +1,52 @@
+"""Atomic output files: write to a temporary name beside the target, then rename.
+
+A job killed half-way (error, SIGKILL, preemption) never leaves a partial file
+under the final name, so Snakemake and reruns never mistake it for a result.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[Path]:
+    """Yield a temporary path in the target's directory; rename it onto ``path`` on success.
+
+    The temporary name keeps the target's suffix (``suffix`` overrides it) so libraries
+    that pick a format from the extension (PIL, torch) still work. On any exception the
+    temporary file is removed and the target is left untouched.
+    """
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(
+        prefix=f".{target.name}.", suffix=suffix if suffix is not None else target.suffix, dir=target.parent
+    )
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: str | os.PathLike, data: Any) -> None:
+    """Write ``data`` as indented JSON, atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+def save_torch(path: str | os.PathLike, obj: Any) -> None:
+    """``torch.save`` atomically (the object must hold only tensors and plain types,
+    so that ``torch.load(path, weights_only=True)`` reads it back)."""
+    import torch
+
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)

@@ -1,0 +1,285 @@
+"""Whole-slide image access: open anything OpenSlide opens, know its µm/px, read patches by magnification.
+
+Magnification is defined by µm/px, never by the file's objective-power tag: with the default
+base of 0.5 µm/px for 20x, 20x = 0.5, 10x = 1.0 and 5x = 2.0 µm/px. A slide's level-0 µm/px
+comes from the file (``openslide.mpp-x``/``mpp-y``) unless the sheet's ``mpp`` column overrides
+it; with neither, opening fails with an error that names the slide and the ``mpp`` column
+(a silent 20x guess would give patches of the wrong physical size).
+
+Patches are read from the coarsest pyramid level that is at least as fine as the requested
+output, then resized: a 5x patch is never decoded from level 0 when the file has a coarser level.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from .errors import MsamilError
+
+log = logging.getLogger(__name__)
+
+# Index in this tuple is the `scales` value stored in feature bags (0 = 20x, 1 = 10x, 2 = 5x).
+SCALES = ("20x", "10x", "5x")
+MAGNIFICATIONS = (20, 10, 5)
+# µm/px that defines 20x; 10x and 5x are 2x and 4x coarser.
+DEFAULT_BASE_MPP = 0.5
+
+# µm/px a microscope scan can have. Desktop-image resolution tags (72, 96, 300 dpi = 353, 265,
+# 85 µm/px) are placeholders, not a scan's resolution, and fall outside.
+PLAUSIBLE_MPP = (0.01, 20.0)
+
+# Relative tolerance when comparing downsamples: pyramid levels are often 3.9999 instead of 4.
+_DOWNSAMPLE_RTOL = 1e-3
+
+
+def scale_index(scale: str | int | float) -> int:
+    """Map ``"20x"``/``20``/``20.0`` to 0, ``"10x"`` to 1, ``"5x"`` to 2."""
+    if isinstance(scale, str):
+        text = scale.strip().lower().rstrip("x")
+    else:
+        text = str(scale)
+    try:
+        mag = float(text)
+    except ValueError:
+        raise MsamilError(f"unknown scale {scale!r}: use one of {', '.join(SCALES)}") from None
+    for i, m in enumerate(MAGNIFICATIONS):
+        if math.isclose(mag, m):
+            return i
+    raise MsamilError(f"unknown scale {scale!r}: use one of {', '.join(SCALES)}")
+
+
+def magnification_mpp(magnification: float, base_mpp: float = DEFAULT_BASE_MPP) -> float:
+    """µm/px of a magnification, 20x being ``base_mpp`` (0.5 µm/px by default)."""
+    return base_mpp * 20.0 / float(magnification)
+
+
+def patch_size_level0(patch_size: int, magnification: float, mpp: float, base_mpp: float = DEFAULT_BASE_MPP) -> int:
+    """Level-0 extent (px) of a ``patch_size`` px patch at ``magnification`` on a slide of ``mpp`` µm/px.
+
+    Rounded at 20x and multiplied up, so that one 10x patch spans exactly two 20x patches and
+    one 5x patch exactly four: the grids of the three scales stay aligned.
+    """
+    size20 = max(1, round(patch_size * magnification_mpp(20, base_mpp) / mpp))
+    factor = 20.0 / float(magnification)
+    if not math.isclose(factor, round(factor)):
+        # Non power-of-two magnifications (e.g. 40x on a 20x base) cannot nest; round directly.
+        return max(1, round(patch_size * magnification_mpp(magnification, base_mpp) / mpp))
+    return size20 * round(factor)
+
+
+@dataclass(frozen=True)
+class LevelChoice:
+    """The pyramid level a region is read from and the size to read there."""
+
+    level: int
+    downsample: float
+    size: int  # pixels at that level
+
+
+class Slide:
+    """An open whole-slide image with a known level-0 µm/px.
+
+    Use :func:`open_slide` to create one. Coordinates are level-0 pixels, (x, y) = (column, row).
+    """
+
+    def __init__(self, osr, path: Path, slide_id: str, mpp: float, mpp_source: str):
+        self._osr = osr
+        self.path = path
+        self.slide_id = slide_id
+        self.mpp = float(mpp)
+        self.mpp_source = mpp_source
+        self.dimensions: tuple[int, int] = tuple(osr.dimensions)
+        self.level_count: int = osr.level_count
+        self.level_dimensions: tuple[tuple[int, int], ...] = tuple(tuple(d) for d in osr.level_dimensions)
+        self.level_downsamples: tuple[float, ...] = tuple(float(d) for d in osr.level_downsamples)
+        self.properties = dict(osr.properties)
+        bg = self.properties.get("openslide.background-color", "FFFFFF")
+        try:
+            self.background = tuple(int(bg[i : i + 2], 16) for i in (0, 2, 4))
+        except ValueError:
+            self.background = (255, 255, 255)
+
+    # -- metadata ---------------------------------------------------------------------------
+    @property
+    def vendor(self) -> str | None:
+        return self.properties.get("openslide.vendor")
+
+    @property
+    def objective_power(self) -> float | None:
+        value = self.properties.get("openslide.objective-power")
+        try:
+            return float(value) if value is not None else None
+        except ValueError:
+            return None
+
+    def magnification(self, base_mpp: float = DEFAULT_BASE_MPP) -> float:
+        """Level-0 magnification implied by µm/px (20x at ``base_mpp``)."""
+        return 20.0 * base_mpp / self.mpp
+
+    def metadata(self) -> dict:
+        """JSON-ready description: level dims, downsamples, mpp, objective power, vendor."""
+        return {
+            "slide_id": self.slide_id,
+            "path": str(self.path),
+            "vendor": self.vendor,
+            "mpp": self.mpp,
+            "mpp_source": self.mpp_source,
+            "objective_power": self.objective_power,
+            "magnification_from_mpp": round(self.magnification(), 3),
+            "width": self.dimensions[0],
+            "height": self.dimensions[1],
+            "level_count": self.level_count,
+            "level_dimensions": [list(d) for d in self.level_dimensions],
+            "level_downsamples": list(self.level_downsamples),
+        }
+
+    # -- reading ----------------------------------------------------------------------------
+    def level_for_downsample(self, wanted: float) -> int:
+        """Coarsest level whose downsample is at most ``wanted`` (within 0.1 %), else level 0.
+
+        Such a level still has enough resolution for the output, and the coarsest of them
+        decodes the fewest pixels.
+        """
+        candidates = [i for i, ds in enumerate(self.level_downsamples) if ds <= wanted * (1 + _DOWNSAMPLE_RTOL)]
+        return max(candidates, key=lambda i: self.level_downsamples[i]) if candidates else 0
+
+    def best_level(self, size_level0: float, out_size: int) -> LevelChoice:
+        """Where to read ``size_level0`` level-0 px that are shown as ``out_size`` px."""
+        level = self.level_for_downsample(size_level0 / out_size)
+        ds = self.level_downsamples[level]
+        return LevelChoice(level=level, downsample=ds, size=max(1, round(size_level0 / ds)))
+
+    def read_region(self, x: int, y: int, level: int, size: tuple[int, int]) -> np.ndarray:
+        """RGB uint8 [h, w, 3] of a region at ``level`` with level-0 top-left (x, y).
+
+        Transparent pixels (outside the scanned area) are filled with the slide's background colour.
+        """
+        try:
+            rgba = self._osr.read_region((int(x), int(y)), int(level), (int(size[0]), int(size[1])))
+        except Exception as exc:  # openslide.OpenSlideError and friends
+            raise MsamilError(
+                f"slide {self.slide_id!r} ({self.path}): tiles fail to decode ({exc}); "
+                "the file is corrupt or truncated: re-export or re-copy it, or remove it from the sheet"
+            ) from None
+        arr = np.asarray(rgba)
+        rgb = arr[..., :3]
+        alpha = arr[..., 3]
+        if alpha.min() == 255:
+            return np.ascontiguousarray(rgb)
+        # OpenSlide returns premultiplied alpha: composite onto the background colour.
+        a = alpha[..., None].astype(np.float32) / 255.0
+        bg = np.asarray(self.background, dtype=np.float32)
+        out = rgb.astype(np.float32) + bg * (1.0 - a)
+        return np.clip(out + 0.5, 0, 255).astype(np.uint8)
+
+    def read_patch(self, x: int, y: int, size_level0: int, out_size: int) -> np.ndarray:
+        """A square patch as RGB uint8 [out_size, out_size, 3].
+
+        (x, y) is the level-0 top-left and ``size_level0`` the patch's extent in level-0 px. The
+        region is decoded from :meth:`best_level` and resized (box-filtered when shrinking).
+        """
+        choice = self.best_level(size_level0, out_size)
+        region = self.read_region(x, y, choice.level, (choice.size, choice.size))
+        if choice.size == out_size:
+            return region
+        img = Image.fromarray(region)
+        resample = Image.Resampling.BOX if choice.size > out_size else Image.Resampling.BILINEAR
+        return np.asarray(img.resize((out_size, out_size), resample))
+
+    def read_thumbnail(self, long_side: int) -> np.ndarray:
+        """The whole slide as RGB uint8 with its long side ``long_side`` px, aspect kept."""
+        w0, h0 = self.dimensions
+        scale = long_side / max(w0, h0)
+        tw, th = max(1, round(w0 * scale)), max(1, round(h0 * scale))
+        level = self.level_for_downsample(max(w0 / tw, h0 / th))
+        lw, lh = self.level_dimensions[level]
+        region = self.read_region(0, 0, level, (lw, lh))
+        img = Image.fromarray(region)
+        if (lw, lh) != (tw, th):
+            img = img.resize((tw, th), Image.Resampling.BOX if lw >= tw else Image.Resampling.BILINEAR)
+        return np.asarray(img)
+
+    # -- lifecycle --------------------------------------------------------------------------
+    def close(self) -> None:
+        self._osr.close()
+
+    def __enter__(self) -> "Slide":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Slide({self.slide_id!r}, {self.dimensions[0]}x{self.dimensions[1]}, mpp={self.mpp:.4f}, levels={self.level_count})"
+
+
+def _file_mpp(properties: dict) -> tuple[float | None, str]:
+    """Level-0 µm/px from OpenSlide's properties, or None with the reason it is unusable."""
+    values = []
+    for key in ("openslide.mpp-x", "openslide.mpp-y"):
+        try:
+            v = float(properties[key])
+        except (KeyError, ValueError):
+            continue
+        if v > 0 and math.isfinite(v):
+            values.append(v)
+    if not values:
+        return None, "records no µm/px (no openslide.mpp-x)"
+    mpp = float(np.mean(values))
+    lo, hi = PLAUSIBLE_MPP
+    if not lo <= mpp <= hi:
+        return None, (
+            f"records {mpp:.4g} µm/px, which is no microscope resolution (a placeholder resolution tag, "
+            "e.g. 72 dpi)"
+        )
+    return mpp, ""
+
+
+def open_slide(path: str | os.PathLike, slide_id: str | None = None, mpp: float | None = None) -> Slide:
+    """Open a whole-slide image.
+
+    Args:
+        path: any file OpenSlide opens (svs, ndpi, tiff, mrxs, scn, bif, dicom, ...).
+        slide_id: name used in messages (default: the file's stem).
+        mpp: level-0 µm/px; overrides the file's value (the sheet's ``mpp`` column).
+
+    Raises:
+        MsamilError: the file is missing or unopenable, or neither the file nor ``mpp`` gives µm/px.
+    """
+    import openslide
+
+    path = Path(path)
+    slide_id = slide_id or path.stem
+    if not path.exists():
+        raise MsamilError(f"slide {slide_id!r}: file not found: {path}; fix its `path` in the slide sheet")
+    try:
+        osr = openslide.OpenSlide(str(path))
+    except Exception as exc:  # OpenSlideUnsupportedFormatError, OpenSlideError
+        reason = str(exc) or type(exc).__name__
+        raise MsamilError(
+            f"slide {slide_id!r}: OpenSlide cannot open {path} ({reason}); convert it to a format "
+            "OpenSlide reads (e.g. pyramidal tiled TIFF) or remove it from the slide sheet"
+        ) from None
+    if mpp is not None and not (isinstance(mpp, float) and math.isnan(mpp)):
+        mpp = float(mpp)
+        if not (mpp > 0 and math.isfinite(mpp)):
+            osr.close()
+            raise MsamilError(f"slide {slide_id!r}: mpp must be a positive number of µm/px, got {mpp}")
+        source = "sheet"
+    else:
+        mpp, reason = _file_mpp(dict(osr.properties))
+        source = "file"
+    if mpp is None:
+        osr.close()
+        raise MsamilError(
+            f"slide {slide_id!r}: {path} {reason}; give the µm per level-0 pixel in the slide sheet's "
+            "`mpp` column (e.g. 0.25 for 40x, 0.5 for 20x)"
+        )
+    return Slide(osr, path, slide_id, mpp, source)
