@@ -1,0 +1,26 @@
+# msamil: whole-slide images -> multi-scale MIL. Wiring only; msamil_core computes.
+# Run:  snakemake --cores N            (the demo cohort, config/config.yaml)
+#       snakemake --cores N --config slides=my_cohort.csv
+import os
+
+from snakemake.utils import min_version, validate
+
+min_version("9.0")
+
+
+# The repository's defaults, found from the Snakefile so that `--directory` runs work too;
+# --configfile and --config on the command line are merged on top.
+configfile: os.path.join(workflow.basedir, "config", "config.yaml")
+
+
+validate(config, "workflow/schemas/config.schema.yaml")
+
+
+include: "rules/common.smk"
+include: "rules/preprocess.smk"
+
+
+rule all:
+    input:
+        final_outputs(),
+    default_target: True

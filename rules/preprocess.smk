@@ -1,0 +1,94 @@
+# Slides -> thumbnails, tissue masks and 20x/10x/5x patch coordinates.
+
+if DEMO:
+
+    rule make_demo_cohort:
+        output:
+            sheet=config["demo"]["sheet"],
+            slides=[workflow_path(p) for p in SLIDES["path"]],
+            annotations=[workflow_path(p) for p in SLIDES["annotation"] if p],
+        params:
+            out_dir=os.path.dirname(config["demo"]["sheet"]) or ".",
+            n_slides=config["demo"]["n_slides"],
+            seed=config["demo"]["seed"],
+            patch_size=config["patches"]["patch_size"],
+        log:
+            "logs/make_demo_cohort.log",
+        threads: 2
+        resources:
+            mem_mb=4000,
+            runtime=30,
+        conda:
+            "../envs/msamil.yaml"
+        shell:
+            "msamil demo --out {params.out_dir:q} --n-slides {params.n_slides} --seed {params.seed}"
+            " --patch-size {params.patch_size} --threads {threads} 2> {log:q}"
+
+
+rule make_thumbnail:
+    input:
+        slide=slide_file,
+    output:
+        png="results/slides/{slide}/thumbnail.png",
+        meta="results/slides/{slide}/meta.json",
+    params:
+        path=slide_path,
+        mpp=mpp_option,
+        long_side=config["thumbnail"]["long_side"],
+    log:
+        "logs/make_thumbnail/{slide}.log",
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=20,
+    conda:
+        "../envs/msamil.yaml"
+    shell:
+        "msamil thumbnail --slide {params.path:q} --slide-id {wildcards.slide:q} {params.mpp}"
+        " --long-side {params.long_side} --out {output.png:q} --meta {output.meta:q} 2> {log:q}"
+
+
+rule make_tissue_mask:
+    input:
+        "results/slides/{slide}/thumbnail.png",
+    output:
+        "results/slides/{slide}/tissue_mask.png",
+    params:
+        options=tissue_options(),
+    log:
+        "logs/make_tissue_mask/{slide}.log",
+    threads: 1
+    resources:
+        mem_mb=1000,
+        runtime=10,
+    conda:
+        "../envs/msamil.yaml"
+    shell:
+        "msamil tissue --thumbnail {input:q} --slide-id {wildcards.slide:q} {params.options}"
+        " --out {output:q} 2> {log:q}"
+
+
+rule make_patch_coordinates:
+    input:
+        meta="results/slides/{slide}/meta.json",
+        tissue="results/slides/{slide}/tissue_mask.png",
+    output:
+        c20="results/coords/20x/{slide}.h5",
+        c10="results/coords/10x/{slide}.h5",
+        c5="results/coords/5x/{slide}.h5",
+    params:
+        patch_size=config["patches"]["patch_size"],
+        min_fraction=config["patches"]["min_fraction"],
+        base_mpp=config["patches"]["base_mpp"],
+    log:
+        "logs/make_patch_coordinates/{slide}.log",
+    threads: 1
+    resources:
+        mem_mb=1000,
+        runtime=10,
+    conda:
+        "../envs/msamil.yaml"
+    shell:
+        "msamil coords --meta {input.meta:q} --tissue-mask {input.tissue:q}"
+        " --patch-size {params.patch_size} --min-fraction {params.min_fraction} --base-mpp {params.base_mpp}"
+        " --out-20x {output.c20:q} --out-10x {output.c10:q} --out-5x {output.c5:q} 2> {log:q}"

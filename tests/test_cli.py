@@ -1,0 +1,81 @@
+"""The msamil command line: help texts, one-line errors, no partial outputs."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import h5py
+import pytest
+
+from conftest import shared_slide
+from msamil_core.cli import COMMANDS, main
+
+
+def msamil(*args, cwd=None):
+    return subprocess.run(
+        [sys.executable, "-m", "msamil_core", *map(str, args)], capture_output=True, text=True, cwd=cwd
+    )
+
+
+def test_help_lists_every_command():
+    out = msamil("--help")
+    assert out.returncode == 0
+    for name in COMMANDS:
+        assert name in out.stdout
+
+
+@pytest.mark.parametrize("command", ["thumbnail", "tissue", "coords"])
+def test_command_help_explains_options(command):
+    out = msamil(command, "--help")
+    assert out.returncode == 0
+    assert "--out" in out.stdout
+
+
+def test_preprocessing_chain_on_cmu(tmp_path, cmu_slide):
+    d = tmp_path / "cmu"
+    assert main(["thumbnail", "--slide", str(cmu_slide), "--slide-id", "cmu", "--out", str(d / "thumbnail.png"), "--meta", str(d / "meta.json")]) == 0
+    meta = json.loads((d / "meta.json").read_text())
+    assert meta["vendor"] == "aperio" and meta["level_count"] == 1 and meta["objective_power"] == 20.0
+    assert meta["mpp"] == pytest.approx(0.499) and meta["thumbnail"]["height"] == 1024
+    assert main(["tissue", "--thumbnail", str(d / "thumbnail.png"), "--out", str(d / "tissue_mask.png")]) == 0
+    outs = {s: tmp_path / f"{s}.h5" for s in ("20x", "10x", "5x")}
+    assert main(["coords", "--meta", str(d / "meta.json"), "--tissue-mask", str(d / "tissue_mask.png"), "--patch-size", "256", "--min-fraction", "0.4",
+                 "--out-20x", str(outs["20x"]), "--out-10x", str(outs["10x"]), "--out-5x", str(outs["5x"])]) == 0
+    sizes = []
+    for scale, path in outs.items():
+        with h5py.File(path) as f:
+            assert f["coords"].shape[0] > 0
+            assert f["coords"].attrs["target_magnification"] == int(scale[:-1])
+            sizes.append(int(f["coords"].attrs["patch_size_level0"]))
+    assert sizes[1] == 2 * sizes[0] and sizes[2] == 4 * sizes[0]
+
+
+@pytest.mark.parametrize(
+    "slide, words",
+    [
+        ("unopenable.tiff", ["'unopenable'", "OpenSlide cannot open"]),
+        ("unreadable.svs", ["'unreadable'", "fail to decode"]),
+        ("boxes.tiff", ["'boxes'", "`mpp` column"]),
+        ("missing.svs", ["'missing'", "file not found"]),
+    ],
+)
+def test_bad_slide_is_one_line_and_leaves_nothing(tmp_path, slide, words):
+    path = shared_slide("small.svs").parent / slide
+    out = msamil("thumbnail", "--slide", path, "--out", tmp_path / "o" / "thumbnail.png", "--meta", tmp_path / "o" / "meta.json")
+    assert out.returncode == 1
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("msamil thumbnail: error: slide")
+    for w in words:
+        assert w in lines[0]
+    assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
+
+
+def test_no_tissue_fails_the_slide(tmp_path, blank_slide):
+    assert main(["thumbnail", "--slide", str(blank_slide), "--out", str(tmp_path / "t.png"), "--meta", str(tmp_path / "m.json")]) == 0
+    out = msamil("tissue", "--thumbnail", tmp_path / "t.png", "--slide-id", "blank", "--out", tmp_path / "mask.png")
+    assert out.returncode == 1
+    assert "slide 'blank': no tissue found" in out.stderr
+    assert not (tmp_path / "mask.png").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["blank.tiff", "m.json", "t.png"]

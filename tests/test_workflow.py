@@ -1,0 +1,144 @@
+"""The Snakemake workflow, run for real on small cohorts of real slides."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import pytest
+
+from conftest import REPO, shared_slide
+
+pytestmark = pytest.mark.slow
+
+
+def snakemake(workdir: Path, *args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    return subprocess.run(
+        [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory", str(workdir), *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=workdir,
+        timeout=900,
+    )
+
+
+def write_sheet(path: Path, rows: list[tuple]) -> Path:
+    lines = ["slide_id,path,label,patient_id,mpp"] + [",".join(map(str, r)) for r in rows]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def planned_jobs(stdout: str) -> dict[str, int]:
+    """Job counts per rule from a dry-run's 'Job stats' table."""
+    counts = {}
+    table = stdout.split("Job stats:")[-1]
+    for line in table.splitlines():
+        m = re.match(r"^(\w+)\s+(\d+)$", line.strip())
+        if m and m.group(1) != "total":
+            counts[m.group(1)] = int(m.group(2))
+    return counts
+
+
+GOOD = [
+    ("cmu", shared_slide("CMU-1-Small-Region.svs"), "a", "p1", ""),
+    ("dapi (387)", shared_slide("test3-DAPI-2-(387).ndpi"), "b", "p2", ""),
+]
+
+
+@pytest.fixture(scope="module")
+def cohort_run(tmp_path_factory):
+    """The preprocessing stages run on two real slides plus every kind of bad slide."""
+    wd = tmp_path_factory.mktemp("wf")
+    blank = wd / "blank.tiff"
+    from conftest import write_pyramid_tiff
+    import numpy as np
+
+    write_pyramid_tiff(blank, np.full((1024, 1024, 3), 241, np.uint8))
+    slides_dir = shared_slide("small.svs").parent
+    bad = [
+        ("boxes", slides_dir / "boxes.tiff", "a", "p3", ""),
+        ("unopenable", slides_dir / "unopenable.tiff", "b", "p4", ""),
+        ("unreadable", slides_dir / "unreadable.svs", "a", "p5", ""),
+        ("missing", slides_dir / "missing.svs", "b", "p6", ""),
+        ("blank", blank, "a", "p7", ""),
+    ]
+    sheet = write_sheet(wd / "sheet.csv", GOOD + bad)
+    (wd / "small.yaml").write_text("patches:\n  patch_size: 256\n  min_fraction: 0.4\n")
+    dry = snakemake(wd, "--cores", "2", "-n", "--configfile", "small.yaml", "--config", f"slides={sheet}")
+    run = snakemake(wd, "--cores", "2", "--keep-going", "--configfile", "small.yaml", "--config", f"slides={sheet}")
+    return wd, dry, run
+
+
+def test_dry_run_plans_every_stage_per_slide(cohort_run):
+    _, dry, _ = cohort_run
+    assert dry.returncode == 0, dry.stderr
+    jobs = planned_jobs(dry.stdout)
+    assert jobs == {"make_thumbnail": 7, "make_tissue_mask": 7, "make_patch_coordinates": 7, "all": 1}
+
+
+def test_good_slides_complete_and_bad_ones_fail_alone(cohort_run):
+    wd, _, run = cohort_run
+    assert run.returncode != 0  # some slides are bad on purpose
+    for slide in ("cmu", "dapi (387)"):
+        for name in ("thumbnail.png", "meta.json", "tissue_mask.png"):
+            assert (wd / "results" / "slides" / slide / name).exists(), (slide, name)
+        for scale in ("20x", "10x", "5x"):
+            with h5py.File(wd / "results" / "coords" / scale / f"{slide}.h5") as f:
+                assert f["coords"].attrs["name"] == slide
+                assert f["coords"].attrs["target_magnification"] == int(scale[:-1])
+    expected = {
+        "boxes": ("make_thumbnail", "`mpp` column"),
+        "unopenable": ("make_thumbnail", "OpenSlide cannot open"),
+        "unreadable": ("make_thumbnail", "fail to decode"),
+        "missing": ("make_thumbnail", "file not found"),
+        "blank": ("make_tissue_mask", "no tissue found"),
+    }
+    for slide, (rule, words) in expected.items():
+        log = (wd / "logs" / rule / f"{slide}.log").read_text().strip().splitlines()
+        assert len(log) == 1 and f"slide '{slide}'" in log[0] and words in log[0], log
+        assert not (wd / "results" / "coords" / "20x" / f"{slide}.h5").exists()
+    # the blank slide's thumbnail is a finished result of its own step and is kept
+    assert (wd / "results" / "slides" / "blank" / "meta.json").exists()
+    assert not (wd / "results" / "slides" / "blank" / "tissue_mask.png").exists()
+    leftovers = [p for p in (wd / "results").rglob(".*") if p.is_file()]
+    assert leftovers == []  # no temporary files
+
+
+def test_ndpi_coordinates_follow_its_mpp(cohort_run):
+    wd = cohort_run[0]
+    with h5py.File(wd / "results" / "coords" / "20x" / "dapi (387).h5") as f:
+        attrs = dict(f["coords"].attrs)
+        coords = f["coords"][()]
+    assert attrs["patch_size_level0"] == round(256 * 0.5 / attrs["mpp"])
+    assert len(coords) > 0 and (coords % attrs["patch_size_level0"] == 0).all()
+
+
+def test_adding_a_slide_plans_only_its_jobs(cohort_run):
+    wd = cohort_run[0]
+    sheet = write_sheet(wd / "sheet2.csv", GOOD + [("boxes_mpp", shared_slide("boxes.tiff"), "a", "p9", "0.5")])
+    dry = snakemake(wd, "--cores", "2", "-n", "--configfile", "small.yaml", "--config", f"slides={sheet}")
+    assert dry.returncode == 0, dry.stderr
+    assert planned_jobs(dry.stdout) == {"make_thumbnail": 1, "make_tissue_mask": 1, "make_patch_coordinates": 1, "all": 1}
+    assert "slide=boxes_mpp" in dry.stdout and "slide=cmu" not in dry.stdout
+
+
+def test_config_with_an_unknown_key_fails_before_any_job(tmp_path):
+    sheet = write_sheet(tmp_path / "s.csv", GOOD[:1])
+    (tmp_path / "typo.yaml").write_text("patches:\n  patch_sise: 256\n")
+    out = snakemake(tmp_path, "--cores", "1", "-n", "--configfile", "typo.yaml", "--config", f"slides={sheet}")
+    assert out.returncode != 0
+    assert "patch_sise" in out.stderr + out.stdout
+    assert not (tmp_path / "results").exists()
+
+
+def test_bad_sheet_fails_before_any_job(tmp_path):
+    sheet = write_sheet(tmp_path / "s.csv", GOOD + [("cmu", shared_slide("small.svs"), "a", "p3", "")])
+    out = snakemake(tmp_path, "--cores", "1", "-n", "--config", f"slides={sheet}")
+    assert out.returncode != 0
+    assert "duplicate slide_id 'cmu'" in out.stderr + out.stdout
