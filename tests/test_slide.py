@@ -115,3 +115,33 @@ def test_thumbnail_keeps_aspect(cmu_slide, ndpi_slide):
         t = s.read_thumbnail(512)
         assert max(t.shape[:2]) == 512
         assert t.shape[1] / t.shape[0] == pytest.approx(3968 / 4864, rel=1e-2)
+
+
+@pytest.mark.parametrize("name", ["cmu", "pyramid"])
+def test_direct_tile_reads_equal_openslide(name, cmu_slide, tmp_path):
+    from conftest import write_pyramid_tiff
+
+    if name == "cmu":
+        path = cmu_slide
+    else:
+        rng = np.random.default_rng(0)
+        small = (rng.random((96, 128, 3)) * 255).astype(np.uint8)
+        from PIL import Image
+
+        path = write_pyramid_tiff(tmp_path / "p.tiff", np.asarray(Image.fromarray(small).resize((1024, 768), Image.Resampling.BICUBIC)), levels=3)
+    fast, plain = open_slide(path), open_slide(path, direct_tiles=False)
+    assert fast._tiles is not None and plain._tiles is None
+    rng = np.random.default_rng(1)
+    w, h = fast.dimensions
+    for _ in range(30):
+        level = int(rng.integers(0, fast.level_count))
+        x, y = int(rng.integers(-40, w - 50)), int(rng.integers(-40, h - 50))  # on and off the level grid, and outside
+        size = (int(rng.integers(1, 300)), int(rng.integers(1, 300)))
+        np.testing.assert_array_equal(fast.read_region(x, y, level, size), plain.read_region(x, y, level, size))
+
+
+def test_formats_without_tiled_jpeg_pages_use_openslide(ndpi_slide):
+    with open_slide(ndpi_slide) as s:
+        assert s._tiles is None  # NDPI: JPEG strips with restart markers, not TIFF tiles
+    with open_slide(shared_slide("boxes.tiff"), mpp=0.5) as s:
+        assert s._tiles is None  # deflate-compressed tiles
