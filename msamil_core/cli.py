@@ -24,6 +24,11 @@ COMMANDS = [
     "thumbnail",
     "tissue",
     "coords",
+    "extract",
+    "splits",
+    "train",
+    "evaluate",
+    "report",
 ]
 
 
