@@ -73,8 +73,17 @@ class TrainConfig:
     freeze: str = "none"  # none | all_but_head (train the classifier only)
     bf16: bool = True  # bf16 autocast on CUDA
     workers: int = 0  # DataLoader workers that load bags
+    standardize: bool = True  # z-score features per dimension with the training bags' statistics
 
     def __post_init__(self):
+        # YAML 1.1 reads 1e-6 as a string: coerce numbers to the declared types, naming the key.
+        for name, kind in (("epochs", int), ("lr", float), ("min_lr", float), ("warmup_epochs", float),
+                           ("weight_decay", float), ("grad_accum", int), ("grad_clip", float),
+                           ("max_instances", int), ("patience", int), ("seed", int), ("workers", int)):
+            try:
+                setattr(self, name, kind(getattr(self, name)))
+            except (TypeError, ValueError):
+                raise MsamilError(f"training option {name} must be a number, got {getattr(self, name)!r}") from None
         self.scales = [SCALES[scale_index(s)] for s in self.scales]
         if not self.scales:
             raise MsamilError("an experiment needs at least one scale (20x, 10x, 5x)")
@@ -162,10 +171,11 @@ class BagDataset(torch.utils.data.Dataset):
     ``max_instances`` is subsampled at random (seeded by seed, epoch and bag)."""
 
     def __init__(self, paths: list[Path], slide_ids: list[str], labels: list[int], scales: list[str],
-                 max_instances: int = 0, seed: int = 0, train: bool = False):
+                 max_instances: int = 0, seed: int = 0, train: bool = False, norm: dict | None = None):
         self.paths, self.slide_ids, self.labels = list(paths), list(slide_ids), list(labels)
         self.keep = torch.tensor([scale_index(s) for s in scales])
         self.max_instances, self.seed, self.train = max_instances, seed, train
+        self.norm = norm  # {"mean": [D], "std": [D]} or None
         self.epoch = 0
 
     def __len__(self) -> int:
@@ -176,10 +186,31 @@ class BagDataset(torch.utils.data.Dataset):
         keep = torch.isin(bag.scales, self.keep)
         feats, coords, scales = bag.features[keep], bag.coords[keep], bag.scales[keep]
         if self.train and self.max_instances and len(feats) > self.max_instances:
-            g = torch.Generator().manual_seed(hash((self.seed, self.epoch, i)) & 0x7FFFFFFF)
-            idx = torch.randperm(len(feats), generator=g)[: self.max_instances].sort().values
+            rng = np.random.default_rng([self.seed, self.epoch, i, 2])
+            idx = torch.from_numpy(np.sort(rng.permutation(len(feats))[: self.max_instances]))
             feats, coords, scales = feats[idx], coords[idx], scales[idx]
-        return BagItem(self.slide_ids[i], feats.float(), coords, scales, self.labels[i])
+        feats = feats.float()
+        if self.norm is not None:
+            feats = (feats - self.norm["mean"]) / self.norm["std"]
+        return BagItem(self.slide_ids[i], feats, coords, scales, self.labels[i])
+
+    def feature_statistics(self) -> dict:
+        """Per-dimension mean and std of every instance of these bags (the kept scales):
+        {"mean": float [D], "std": float [D]}, std floored so constant dimensions stay finite."""
+        total, sq, count = None, None, 0
+        for path in self.paths:
+            bag = load_bag(path, require_coords=False)
+            feats = bag.features[torch.isin(bag.scales, self.keep)].double()
+            if total is None:
+                total, sq = feats.new_zeros(feats.shape[1]), feats.new_zeros(feats.shape[1])
+            total += feats.sum(0)
+            sq += (feats * feats).sum(0)
+            count += len(feats)
+        if not count:
+            raise MsamilError("the training bags hold no instance of the experiment's scales")
+        mean = total / count
+        std = (sq / count - mean * mean).clamp_min(0).sqrt()
+        return {"mean": mean.float(), "std": std.clamp_min(1e-6 + 1e-3 * float(std.mean())).float()}
 
 
 def _identity(batch):
@@ -328,6 +359,8 @@ def train_fold(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     rank, world = _distributed()
+    norm = train_set.feature_statistics() if cfg.standardize else None
+    train_set.norm = val_set.norm = norm
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, in_dim, len(classes)).to(device)
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -369,7 +402,7 @@ def train_fold(
         save_torch(resume_path, {
             "model_name": cfg.model, "model_args": dict(model.model_args), "state_dict": model.state_dict(),
             "classes": classes, "encoder": encoder, "config": config_dict, "epoch": state["epoch"],
-            "metrics": state["best_metrics"], "optimizer": optimizer.state_dict(), "scheduler": state,
+            "metrics": state["best_metrics"], "feature_norm": norm, "optimizer": optimizer.state_dict(), "scheduler": state,
             "rng_state": torch.get_rng_state(),
         })
 
@@ -429,7 +462,7 @@ def train_fold(
         save_torch(out_dir / "checkpoint.pt", {
             "model_name": cfg.model, "model_args": dict(model.model_args), "state_dict": best_state,
             "classes": classes, "encoder": encoder, "config": run_config or config_dict,
-            "epoch": state["best_epoch"], "metrics": state["best_metrics"],
+            "epoch": state["best_epoch"], "metrics": state["best_metrics"], "feature_norm": norm,
         })
         write_json(out_dir / "history.json", state["history"])
         resume_path.unlink(missing_ok=True)

@@ -61,7 +61,7 @@ def run(args: argparse.Namespace) -> None:
         paths = locate_bags(args.features, test_ids)
         check_feature_dim(paths, int(ckpt["model_args"]["in_dim"]), f"the model {fold_dir / 'checkpoint.pt'}")
         scales = TrainConfig.from_dict({k2: v for k2, v in run_config.items() if k2 in TrainConfig.__dataclass_fields__}).scales
-        dataset = BagDataset(paths, test_ids, test_y, scales)
+        dataset = BagDataset(paths, test_ids, test_y, scales, norm=ckpt.get("feature_norm"))
         probs, loss = predict(model, dataset, device)
         y = np.asarray(test_y)
         metrics = classification_metrics(y, probs, classes)

@@ -69,12 +69,15 @@ def experiment_options(args: argparse.Namespace) -> dict:
     options: dict = {}
     if args.experiment:
         text = args.experiment
-        if Path(text).exists():
-            text = Path(text).read_text()
         try:
-            options = yaml.safe_load(text) or {}
-        except yaml.YAMLError as exc:
-            raise MsamilError(f"--experiment: not JSON/YAML ({exc})") from None
+            if text.lstrip().startswith("{"):  # inline JSON
+                options = json.loads(text)
+            elif Path(text).is_file():
+                options = yaml.safe_load(Path(text).read_text()) or {}
+            else:
+                raise MsamilError(f"--experiment {text}: no such file (give a JSON/YAML file or inline JSON)")
+        except (json.JSONDecodeError, yaml.YAMLError) as exc:
+            raise MsamilError(f"--experiment: not valid JSON/YAML ({exc})") from None
         if not isinstance(options, dict):
             raise MsamilError("--experiment must be a mapping of options")
     flags = {

@@ -14,8 +14,9 @@ Dynamic Multi-instance Query (DMQ):
     4. ``num_queries`` (10) learned queries cross-attend to the encoded instances, so the
        model picks the scales and places it needs instead of being outvoted by the many
        20x patches.
-    5. A gated attention layer weighs the query outputs (``g_i = sigmoid(W_g z_i + b_g)``)
-       and sums them into the bag feature; a linear head classifies it.
+    5. A gated attention layer weighs the query outputs (``g_i = σ(W_g z_i + b_g)``, σ a
+       softmax over the queries by default, or the sigmoid with ``gate="sigmoid"``) and sums
+       them into the bag feature; a linear head classifies it.
 
 An input projection maps any ``in_dim`` to the model width (512 in the paper). Attention
 runs through ``torch.nn.functional.scaled_dot_product_attention`` (fused kernels), so bags
@@ -153,11 +154,14 @@ class DynamicQuery(nn.Module):
     instances.
     """
 
-    def __init__(self, dim: int, num_queries: int = 10, num_heads: int = 1):
+    def __init__(self, dim: int, num_queries: int = 10, num_heads: int = 1, gate: str = "softmax"):
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"IAAM: dim ({dim}) must be a multiple of query_heads ({num_heads})")
+        if gate not in ("softmax", "sigmoid"):
+            raise ValueError(f"IAAM: gate must be softmax or sigmoid, got {gate!r}")
         self.num_heads = num_heads
+        self.gate_fn = gate
         self.queries = nn.Parameter(torch.empty(1, num_queries, dim))
         nn.init.trunc_normal_(self.queries, std=0.02)
         self.q = nn.Linear(dim, dim)
@@ -179,7 +183,11 @@ class DynamicQuery(nn.Module):
         else:
             z = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         z = z.transpose(1, 2).flatten(2)  # [B, Q, dim]
-        g = torch.sigmoid(self.gate(z))  # [B, Q, 1]
+        # Softmax gates make the bag a convex combination of the query outputs. Independent
+        # sigmoid gates (the literal eq. 7) let the first steps shrink every gate towards 0,
+        # which lowers an initially large loss fastest and then leaves a constant bag feature.
+        scores = self.gate(z)  # [B, Q, 1]
+        g = scores.softmax(1) if self.gate_fn == "softmax" else torch.sigmoid(scores)
         bag = (g * z).sum(1)
         if weights is None:
             return bag, None
@@ -212,6 +220,7 @@ class MsaMIL(MILModel):
         mlp_ratio: float = 4.0,
         num_queries: int = 10,
         query_heads: int = 1,
+        gate: str = "softmax",
         dropout: float = 0.25,
         block_dropout: float = 0.1,
         attn_dropout: float = 0.0,
@@ -223,7 +232,7 @@ class MsaMIL(MILModel):
             MHELayer(embed_dim, num_heads, rank, mlp_ratio, block_dropout, attn_dropout) for _ in range(depth)
         )
         self.norm = nn.LayerNorm(embed_dim)
-        self.query = DynamicQuery(embed_dim, num_queries, query_heads)
+        self.query = DynamicQuery(embed_dim, num_queries, query_heads, gate)
         self.head_drop = nn.Dropout(dropout)
         self._build_head(num_classes)
         init_weights(self)
