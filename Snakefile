@@ -18,6 +18,9 @@ validate(config, "workflow/schemas/config.schema.yaml")
 
 include: "rules/common.smk"
 include: "rules/preprocess.smk"
+include: "rules/features.smk"
+include: "rules/train.smk"
+include: "rules/report.smk"
 
 
 rule all:

@@ -89,8 +89,148 @@ def coords_files(slide):
     return [f"results/coords/{scale}/{slide}.h5" for scale in SCALES]
 
 
+def slide_coords(wildcards):
+    return coords_files(wildcards.slide)
+
+
 def final_outputs():
+    """Every slide's coordinates, and the report when experiments are configured."""
     outputs = []
     for slide in SLIDES.index:
         outputs += coords_files(slide)
+    if EXPERIMENTS:
+        outputs.append("results/report/index.html")
     return outputs
+
+
+# ---------------------------------------------------------------- features and experiments
+
+
+def _encoder_dirs():
+    """Encoder key -> feature folder name: the key plus a short hash of its config, so an
+    edited encoder writes new features and never mixes with the old ones."""
+    import hashlib
+    import json
+
+    dirs = {}
+    for key, spec in config["encoders"].items():
+        digest = hashlib.sha1(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:8]
+        dirs[key] = f"{key}-{digest}"
+    return dirs
+
+
+ENCODER_DIRS = _encoder_dirs()
+ENCODER_KEYS = {folder: key for key, folder in ENCODER_DIRS.items()}
+
+
+def _experiments():
+    """Experiment name -> its full options (training defaults, then the entry)."""
+    experiments = {}
+    default_encoder = config["features"].get("default_encoder")
+    for entry in config["experiments"]:
+        name = entry["name"]
+        if name in experiments:
+            raise WorkflowError(f"config: experiment name {name!r} is used twice; names must be unique")
+        options = {**config["training"], **entry}
+        options["encoder"] = options.get("encoder", default_encoder)
+        if options["encoder"] not in config["encoders"]:
+            raise WorkflowError(
+                f"config: experiment {name!r} uses encoder {options['encoder']!r}, which is not under `encoders` "
+                f"({', '.join(config['encoders']) or 'none defined'})"
+            )
+        task = options.get("task")
+        if task is not None and task not in config["tasks"]:
+            raise WorkflowError(f"config: experiment {name!r} names task {task!r}, which is not under `tasks`")
+        experiments[name] = options
+    for name, options in experiments.items():
+        source = options.get("init_from")
+        if source and source not in experiments and not os.path.exists(source):
+            raise WorkflowError(
+                f"config: experiment {name!r}: init_from {source!r} is neither an experiment nor an existing file"
+            )
+    return experiments
+
+
+EXPERIMENTS = _experiments()
+FOLDS = list(range(config["splits"]["n_folds"]))
+
+
+wildcard_constraints:
+    experiment="|".join(EXPERIMENTS) or "^$",
+    fold=r"\d+",
+    encoder="[^/]+",
+
+
+def encoder_options(wildcards):
+    """Command-line options of `msamil extract` for a feature folder."""
+    import json
+    import shlex
+
+    spec = config["encoders"][ENCODER_KEYS[wildcards.encoder]]
+    opts = [f"--encoder {shlex.quote(spec['name'])}", f"--input-size {spec.get('input_size', 224)}",
+            f"--seed {spec.get('seed', 0)}"]
+    if spec.get("weights"):
+        opts.append(f"--weights {shlex.quote(spec['weights'])}")
+    for key in ("mean", "std"):
+        if spec.get(key):
+            opts.append(f"--{key} " + " ".join(str(v) for v in spec[key]))
+    for key, value in (spec.get("options") or {}).items():
+        opts.append(f"--encoder-arg {shlex.quote(f'{key}={json.dumps(value)}')}")
+    f = config["features"]
+    opts.append(f"--batch-size {f['batch_size']} --workers {f['workers']}")
+    if f["fp16"]:
+        opts.append("--fp16")
+    return " ".join(opts)
+
+
+def feature_dir(experiment):
+    return f"results/features/{ENCODER_DIRS[EXPERIMENTS[experiment]['encoder']]}"
+
+
+def experiment_features(wildcards):
+    return feature_dir(wildcards.experiment)
+
+
+def sheet_file():
+    return workflow_path(os.path.abspath(config["slides"]))
+
+
+def experiment_bags(wildcards):
+    directory = feature_dir(wildcards.experiment)
+    return [f"{directory}/{slide}.pt" for slide in SLIDES.index]
+
+
+def init_checkpoint(wildcards):
+    """The checkpoint an experiment starts from, when init_from names another experiment."""
+    source = EXPERIMENTS[wildcards.experiment].get("init_from")
+    if source in EXPERIMENTS:
+        return f"results/models/{source}/fold{wildcards.fold}/checkpoint.pt"
+    return []
+
+
+def experiment_json(wildcards):
+    """The experiment's options for `msamil train --experiment`, with init_from resolved to a file
+    and the task's label mapping written out."""
+    import json
+
+    options = dict(EXPERIMENTS[wildcards.experiment])
+    source = options.get("init_from")
+    if source in EXPERIMENTS:
+        options["init_from"] = f"results/models/{source}/fold{wildcards.fold}/checkpoint.pt"
+    if options.get("task"):
+        options["task"] = config["tasks"][options["task"]]
+    options.pop("encoder", None)
+    return json.dumps(options, sort_keys=True)
+
+
+def split_options():
+    s = config["splits"]
+    return f"--val-fraction {s['val_fraction']} --split-seed {s['seed']}"
+
+
+def class_options():
+    return "--classes " + " ".join(config["classes"]) if config["classes"] else ""
+
+
+def fold_outputs(name):
+    return [f"results/models/{e}/fold{k}/{name}" for e in EXPERIMENTS for k in FOLDS]

@@ -1,0 +1,22 @@
+# Fold metrics of every experiment -> the report.
+
+
+rule make_report:
+    input:
+        metrics=fold_outputs("metrics.json"),
+        predictions=fold_outputs("predictions.csv"),
+    output:
+        html="results/report/index.html",
+        summary="results/report/summary.csv",
+    params:
+        experiments=" ".join(f"--experiment {name}=results/models/{name}" for name in EXPERIMENTS),
+    log:
+        "logs/make_report.log",
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    conda:
+        "../envs/msamil.yaml"
+    shell:
+        "msamil report {params.experiments} --out-dir results/report 2> {log:q}"
