@@ -162,9 +162,12 @@ def run(args: argparse.Namespace) -> None:
         val_ids, val_y = select_slides(parts["val"], sheet, mapping)
         train_paths = locate_bags(args.features, train_ids)
         val_paths = locate_bags(args.features, val_ids)
+        test_ids, _ = select_slides(parts["test"], sheet, mapping)
         first = load_bag(train_paths[0], require_coords=False)
         in_dim = first.features.shape[1]
-        check_feature_dim(train_paths + val_paths, in_dim, f"the bags of fold {k} (first: {train_paths[0]})")
+        # every bag the fold will touch, test part included, before any training starts
+        check_feature_dim(train_paths + val_paths + locate_bags(args.features, test_ids), in_dim,
+                          f"the bags of fold {k} (first: {train_paths[0]})")
         train_set = BagDataset(train_paths, train_ids, train_y, cfg.scales, cfg.max_instances, cfg.seed, train=True)
         val_set = BagDataset(val_paths, val_ids, val_y, cfg.scales)
         log.info("%s fold %d: %d train / %d val slides, classes %s, model %s on %s", name, k, len(train_ids),

@@ -1,0 +1,179 @@
+"""Training, evaluation and the report on bring-your-own bags; resume after SIGKILL/SIGTERM; DDP."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from msamil_core.bags import Bag, save_bag
+from msamil_core.cli import main
+from msamil_core.errors import MsamilError
+from msamil_core.train import epoch_order, lr_at
+
+DIM = 16
+
+
+def make_cohort(root: Path, n: int = 24, dim: int = DIM, seed: int = 0) -> tuple[Path, Path]:
+    """Bags whose label is carried by a few instances (a planted signal), and their sheet."""
+    rng = np.random.default_rng(seed)
+    rows = ["slide_id,path,label,patient_id"]
+    for i in range(n):
+        label = i % 2
+        m = int(rng.integers(12, 30))
+        feats = torch.from_numpy(rng.normal(size=(m, dim)).astype(np.float32))
+        if label:
+            feats[:4, :4] += 2.5
+        save_bag(root / "bags" / f"s{i}.pt", Bag(
+            features=feats, coords=torch.from_numpy(rng.integers(0, 4000, (m, 2))), scales=torch.from_numpy(rng.integers(0, 3, m)),
+            patch_size_level0=torch.full((m,), 256), slide_id=f"s{i}", encoder="synthetic"))
+        patient = f"p{i % 4}" if i < 4 else f"p{i}"  # two patients with two slides each
+        rows.append(f"s{i},s{i}.svs,{'tumor' if label else 'normal'},{patient}")
+    sheet = root / "sheet.csv"
+    sheet.write_text("\n".join(rows) + "\n")
+    return root / "bags", sheet
+
+
+def msamil(*args, **kwargs) -> subprocess.Popen:
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.Popen([sys.executable, "-m", "msamil_core", *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env, **kwargs)
+
+
+def test_learning_rate_schedule():
+    lrs = [lr_at(s, 100, 10, 1e-3, 1e-5) for s in range(100)]
+    assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3)
+    assert all(a <= b for a, b in zip(lrs[:10], lrs[1:10]))  # warm-up rises
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))  # cosine falls
+    assert lrs[-1] == pytest.approx(1e-5, abs=2e-6)
+
+
+def test_balanced_sampling_evens_out_classes():
+    labels = np.array([0] * 90 + [1] * 10)
+    plain = epoch_order(labels, 0, 0, "loss")
+    assert sorted(plain) == list(range(100))
+    counts = np.bincount(labels[np.concatenate([epoch_order(labels, e, 0, "sampling") for e in range(20)])])
+    assert 0.8 < counts[1] / counts[0] < 1.25
+
+
+def test_train_evaluate_report_without_snakemake(tmp_path):
+    bags, sheet = make_cohort(tmp_path)
+    out = tmp_path / "models" / "abmil"
+    assert main(["train", "--features", str(bags), "--sheet", str(sheet), "--out", str(out), "--n-folds", "3",
+                 "--model", "abmil.base", "--epochs", "12", "--grad-accum", "2", "--lr", "1e-3", "--threads", "1"]) == 0
+    assert (out / "folds.csv").exists()
+    assert main(["evaluate", "--features", str(bags), "--sheet", str(sheet), "--folds", str(out / "folds.csv"),
+                 "--models", str(out), "--threads", "1"]) == 0
+    aucs = []
+    for k in range(3):
+        ckpt = torch.load(out / f"fold{k}" / "checkpoint.pt", weights_only=True)
+        assert ckpt["classes"] == ["normal", "tumor"] and ckpt["model_name"] == "abmil.base"
+        assert ckpt["model_args"]["in_dim"] == DIM and "optimizer" not in ckpt
+        assert not (out / f"fold{k}" / "resume.pt").exists()
+        metrics = json.loads((out / f"fold{k}" / "metrics.json").read_text())
+        aucs.append(metrics["auc"])
+        preds = (out / f"fold{k}" / "predictions.csv").read_text().splitlines()
+        assert preds[0] == "slide_id,label,predicted,prob_normal,prob_tumor" and len(preds) == metrics["n_slides"] + 1
+    assert np.mean(aucs) > 0.8  # the planted signal is learnt
+    assert main(["report", "--experiment", f"abmil={out}", "--out-dir", str(tmp_path / "report")]) == 0
+    html = (tmp_path / "report" / "index.html").read_text()
+    assert "abmil" in html and "roc.png" in html
+    assert (tmp_path / "report" / "summary.csv").read_text().startswith("experiment,metric,mean,sd,n_folds")
+
+
+def _resume_epoch(path: Path) -> int:
+    try:
+        return int(torch.load(path, weights_only=True)["epoch"])
+    except (FileNotFoundError, RuntimeError, EOFError):
+        return -1
+
+
+def _train_args(bags, sheet, out, epochs):
+    return ["train", "--features", bags, "--sheet", sheet, "--out", out, "--n-folds", "3", "--fold", "0",
+            "--model", "abmil.base", "--epochs", epochs, "--patience", "0", "--grad-accum", "2", "--threads", "1"]
+
+
+def _wait_for_epoch(proc, resume: Path, epoch: int, timeout: float = 120):
+    start = time.time()
+    while _resume_epoch(resume) < epoch:
+        if proc.poll() is not None:
+            pytest.fail(f"training ended before epoch {epoch} was saved: {proc.stderr.read()[-2000:]}")
+        if time.time() - start > timeout:
+            proc.kill()
+            pytest.fail("no resume checkpoint appeared")
+        time.sleep(0.02)
+
+
+def test_sigkill_then_rerun_resumes_and_matches_an_uninterrupted_run(tmp_path):
+    bags, sheet = make_cohort(tmp_path, n=30)
+    epochs = 60
+    whole = msamil(*_train_args(bags, sheet, tmp_path / "whole", epochs))
+    assert whole.wait(timeout=600) == 0, whole.stderr.read()
+    killed = msamil(*_train_args(bags, sheet, tmp_path / "killed", epochs))
+    resume = tmp_path / "killed" / "fold0" / "resume.pt"
+    _wait_for_epoch(killed, resume, 2)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    stopped_at = _resume_epoch(resume)
+    assert 2 <= stopped_at < epochs and not (tmp_path / "killed" / "fold0" / "checkpoint.pt").exists()
+    rerun = msamil(*_train_args(bags, sheet, tmp_path / "killed", epochs))
+    _, err = rerun.communicate(timeout=600)
+    assert rerun.returncode == 0, err
+    assert f"resuming from {resume} at epoch {stopped_at}" in err
+    assert f"epoch 0:" not in err  # it did not start over
+    a = torch.load(tmp_path / "whole" / "fold0" / "checkpoint.pt", weights_only=True)
+    b = torch.load(tmp_path / "killed" / "fold0" / "checkpoint.pt", weights_only=True)
+    assert a["epoch"] == b["epoch"]
+    for key in a["state_dict"]:
+        torch.testing.assert_close(a["state_dict"][key], b["state_dict"][key], rtol=0, atol=1e-6)
+
+
+def test_sigterm_writes_a_checkpoint_before_exiting(tmp_path):
+    bags, sheet = make_cohort(tmp_path, n=30)
+    proc = msamil(*_train_args(bags, sheet, tmp_path / "m", 200))
+    resume = tmp_path / "m" / "fold0" / "resume.pt"
+    _wait_for_epoch(proc, resume, 1)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143
+    assert "SIGTERM" in err
+    saved = torch.load(resume, weights_only=True)
+    assert saved["epoch"] >= 1 and "optimizer" in saved and "scheduler" in saved
+
+
+def test_torchrun_ddp_on_cpu(tmp_path):
+    bags, sheet = make_cohort(tmp_path)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    out = tmp_path / "ddp"
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29517", "-m", "msamil_core",
+         *map(str, _train_args(bags, sheet, out, 6))], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ckpt = torch.load(out / "fold0" / "checkpoint.pt", weights_only=True)
+    assert ckpt["epoch"] >= 0 and all(torch.isfinite(v).all() for v in ckpt["state_dict"].values() if v.is_floating_point())
+
+
+def test_bad_inputs_fail_before_training(tmp_path):
+    bags, sheet = make_cohort(tmp_path)
+    base = ["train", "--features", str(bags), "--sheet", str(sheet), "--out", str(tmp_path / "o"), "--n-folds", "3", "--epochs", "1"]
+    with pytest.raises(MsamilError, match="not among the configured classes"):
+        from msamil_core.commands import train as train_cmd
+        from msamil_core.cli import build_parser
+
+        train_cmd.run(build_parser("train").parse_args(base + ["--classes", "normal", "other"]))
+    # one bag with another feature width
+    save_bag(bags / "s5.pt", Bag(features=torch.zeros(3, DIM + 1), coords=torch.zeros(3, 2, dtype=torch.long),
+                                 scales=torch.zeros(3, dtype=torch.long), patch_size_level0=torch.full((3,), 256),
+                                 slide_id="s5", encoder="other"))
+    proc = msamil(*base, "--fold", "0")
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 1 and "s5.pt" in err and f"{DIM + 1} features" in err
+    assert not (tmp_path / "o" / "fold0" / "checkpoint.pt").exists()
