@@ -102,6 +102,7 @@ class TiffTileReader:
 
         self._tif = tifffile.TiffFile(path)
         self._fd = os.open(path, os.O_RDONLY)
+        self._scratch: dict[tuple[int, int], np.ndarray] = {}
         self.pages = {}
         by_size = {}
         for page in self._tif.pages:
@@ -130,25 +131,30 @@ class TiffTileReader:
         width, height = page.imagewidth, page.imagelength
         across = (width + tw - 1) // tw
         out = np.empty((h, w, 3), dtype=np.uint8)
-        out[...] = background
-        # Aperio writes untransformed RGB into JPEG tiles; YCbCr tiles convert as usual.
-        colorspace = "RGB" if page.photometric == 2 else None
         x0, y0, x1, y1 = max(x, 0), max(y, 0), min(x + w, width), min(y + h, height)
+        if (x0, y0, x1, y1) != (x, y, x + w, y + h):
+            out[...] = background  # the region reaches past the image
+        # Decoding into one reused buffer avoids a fresh allocation (and its page faults) per
+        # tile, which costs about as much as decoding a well-compressed tile.
+        scratch = self._scratch.get((th, tw))
+        if scratch is None:
+            scratch = self._scratch[(th, tw)] = np.empty((th, tw, 3), dtype=np.uint8)
+        # Aperio writes untransformed RGB into JPEG tiles; YCbCr tiles convert as usual.
+        options = {"colorspace": "RGB", "outcolorspace": "RGB"} if page.photometric == 2 else {}
         for ty in range(y0 // th, (y1 - 1) // th + 1) if y1 > y0 else ():
             for tx in range(x0 // tw, (x1 - 1) // tw + 1) if x1 > x0 else ():
-                i = ty * across + tx
-                count = page.databytecounts[i]
-                if count == 0:  # sparse TIFF: tile never written
-                    continue
-                data = os.pread(self._fd, count, page.dataoffsets[i])
-                if colorspace:
-                    tile = imagecodecs.jpeg8_decode(data, tables=page.jpegtables, colorspace=colorspace, outcolorspace="RGB")
-                else:
-                    tile = imagecodecs.jpeg8_decode(data, tables=page.jpegtables)
                 # intersection of this tile with the region, in level pixels
                 ax0, ay0 = max(x0, tx * tw), max(y0, ty * th)
                 ax1, ay1 = min(x1, (tx + 1) * tw), min(y1, (ty + 1) * th)
-                out[ay0 - y : ay1 - y, ax0 - x : ax1 - x] = tile[ay0 - ty * th : ay1 - ty * th, ax0 - tx * tw : ax1 - tx * tw, :3]
+                target = out[ay0 - y : ay1 - y, ax0 - x : ax1 - x]
+                i = ty * across + tx
+                count = page.databytecounts[i]
+                if count == 0:  # sparse TIFF: tile never written
+                    target[...] = background
+                    continue
+                data = os.pread(self._fd, count, page.dataoffsets[i])
+                tile = imagecodecs.jpeg8_decode(data, tables=page.jpegtables, out=scratch, **options)
+                target[...] = tile[ay0 - ty * th : ay1 - ty * th, ax0 - tx * tw : ax1 - tx * tw, :3]
         return out
 
     def close(self) -> None:
@@ -275,6 +281,8 @@ class Slide:
         if choice.size == out_size:
             return region
         img = Image.fromarray(region)
+        if choice.size % out_size == 0:  # integer shrink: the same box filter, three times faster
+            return np.asarray(img.reduce(choice.size // out_size))
         resample = Image.Resampling.BOX if choice.size > out_size else Image.Resampling.BILINEAR
         return np.asarray(img.resize((out_size, out_size), resample))
 
