@@ -23,12 +23,15 @@ COMMANDS = [
     "demo",
     "thumbnail",
     "tissue",
+    "segment-train",
+    "segment",
     "coords",
     "extract",
     "splits",
     "train",
     "evaluate",
     "report",
+    "export-geojson",
 ]
 
 

@@ -89,3 +89,13 @@ def test_unreadable_mask_is_a_clear_error(tmp_path):
     bad.write_bytes(b"not a png")
     with pytest.raises(MsamilError, match="bad.png"):
         load_mask(bad)
+
+
+def test_outputs_get_the_umask_mode_not_mkstemp_s(tmp_path):
+    import os
+    import stat
+
+    save_mask(tmp_path / "m.png", np.ones((4, 4), bool))
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE((tmp_path / "m.png").stat().st_mode) == 0o666 & ~umask

@@ -1,0 +1,277 @@
+"""Lesion segmentation: synthetic annotated thumbnails -> segment-train -> checkpoint -> segment."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from msamil_core.annotations import fill_polygons
+from msamil_core.errors import MsamilError
+from msamil_core.fileio import write_json
+from msamil_core.segmentation import (
+    PostProcess,
+    SegmentationConfig,
+    build_model,
+    dice_bce_loss,
+    load_encoder_weights,
+    load_segmentation_checkpoint,
+    mask_scores,
+    postprocess,
+    split_patients,
+)
+from msamil_core.tissue import load_mask, save_mask, save_rgb_png
+
+DS = 32  # level-0 px per thumbnail px
+W, H = 64, 48  # thumbnail px, also the network input: no resampling blur on these small lesions
+# Small and fast on a CPU: the synthetic lesions differ from the tissue by colour.
+EPOCHS = 15
+TRAIN_ARGS = [
+    "--encoder",
+    "resnet18",
+    "--encoder-depth",
+    "3",
+    "--decoder-channels",
+    "32",
+    "16",
+    "8",
+    "--input-size",
+    "64",
+    "--crop-size",
+    "0",
+    "--epochs",
+    str(EPOCHS),
+    "--batch-size",
+    "2",
+    "--lr",
+    "1e-2",
+    "--holdout-fraction",
+    "0.2",
+    "--val-fraction",
+    "0.2",
+    "--threads",
+    "1",
+]
+
+
+def blob(rng, centre, radius, n=20):
+    """Closed wobbly outline [n, 2] around ``centre`` (thumbnail px)."""
+    t = np.linspace(0, 2 * np.pi, n, endpoint=False)
+    r = radius * (1 + 0.15 * np.sin(3 * t + rng.uniform(0, 6)))
+    return np.stack([centre[0] + r * np.cos(t), centre[1] + r * np.sin(t)], 1)
+
+
+def make_slide(rng, slide_dir, slide_id, annotation_path=None):
+    """Thumbnail (pink tissue on white, purple lesions), meta.json, tissue mask; returns the true lesion."""
+    yy, xx = np.mgrid[:H, :W] + 0.5
+    cx, cy = W / 2 + rng.uniform(-4, 4), H / 2 + rng.uniform(-3, 3)
+    tissue = ((xx - cx) / (0.42 * W)) ** 2 + ((yy - cy) / (0.42 * H)) ** 2 < 1
+    rgb = rng.normal(242, 3, (H, W, 3))
+    rgb[tissue] = np.array([225, 140, 185]) + rng.normal(0, 10, (tissue.sum(), 3))
+    polygons = []
+    for k in range(rng.integers(1, 3)):
+        centre = (cx + rng.uniform(-10, 10), cy + rng.uniform(-6, 6))
+        rings = [blob(rng, centre, rng.uniform(6, 9))]
+        if k == 0 and rng.random() < 0.5:
+            rings.append(blob(rng, centre, 2.5)[::-1])  # a hole of stroma inside the lesion
+        polygons.append(rings)
+    lesion = fill_polygons(polygons, (W, H)) & tissue
+    rgb[lesion] = np.array([120, 50, 150]) + rng.normal(0, 10, (lesion.sum(), 3))
+    slide_dir.mkdir(parents=True, exist_ok=True)
+    save_rgb_png(slide_dir / "thumbnail.png", np.clip(rgb, 0, 255).astype(np.uint8))
+    save_mask(slide_dir / "tissue_mask.png", tissue)
+    write_json(
+        slide_dir / "meta.json",
+        {"slide_id": slide_id, "width": W * DS, "height": H * DS, "thumbnail": {"width": W, "height": H}},
+    )
+    if annotation_path is not None:
+        features = [
+            {
+                "type": "Feature",
+                "properties": {"objectType": "annotation", "classification": {"name": "Tumor"}},
+                "geometry": {"type": "Polygon", "coordinates": [(np.vstack([r, r[:1]]) * DS).tolist() for r in rings]},
+            }
+            for rings in polygons
+        ]
+        write_json(annotation_path, {"type": "FeatureCollection", "features": features})
+    return lesion, tissue
+
+
+def run_command(name, argv):
+    """Run ``msamil <name>`` in-process, single-threaded (small tensors: threads only contend)."""
+    import importlib
+
+    if name == "segment":
+        argv = [*argv, "--threads", "1"]
+
+    module = importlib.import_module(f"msamil_core.commands.{name}")
+    parser = argparse.ArgumentParser()
+    module.add_arguments(parser)
+    module.run(parser.parse_args(argv))
+
+
+def segment(ckpt, slide_dir, out, *extra):
+    """``msamil segment`` on the thumbnail and tissue mask in ``slide_dir``."""
+    argv = ["--checkpoint", str(ckpt), "--thumbnail", str(slide_dir / "thumbnail.png")]
+    run_command("segment", [*argv, "--tissue-mask", str(slide_dir / "tissue_mask.png"), "--out", str(out), *extra])
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """Ten annotated synthetic slides (eight patients), trained once for the tests below."""
+    root = tmp_path_factory.mktemp("seg")
+    rng = np.random.default_rng(0)
+    rows = ["slide_id,path,label,patient_id,annotation"]
+    truth = {}
+    for i in range(10):
+        sid = f"s{i:02d}"
+        truth[sid] = make_slide(rng, root / "slides" / sid, sid, root / "ann" / f"{sid}.geojson")
+        rows.append(f"{sid},{sid}.tiff,a,p{min(i, 7)},ann/{sid}.geojson")  # p7 has three slides
+    (root / "sheet.csv").write_text("\n".join(rows) + "\n")
+    ckpt = root / "model" / "checkpoint.pt"
+    run_command(
+        "segment_train",
+        ["--sheet", str(root / "sheet.csv"), "--slides-dir", str(root / "slides"), "--out", str(ckpt), *TRAIN_ARGS],
+    )
+    return root, ckpt, truth, rng
+
+
+def test_training_reaches_a_good_held_out_iou(trained):
+    root, ckpt, truth, _ = trained
+    metrics = json.loads((ckpt.parent / "metrics.json").read_text())
+    held = metrics["splits"]["holdout"]
+    assert held and not set(held) & set(metrics["splits"]["train"])
+    # Chance level: calling all tissue lesion.
+    chance = np.mean([mask_scores(truth[s][1], truth[s][0])[0] for s in held])
+    assert metrics["holdout"]["iou"] > max(0.6, chance + 0.3), (metrics["holdout"], chance)
+    assert metrics["val"]["iou"] is not None and 1 <= metrics["best_epoch"] <= EPOCHS
+    assert len(metrics["history"]) == EPOCHS
+
+
+def test_checkpoint_round_trip_reproduces_the_held_out_iou(trained):
+    root, ckpt, truth, _ = trained
+    raw = torch.load(ckpt, map_location="cpu", weights_only=True)
+    keys = {"arch", "encoder", "input_size", "normalization", "state_dict", "val_iou", "holdout_iou", "epoch", "config"}
+    assert keys <= set(raw)
+    assert raw["input_size"] == 64 and raw["config"]["encoder_depth"] == 3
+    metrics = json.loads((ckpt.parent / "metrics.json").read_text())
+    assert raw["holdout_iou"] == pytest.approx(metrics["holdout"]["iou"])
+    for sid, reported in metrics["holdout"]["per_slide"].items():
+        out = root / "out" / sid / "lesion_mask.png"
+        segment(ckpt, root / "slides" / sid, out)
+        lesion, _ = truth[sid]
+        assert mask_scores(load_mask(out), lesion)[0] == pytest.approx(reported, abs=1e-4)
+
+
+def test_segment_an_unannotated_slide(trained, tmp_path):
+    _, ckpt, _, rng = trained
+    lesion, tissue = make_slide(rng, tmp_path / "new", "new")
+    out, prob = tmp_path / "new" / "lesion_mask.png", tmp_path / "new" / "prob.png"
+    segment(ckpt, tmp_path / "new", out, "--probabilities", str(prob))
+    values = np.asarray(Image.open(out))
+    assert values.shape == (H, W) and set(np.unique(values)) <= {0, 255}
+    written = values == 255
+    assert not (written & ~tissue).any()  # restricted to tissue
+    assert mask_scores(written, lesion)[0] > 0.5
+    assert np.asarray(Image.open(prob)).shape == (H, W)
+    # --threshold overrides the checkpoint's: a threshold near 1 leaves less lesion.
+    strict = tmp_path / "strict.png"
+    segment(ckpt, tmp_path / "new", strict, "--threshold", "0.999")
+    assert load_mask(strict).sum() < written.sum()
+    fallback = tmp_path / "fallback.png"
+    segment(ckpt, tmp_path / "new", fallback, "--threshold", "0.999999", "--fallback-below", "0.99")
+    assert np.array_equal(load_mask(fallback), tissue)
+
+
+def test_segment_train_names_a_bad_annotation_and_its_slide(tmp_path):
+    rng = np.random.default_rng(1)
+    make_slide(rng, tmp_path / "slides" / "good", "good", tmp_path / "good.geojson")
+    make_slide(rng, tmp_path / "slides" / "bad one", "bad one", tmp_path / "bad.geojson")
+    data = json.loads((tmp_path / "bad.geojson").read_text())
+    data["features"][0]["geometry"]["coordinates"][0][0] = [10 * W * DS, 0]  # far right of the slide
+    write_json(tmp_path / "bad.geojson", data)
+    (tmp_path / "sheet.csv").write_text(
+        "slide_id,path,label,patient_id,annotation\ngood,g.tiff,a,p1,good.geojson\nbad one,b.tiff,a,p2,bad.geojson\n"
+    )
+    with pytest.raises(MsamilError) as err:
+        run_command(
+            "segment_train",
+            [
+                "--sheet",
+                str(tmp_path / "sheet.csv"),
+                "--slides-dir",
+                str(tmp_path / "slides"),
+                "--out",
+                str(tmp_path / "c.pt"),
+                *TRAIN_ARGS,
+            ],
+        )
+    assert "'bad one'" in str(err.value) and "bad.geojson" in str(err.value) and "outside the slide" in str(err.value)
+    assert not (tmp_path / "c.pt").exists()
+    with pytest.raises(MsamilError, match="not found; train one"):
+        load_segmentation_checkpoint(tmp_path / "c.pt")
+
+
+def test_segment_refuses_a_file_that_is_no_segmentation_checkpoint(tmp_path):
+    torch.save({"model_name": "abmil.base", "state_dict": {}}, tmp_path / "mil.pt")
+    with pytest.raises(MsamilError, match="not a UNet"):
+        load_segmentation_checkpoint(tmp_path / "mil.pt")
+
+
+def test_patient_split_is_seeded_and_keeps_patients_whole():
+    patients = [f"p{i}" for i in range(20)]
+    a = split_patients(patients, 0.2, 0.2, seed=1)
+    assert a == split_patients(list(reversed(patients)), 0.2, 0.2, seed=1)
+    assert a != split_patients(patients, 0.2, 0.2, seed=2)
+    counts = {part: sum(v == part for v in a.values()) for part in ("train", "val", "holdout")}
+    assert counts == {"train": 12, "val": 4, "holdout": 4}
+    tiny = split_patients(["p0", "p1"], 0.2, 0.2, seed=0)  # one to train on, one held out
+    assert sorted(tiny.values()) == ["holdout", "train"]
+    with pytest.raises(MsamilError, match="no annotated slides"):
+        split_patients([], 0.2, 0.2, seed=0)
+
+
+def test_loss_ignores_padding_and_prefers_the_truth():
+    target = torch.zeros(1, 1, 8, 8)
+    target[..., 2:5, 2:5] = 1
+    valid = torch.zeros(1, 1, 8, 8, dtype=torch.bool)
+    valid[..., :6, :6] = True
+    good = (target * 2 - 1) * 6
+    assert dice_bce_loss(good, target, valid) < dice_bce_loss(-good, target, valid)
+    padded = good.clone()
+    padded[..., 6:, :] = 9.0  # confident lesion on the padding
+    assert dice_bce_loss(padded, target, valid) == pytest.approx(float(dice_bce_loss(good, target, valid)))
+
+
+def test_postprocess_threshold_tissue_and_specks():
+    prob = np.zeros((60, 80), np.float32)
+    prob[10:40, 10:50] = 0.9
+    prob[50, 70] = 0.9  # a speck
+    tissue = np.ones((60, 80), bool)
+    tissue[:, 45:] = False
+    mask = postprocess(prob, tissue, PostProcess(threshold=0.5, min_object_fraction=0.001))
+    assert mask[10:40, 10:45].all() and mask.sum() == 30 * 35  # clipped to tissue, speck dropped
+    assert not postprocess(prob, tissue, PostProcess(threshold=0.95)).any()
+
+
+def test_local_encoder_weights_load_strictly(tmp_path):
+    import torchvision
+
+    reference = torchvision.models.resnet18(weights=None)  # ImageNet layout, with its fc head
+    torch.save(reference.state_dict(), tmp_path / "resnet18.pth")
+    model = build_model("resnet18", 3, [32, 16, 8], encoder_weights=tmp_path / "resnet18.pth")
+    assert torch.equal(model.encoder.conv1.weight, reference.conv1.weight)
+    torch.save({"conv1.weight": torch.zeros(3, 3)}, tmp_path / "wrong.pth")
+    with pytest.raises(MsamilError, match="do not fit"):
+        load_encoder_weights(build_model("resnet18", 3, [32, 16, 8]), tmp_path / "wrong.pth", "resnet18")
+
+
+def test_config_and_encoder_errors_are_explained():
+    with pytest.raises(MsamilError, match="decoder_channels"):
+        SegmentationConfig(encoder_depth=3)
+    with pytest.raises(MsamilError, match="no_such_encoder"):
+        build_model("no_such_encoder")
