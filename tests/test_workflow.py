@@ -69,7 +69,7 @@ def cohort_run(tmp_path_factory):
         ("blank", blank, "a", "p7", ""),
     ]
     sheet = write_sheet(wd / "sheet.csv", GOOD + bad)
-    (wd / "small.yaml").write_text("patches:\n  patch_size: 256\n  min_fraction: 0.4\n")
+    (wd / "small.yaml").write_text("patches:\n  patch_size: 256\n  min_fraction: 0.4\nexperiments: []\n")
     dry = snakemake(wd, "--cores", "2", "-n", "--configfile", "small.yaml", "--config", f"slides={sheet}")
     run = snakemake(wd, "--cores", "2", "--keep-going", "--configfile", "small.yaml", "--config", f"slides={sheet}")
     return wd, dry, run
@@ -142,3 +142,27 @@ def test_bad_sheet_fails_before_any_job(tmp_path):
     out = snakemake(tmp_path, "--cores", "1", "-n", "--config", f"slides={sheet}")
     assert out.returncode != 0
     assert "duplicate slide_id 'cmu'" in out.stderr + out.stdout
+
+
+def test_changing_the_encoder_reextracts_features_only(cohort_run):
+    wd = cohort_run[0]
+    sheet = write_sheet(wd / "sheet_good.csv", GOOD)
+
+    def config(size):
+        path = wd / f"enc{size}.yaml"
+        path.write_text(
+            # one experiment puts the features in the DAG; --until stops before splits and training
+            "patches:\n  patch_size: 256\n  min_fraction: 0.4\nexperiments:\n  - {name: e, model: abmil.base}\n"
+            f"encoders:\n  tiny:\n    name: resnet18\n    input_size: {size}\n"
+            "features:\n  default_encoder: tiny\n  batch_size: 16\n  workers: 0\n"
+        )
+        return path.name
+
+    run = snakemake(wd, "--cores", "2", "--until", "extract_features", "--configfile", config(32), "--config", f"slides={sheet}")
+    assert run.returncode == 0, run.stderr[-3000:]
+    first = sorted((wd / "results" / "features").glob("tiny-*"))
+    assert len(first) == 1 and sorted(p.name for p in first[0].iterdir()) == ["cmu.pt", "dapi (387).pt"]
+    dry = snakemake(wd, "--cores", "2", "-n", "--until", "extract_features", "--configfile", config(48), "--config", f"slides={sheet}")
+    assert dry.returncode == 0, dry.stderr
+    assert planned_jobs(dry.stdout) == {"extract_features": 2}  # no thumbnail, mask or coordinates job
+    assert f"results/features/{first[0].name}/" not in dry.stdout  # a new folder
