@@ -398,13 +398,13 @@ def predict_probabilities(
 
 def postprocess(prob: np.ndarray, tissue: np.ndarray | None, params: PostProcess) -> np.ndarray:
     """Lesion mask bool [h, w]: ``prob >= threshold`` within tissue, small holes filled, specks dropped."""
-    from .tissue import _clean
+    from .tissue import clean_mask
 
     mask = prob >= params.threshold
     if tissue is not None:
         mask &= tissue
     # close_radius 0: no morphology beyond hole filling and speck removal, so edges stay where predicted.
-    mask = _clean(mask, 0, params.min_object_fraction, params.max_hole_fraction)
+    mask = clean_mask(mask, 0, params.min_object_fraction, params.max_hole_fraction)
     if tissue is not None:
         mask &= tissue  # filled holes may include glass
     return mask

@@ -77,7 +77,10 @@ def pen_and_artefact_mask(rgb: np.ndarray, dark_threshold: float = 0.25, remove_
     return dark | blue | green
 
 
-def _clean(mask: np.ndarray, close_radius: int, min_object_fraction: float, max_hole_fraction: float) -> np.ndarray:
+def clean_mask(mask: np.ndarray, close_radius: int, min_object_fraction: float, max_hole_fraction: float) -> np.ndarray:
+    """Morphological clean-up of a bool mask: closing (``close_radius`` px, 0 = none) and a
+    1-px opening, filling of holes up to ``max_hole_fraction`` of the image, removal of pieces
+    smaller than ``min_object_fraction`` of it."""
     if close_radius > 0:
         structure = _disk(close_radius)
         mask = ndi.binary_closing(mask, structure=structure, border_value=0)
@@ -119,7 +122,7 @@ def tissue_mask(rgb: np.ndarray, params: TissueParams | None = None) -> np.ndarr
         window = max(3, round(0.015 * max(rgb.shape[:2])))
         density = np.log1p(ndi.uniform_filter(value, window)) / np.log(256.0)
         mask = density > otsu_threshold(density)
-        return _clean(mask, max(params.close_radius, 4), params.min_object_fraction, 0.02)
+        return clean_mask(mask, max(params.close_radius, 4), params.min_object_fraction, 0.02)
     hsv = np.asarray(Image.fromarray(rgb).convert("HSV"))
     sat = hsv[..., 1].astype(np.float32) / 255.0
     artefacts = pen_and_artefact_mask(rgb, params.dark_threshold, params.remove_pen)
@@ -127,7 +130,7 @@ def tissue_mask(rgb: np.ndarray, params: TissueParams | None = None) -> np.ndarr
     thr = otsu_threshold(candidates) if candidates.size else 1.0
     thr = max(thr, params.min_saturation)
     mask = (sat > thr) & ~artefacts
-    mask = _clean(mask, params.close_radius, params.min_object_fraction, params.max_hole_fraction)
+    mask = clean_mask(mask, params.close_radius, params.min_object_fraction, params.max_hole_fraction)
     # Ink often has a halo after closing; take the dilated ink out again.
     if artefacts.any():
         mask &= ~ndi.binary_dilation(artefacts, structure=_disk(1))
