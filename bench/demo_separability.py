@@ -49,7 +49,9 @@ def slide_features(row, encoder, patch_size: int, input_size: int, batch_size: i
         w0, h0 = slide.dimensions
         scale = THUMBNAIL_LONG_SIDE / max(w0, h0)
         mask = annotation_mask(row.annotation, row.slide_id, (w0, h0), (round(w0 * scale), round(h0 * scale)))
-        grids = make_grids(mask, (w0, h0), slide.mpp, patch_size=patch_size, min_fraction=MIN_FRACTION, name=row.slide_id)
+        grids = make_grids(
+            mask, (w0, h0), slide.mpp, patch_size=patch_size, min_fraction=MIN_FRACTION, name=row.slide_id
+        )
         out = {}
         for name, grid in grids.items():
             size0 = grid.attrs["patch_size_level0"]
@@ -130,7 +132,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--folds", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--permutations", type=int, default=50, help="label shuffles for the chance level of architecture")
+    parser.add_argument(
+        "--permutations", type=int, default=50, help="label shuffles for the chance level of architecture"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -154,9 +158,16 @@ def main() -> None:
 
     y = sheet["label"].map(CLASSES.index).to_numpy()
     groups = sheet["patient_id"].to_numpy()
-    print(f"{len(y)} slides, {len(set(groups))} patients; per class: " + ", ".join(f"{c} {np.sum(y == i)}" for i, c in enumerate(CLASSES)))
-    print(f"probe: logistic regression, {args.folds}-fold grouped stratified CV x {args.repeats} repeats (mean ± sd over repeats)")
-    print(f"chance: balanced accuracy {1 / len(CLASSES):.2f}, factor accuracies 0.50 (factors: {CYTOLOGIES}, {ARCHITECTURES})\n")
+    per_class = ", ".join(f"{c} {np.sum(y == i)}" for i, c in enumerate(CLASSES))
+    print(f"{len(y)} slides, {len(set(groups))} patients; per class: {per_class}")
+    print(
+        f"probe: logistic regression, {args.folds}-fold grouped stratified CV x {args.repeats} repeats "
+        "(mean ± sd over repeats)"
+    )
+    print(
+        f"chance: balanced accuracy {1 / len(CLASSES):.2f}, factor accuracies 0.50 "
+        f"(factors: {CYTOLOGIES}, {ARCHITECTURES})\n"
+    )
 
     settings = [
         (("20x",), ("mean",)),

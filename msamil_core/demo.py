@@ -637,7 +637,9 @@ def render_slide(index: int, label: str, seed: int = 0, patch_size: int = 256) -
     """
     _check_args(1, seed, patch_size)
     if label not in CLASSES:
-        raise MsamilError(f"demo slide {slide_id(index)}: unknown label {label!r}; expected one of {', '.join(CLASSES)}")
+        raise MsamilError(
+            f"demo slide {slide_id(index)}: unknown label {label!r}; expected one of {', '.join(CLASSES)}"
+        )
     cytology, architecture = label.split("_")
     layout = _layout(seed, index, patch_size)
     width, height, nest = layout.width, layout.height, patch_size
@@ -656,7 +658,8 @@ def render_slide(index: int, label: str, seed: int = 0, patch_size: int = 256) -
         pitch, ink, gain = _ATYPICAL_PITCH, _atypical_sprites(rng, _SPRITES), _atypical_ink_gain()
     # One bank, sparse cells first then dense ones: a cell's index encodes its nest type.
     nest_bank = np.concatenate([_nest_bank(ink, False, gain), _nest_bank(ink, True, gain)])
-    stroma_bank = _to_u8(_STROMA_H + np.concatenate([np.zeros((1, _STROMA_PITCH, _STROMA_PITCH)), _stroma_sprites(rng, _SPRITES)]))
+    stroma_ink = _stroma_sprites(rng, _SPRITES)
+    stroma_bank = _to_u8(_STROMA_H + np.concatenate([np.zeros_like(stroma_ink[:1]), stroma_ink]))
     # Sensor noise: a sum of two discrete uniforms (triangular, sd 2.8 levels) is
     # close enough to Gaussian and several times cheaper to draw.
     shape = (nest, 1024 + width, 3)

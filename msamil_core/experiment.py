@@ -8,8 +8,8 @@ fine-tuning on a two-class task (MIL-Lab's transfer setting)::
 
     tasks:
       architecture:
-        ordered: [bland_ordered, atypical_ordered]
-        disordered: [bland_disordered, atypical_disordered]
+        alternating: [bland_alternating, atypical_alternating]
+        zonal: [bland_zonal, atypical_zonal]
 
 Slides whose label the task does not list are left out of that experiment. Without a task the
 classes are the sheet's labels (sorted, or the config's ``classes`` order).

@@ -29,7 +29,9 @@ HELP = "write the synthetic demo cohort (pyramidal TIFFs, lesion GeoJSONs, slide
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="demo_data", metavar="DIR", help="output folder (default: %(default)s)")
-    parser.add_argument("--n-slides", type=int, default=30, metavar="N", help="slides in the cohort (default: %(default)s)")
+    parser.add_argument(
+        "--n-slides", type=int, default=30, metavar="N", help="slides in the cohort (default: %(default)s)"
+    )
     parser.add_argument("--seed", type=int, default=0, help="random seed, >= 0 (default: %(default)s)")
     parser.add_argument(
         "--patch-size",
