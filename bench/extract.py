@@ -88,8 +88,9 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device("cpu")
-    print(f"load average before: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs (above the CPU count, other "
-          "processes share the machine and every figure below is pessimistic)")  # fmt: skip
+    load, cpus = os.getloadavg()[0], os.cpu_count() or 1
+    busy = " (other processes share the machine: every figure below is pessimistic)" if load > 0.5 * cpus else ""
+    print(f"load average before: {load:.1f} on {cpus} CPUs{busy}")
 
     with open_slide(args.slide) as slide:
         table = patch_table(slide, args.patch_size, args.max_patches)
