@@ -32,6 +32,7 @@ COMMANDS = [
     "evaluate",
     "report",
     "export-geojson",
+    "list-models",
 ]
 
 

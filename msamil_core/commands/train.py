@@ -38,7 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_data_arguments(parser)
     parser.add_argument("--out", required=True, help="experiment directory: fold<k>/ is written inside")
     parser.add_argument("--experiment", help="JSON/YAML file or inline JSON with experiment options")
-    parser.add_argument("--model", help="registered MIL model (msamil list-models; default abmil.base)")
+    parser.add_argument("--model", help="registered MIL model (see `msamil list-models`; default abmil.base)")
     parser.add_argument("--model-args", help="JSON of model options, e.g. '{\"dropout\": 0.25}'")
     parser.add_argument("--scales", nargs="+", help="scales whose instances are used (default: 20x 10x 5x)")
     parser.add_argument("--epochs", type=int)
