@@ -707,10 +707,16 @@ def render_slide(index: int, label: str, seed: int = 0, patch_size: int = 256) -
 # ----------------------------------------------------------------------------- writing
 
 
-def write_pyramid_tiff(path: str | os.PathLike, rgb: np.ndarray, mpp: float = MPP, description: str = "") -> None:
+def write_pyramid_tiff(
+    path: str | os.PathLike,
+    rgb: np.ndarray,
+    mpp: float = MPP,
+    description: str = "",
+    downsamples: Sequence[int] = LEVEL_DOWNSAMPLES,
+) -> None:
     """Write ``rgb`` [H, W, 3] uint8 as a pyramidal, JPEG-tiled TIFF that OpenSlide opens.
 
-    Levels have downsamples ``LEVEL_DOWNSAMPLES`` (box-filtered); the reduced
+    Levels have ``downsamples`` (each a multiple of the one before; box-filtered); the reduced
     levels carry NewSubfileType 1, without which OpenSlide's generic-tiff backend
     ignores them. Resolution tags are in px/cm, ``1e4 / mpp`` at level 0 (mpp in
     µm/px), which OpenSlide 4 reports as ``openslide.mpp-x/y``. Written
@@ -722,7 +728,7 @@ def write_pyramid_tiff(path: str | os.PathLike, rgb: np.ndarray, mpp: float = MP
     level = rgb
     with atomic_path(path) as tmp, tifffile.TiffWriter(tmp) as tiff:
         previous = 1
-        for i, downsample in enumerate(LEVEL_DOWNSAMPLES):
+        for i, downsample in enumerate(downsamples):
             if i:
                 level = np.asarray(Image.fromarray(level).reduce(downsample // previous))
             previous = downsample

@@ -30,28 +30,13 @@ def ndpi_slide() -> Path:
     return shared_slide("test3-DAPI-2-(387).ndpi")
 
 
-def write_pyramid_tiff(path: Path, image: np.ndarray, mpp: float = 0.5, levels: int = 3, tile: int = 256) -> Path:
-    """A pyramidal tiled JPEG TIFF that OpenSlide opens as generic-tiff with the given µm/px."""
-    import tifffile
-    from PIL import Image
+def write_pyramid_tiff(path: Path, image: np.ndarray, mpp: float = 0.5, levels: int = 3) -> Path:
+    """A pyramidal JPEG-tiled TIFF (downsamples 1, 2, 4, ...) that OpenSlide opens as
+    generic-tiff with the given µm/px; the demo cohort's writer."""
+    from msamil_core.demo import write_pyramid_tiff as write
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    px_per_cm = 1e4 / mpp
-    with tifffile.TiffWriter(path, bigtiff=False) as tif:
-        img = image
-        for level in range(levels):
-            scale = 2**level
-            tif.write(
-                img,
-                tile=(tile, tile),
-                compression="jpeg",
-                photometric="rgb",
-                resolution=(px_per_cm / scale, px_per_cm / scale),
-                resolutionunit="CENTIMETER",
-                subfiletype=0 if level == 0 else 1,
-            )
-            h, w = img.shape[:2]
-            img = np.asarray(Image.fromarray(img).resize((max(1, w // 2), max(1, h // 2)), Image.Resampling.BOX))
+    write(path, image, mpp=mpp, downsamples=tuple(2**i for i in range(levels)))
     return path
 
 
