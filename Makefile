@@ -25,4 +25,4 @@ test: venv
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -q -p no:cacheprovider tests
 
 clean:
-	rm -rf results logs demo_data .snakemake
+	rm -rf results logs benchmarks demo_data .snakemake

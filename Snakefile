@@ -18,6 +18,7 @@ validate(config, "workflow/schemas/config.schema.yaml")
 
 include: "rules/common.smk"
 include: "rules/preprocess.smk"
+include: "rules/segment.smk"
 include: "rules/features.smk"
 include: "rules/train.smk"
 include: "rules/report.smk"

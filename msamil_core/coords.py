@@ -121,6 +121,24 @@ def make_grids(mask, level0_size, mpp, patch_size=512, min_fraction=0.7, base_mp
     }
 
 
+def sample_grids(grids: dict, n_20x: int, seed: int = 0, name: str = "") -> dict:
+    """The ``random`` patch-selection strategy (MsaMIL-Net Table 1): at most ``n_20x`` patches of
+    the 20x grid, drawn at random without replacement, and a quarter and a sixteenth as many at
+    10x and 5x (the grids' nesting ratio, at least one); seeded by ``seed`` and the slide ``name``
+    so reruns and added slides draw the same patches. Kept patches stay in grid order."""
+    import zlib
+
+    rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
+    out = {}
+    for scale, grid in grids.items():
+        per_20x = (20 // int(scale.rstrip("x"))) ** 2  # 1, 4, 16 patches of 20x per patch
+        n = max(1, -(-n_20x // per_20x))
+        idx = np.sort(rng.permutation(len(grid.coords))[:n])
+        out[scale] = Grid(coords=grid.coords[idx], fractions=grid.fractions[idx],
+                          attrs=dict(grid.attrs, random_n=int(n), random_seed=int(seed)))
+    return out
+
+
 def write_coords(path: str | os.PathLike, coords: np.ndarray, attrs: dict) -> None:
     """Write a TRIDENT-layout coordinates file atomically (``coords`` int64 [N, 2] plus attributes)."""
     import h5py

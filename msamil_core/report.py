@@ -98,8 +98,15 @@ def _table(df: pd.DataFrame) -> str:
 
 
 def write_report(experiments: dict[str, str | os.PathLike], out_dir: str | os.PathLike,
-                 extra_sections: list[tuple[str, pd.DataFrame | str]] | None = None, title: str = "msamil report") -> pd.DataFrame:
-    """Write the report for ``{experiment name: experiment directory}``; returns the summary."""
+                 extra_sections: list[tuple[str, pd.DataFrame | str]] | None = None, title: str = "msamil report",
+                 features: dict[str, str] | None = None, benchmarks: str | os.PathLike | None = None,
+                 segmentation: str | os.PathLike | None = None) -> pd.DataFrame:
+    """Write the report for ``{experiment name: experiment directory}``; returns the summary.
+
+    ``features`` (experiment -> feature folder) and ``benchmarks`` (Snakemake's benchmark folder)
+    add the patch-selection comparison; ``segmentation`` (segment-train's metrics.json) the
+    lesion segmentation IoU."""
+    from .selection import segmentation_table, strategy_table
     from .plots import plot_confusion_matrices, plot_roc_curves
 
     out_dir = Path(out_dir)
@@ -143,6 +150,18 @@ def write_report(experiments: dict[str, str | os.PathLike], out_dir: str | os.Pa
                          "AUC scratch": _pm(sm, float(s["sd"].iloc[0]) if len(s) else float("nan")),
                          "difference": "n/a" if math.isnan(tm - sm) else f"{tm - sm:+.3f}"})
         parts.append(_table(pd.DataFrame(rows)))
+    strategies = strategy_table(summary, configs, features or {}, benchmarks,
+                                {name: sorted(folds) for name, folds in per_fold.items()})
+    if strategies is not None:
+        parts.append("<h2>Patch-selection strategies</h2><p>The same model on patches of the segmented lesion, "
+                     "of all tissue, or a random subset of the tissue (MsaMIL-Net Table 1): test AUC, patches "
+                     "extracted (all slides and scales), and measured wall time of feature extraction plus "
+                     "test-set inference (Snakemake benchmark files).</p>")
+        parts.append(_table(strategies))
+    if segmentation:
+        parts.append("<h2>Lesion segmentation (UNet++)</h2><p>IoU and Dice of the thresholded lesion masks "
+                     "against the annotations, on patients the model never trained on.</p>")
+        parts.append(_table(segmentation_table(segmentation)))
     for heading, content in extra_sections or []:
         parts.append(f"<h2>{html.escape(heading)}</h2>")
         parts.append(_table(content) if isinstance(content, pd.DataFrame) else content)

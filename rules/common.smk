@@ -85,12 +85,50 @@ def tissue_options():
     return " ".join(opts)
 
 
-def coords_files(slide):
-    return [f"results/coords/{scale}/{slide}.h5" for scale in SCALES]
+# Patch-selection strategies (MsaMIL-Net Table 1): `lesion` keeps patches on the segmented lesion,
+# `tissue` on all tissue, `random` a seeded random subset of the tissue patches. The configured
+# strategy's coordinates are results/coords/{scale}/{slide}.h5; any other strategy an experiment
+# names gets results/coords/{strategy}/{scale}/{slide}.h5.
+STRATEGIES = ["lesion", "tissue", "random"]
+STRATEGY = config["patches"]["strategy"]
+
+
+def coords_dir(strategy):
+    return "results/coords" if strategy == STRATEGY else f"results/coords/{strategy}"
+
+
+def coordset_strategy(coordset):
+    return STRATEGY if coordset == "coords" else coordset.split("/", 1)[1]
+
+
+def coords_files(slide, strategy=STRATEGY):
+    return [f"{coords_dir(strategy)}/{scale}/{slide}.h5" for scale in SCALES]
+
+
+def coords_selection(wildcards):
+    """Masks a coordinates job selects on: the tissue mask, and the lesion mask for `lesion`."""
+    masks = {"tissue": f"results/slides/{wildcards.slide}/tissue_mask.png"}
+    if coordset_strategy(wildcards.coordset) == "lesion":
+        masks["lesion"] = f"results/slides/{wildcards.slide}/lesion_mask.png"
+    return masks
+
+
+def coords_options(wildcards):
+    strategy = coordset_strategy(wildcards.coordset)
+    if strategy == "lesion":
+        return f"--lesion-mask results/slides/{wildcards.slide}/lesion_mask.png"
+    if strategy == "random":
+        p = config["patches"]
+        return f"--random {p['random_n']} --random-seed {p['random_seed']}"
+    return ""
+
+
+wildcard_constraints:
+    coordset="|".join(["coords"] + [f"coords/{s}" for s in STRATEGIES if s != STRATEGY]),
 
 
 def slide_coords(wildcards):
-    return coords_files(wildcards.slide)
+    return coords_files(wildcards.slide, FEATURE_SETS[wildcards.encoder][1])
 
 
 def final_outputs():
@@ -98,6 +136,8 @@ def final_outputs():
     outputs = []
     for slide in SLIDES.index:
         outputs += coords_files(slide)
+        if config["export_geojson"]:
+            outputs.append(f"results/slides/{slide}/patches.geojson")
     if EXPERIMENTS:
         outputs.append("results/report/index.html")
     return outputs
@@ -120,7 +160,15 @@ def _encoder_dirs():
 
 
 ENCODER_DIRS = _encoder_dirs()
-ENCODER_KEYS = {folder: key for key, folder in ENCODER_DIRS.items()}
+
+
+def feature_set(encoder, strategy):
+    """Feature folder name of an encoder key and a patch-selection strategy."""
+    return f"{ENCODER_DIRS[encoder]}-{strategy}"
+
+
+# feature folder -> (encoder key, strategy), for every combination a rule may be asked for
+FEATURE_SETS = {feature_set(e, s): (e, s) for e in ENCODER_DIRS for s in STRATEGIES}
 
 
 def _experiments():
@@ -133,6 +181,7 @@ def _experiments():
             raise WorkflowError(f"config: experiment name {name!r} is used twice; names must be unique")
         options = {**config["training"], **entry}
         options["encoder"] = options.get("encoder", default_encoder)
+        options["strategy"] = options.get("strategy", STRATEGY)
         if options["encoder"] not in config["encoders"]:
             raise WorkflowError(
                 f"config: experiment {name!r} uses encoder {options['encoder']!r}, which is not under `encoders` "
@@ -166,7 +215,7 @@ def encoder_options(wildcards):
     import json
     import shlex
 
-    spec = config["encoders"][ENCODER_KEYS[wildcards.encoder]]
+    spec = config["encoders"][FEATURE_SETS[wildcards.encoder][0]]
     opts = [f"--encoder {shlex.quote(spec['name'])}", f"--input-size {spec.get('input_size', 224)}",
             f"--seed {spec.get('seed', 0)}"]
     if spec.get("weights"):
@@ -184,7 +233,8 @@ def encoder_options(wildcards):
 
 
 def feature_dir(experiment):
-    return f"results/features/{ENCODER_DIRS[EXPERIMENTS[experiment]['encoder']]}"
+    options = EXPERIMENTS[experiment]
+    return f"results/features/{feature_set(options['encoder'], options['strategy'])}"
 
 
 def experiment_features(wildcards):
@@ -234,3 +284,89 @@ def class_options():
 
 def fold_outputs(name):
     return [f"results/models/{e}/fold{k}/{name}" for e in EXPERIMENTS for k in FOLDS]
+
+
+# ---------------------------------------------------------------- lesion segmentation
+
+
+def _uses_lesion():
+    return STRATEGY == "lesion" or any(e["strategy"] == "lesion" for e in EXPERIMENTS.values())
+
+
+def _annotated_slides():
+    if "annotation" not in SLIDES.columns:
+        return []
+    return [slide for slide, value in SLIDES["annotation"].items() if isinstance(value, str) and value.strip()]
+
+
+ANNOTATED = _annotated_slides()
+SEGMENTATION = config["segmentation"]
+if _uses_lesion() and not SEGMENTATION["checkpoint"] and not ANNOTATED:
+    raise WorkflowError(
+        f"config: the lesion patch strategy needs lesion annotations in the sheet's `annotation` column "
+        f"({config['slides']} has none) or a trained model in segmentation.checkpoint; "
+        "or set patches.strategy: tissue"
+    )
+
+
+def segmentation_checkpoint():
+    """The UNet++ the segment rule runs: the configured file, or the one trained on the cohort."""
+    return SEGMENTATION["checkpoint"] or "results/segmentation/checkpoint.pt"
+
+
+def segmentation_inputs(wildcards):
+    """Thumbnails (with meta.json and tissue mask beside them) and annotation files of the annotated slides."""
+    return {
+        "thumbnails": [f"results/slides/{s}/thumbnail.png" for s in ANNOTATED],
+        "meta": [f"results/slides/{s}/meta.json" for s in ANNOTATED],
+        "tissue": [f"results/slides/{s}/tissue_mask.png" for s in ANNOTATED],
+        # only the files present: a missing one fails segment-train with a message naming it
+        "annotations": [
+            workflow_path(p) for p in SLIDES.loc[ANNOTATED, "annotation"] if DEMO or os.path.exists(p)
+        ],
+    }
+
+
+def segmentation_options():
+    import shlex
+
+    seg = SEGMENTATION
+    opts = [
+        f"--encoder {shlex.quote(seg['encoder'])}",
+        f"--input-size {seg['input_size']} --crop-size {seg['crop_size']}",
+        f"--epochs {seg['epochs']} --batch-size {seg['batch_size']} --lr {seg['lr']}",
+        f"--holdout-fraction {seg['holdout_fraction']} --seed {seg['seed']}",
+        f"--threshold {seg['threshold']}",
+    ]
+    if seg["encoder_weights"]:
+        opts.append(f"--encoder-weights {shlex.quote(seg['encoder_weights'])}")
+    for key in ("lesion_classes", "ignore_classes", "subtract_classes"):
+        if seg[key] is not None:
+            opts.append(f"--{key.replace('_', '-')} " + " ".join(shlex.quote(c) for c in seg[key]))
+    return " ".join(opts)
+
+
+def geojson_inputs(wildcards):
+    """What the QuPath export of a slide draws: its masks and its kept patch grids."""
+    inputs = {"coords": coords_files(wildcards.slide), "tissue": f"results/slides/{wildcards.slide}/tissue_mask.png"}
+    if STRATEGY == "lesion":
+        inputs["lesion"] = f"results/slides/{wildcards.slide}/lesion_mask.png"
+    return inputs
+
+
+def geojson_options(wildcards):
+    opts = f"--tissue-mask results/slides/{wildcards.slide}/tissue_mask.png"
+    if STRATEGY == "lesion":
+        opts += f" --lesion-mask results/slides/{wildcards.slide}/lesion_mask.png"
+    return opts
+
+
+def segmentation_metrics():
+    """segment-train's metrics (for the report) when the workflow trains the lesion model."""
+    return ["results/segmentation/metrics.json"] if _uses_lesion() and not SEGMENTATION["checkpoint"] else []
+
+
+def report_options():
+    opts = [f"--experiment {name}=results/models/{name} --features {name}={feature_dir(name)}" for name in EXPERIMENTS]
+    opts += [f"--segmentation {path}" for path in segmentation_metrics()]
+    return " ".join(opts)

@@ -13,6 +13,8 @@ rule extract_features:
         options=encoder_options,
     log:
         "logs/extract_features/{encoder}/{slide}.log",
+    benchmark:
+        "benchmarks/extract_features/{encoder}/{slide}.tsv"
     threads: 2
     resources:
         mem_mb=8000,

@@ -70,18 +70,19 @@ rule make_tissue_mask:
 
 rule make_patch_coordinates:
     input:
+        unpack(coords_selection),
         meta="results/slides/{slide}/meta.json",
-        tissue="results/slides/{slide}/tissue_mask.png",
     output:
-        c20="results/coords/20x/{slide}.h5",
-        c10="results/coords/10x/{slide}.h5",
-        c5="results/coords/5x/{slide}.h5",
+        c20="results/{coordset}/20x/{slide}.h5",
+        c10="results/{coordset}/10x/{slide}.h5",
+        c5="results/{coordset}/5x/{slide}.h5",
     params:
         patch_size=config["patches"]["patch_size"],
         min_fraction=config["patches"]["min_fraction"],
         base_mpp=config["patches"]["base_mpp"],
+        strategy=coords_options,
     log:
-        "logs/make_patch_coordinates/{slide}.log",
+        "logs/make_patch_coordinates/{coordset}/{slide}.log",
     threads: 1
     resources:
         mem_mb=1000,
@@ -89,6 +90,6 @@ rule make_patch_coordinates:
     conda:
         "../envs/msamil.yaml"
     shell:
-        "msamil coords --meta {input.meta:q} --tissue-mask {input.tissue:q}"
+        "msamil coords --meta {input.meta:q} --tissue-mask {input.tissue:q} {params.strategy}"
         " --patch-size {params.patch_size} --min-fraction {params.min_fraction} --base-mpp {params.base_mpp}"
         " --out-20x {output.c20:q} --out-10x {output.c10:q} --out-5x {output.c5:q} 2> {log:q}"

@@ -5,11 +5,12 @@ rule make_report:
     input:
         metrics=fold_outputs("metrics.json"),
         predictions=fold_outputs("predictions.csv"),
+        segmentation=segmentation_metrics(),
     output:
         html="results/report/index.html",
         summary="results/report/summary.csv",
     params:
-        experiments=" ".join(f"--experiment {name}=results/models/{name}" for name in EXPERIMENTS),
+        experiments=report_options(),
     log:
         "logs/make_report.log",
     threads: 1
@@ -19,4 +20,4 @@ rule make_report:
     conda:
         "../envs/msamil.yaml"
     shell:
-        "msamil report {params.experiments} --out-dir results/report 2> {log:q}"
+        "msamil report {params.experiments} --benchmarks benchmarks --out-dir results/report 2> {log:q}"

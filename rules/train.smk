@@ -66,6 +66,8 @@ rule evaluate_fold:
         splits=split_options(),
     log:
         "logs/evaluate_fold/{experiment}/fold{fold}.log",
+    benchmark:
+        "benchmarks/evaluate_fold/{experiment}/fold{fold}.tsv"
     threads: 1
     resources:
         mem_mb=4000,

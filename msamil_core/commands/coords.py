@@ -18,6 +18,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--meta", required=True, help="meta.json of the slide (from `msamil thumbnail`)")
     parser.add_argument("--tissue-mask", required=True, help="tissue mask PNG")
     parser.add_argument("--lesion-mask", help="lesion mask PNG; when given, patches are selected on lesion ∩ tissue")
+    parser.add_argument(
+        "--random",
+        type=int,
+        default=0,
+        metavar="N",
+        help="the random strategy: keep at most N random 20x patches of the selection (N/4 at 10x, N/16 at 5x); "
+        "0 = keep all (default)",
+    )
+    parser.add_argument("--random-seed", type=int, default=0, help="seed of --random (default 0)")
     parser.add_argument("--patch-size", type=int, default=512, help="patch size in px at each target magnification (default 512)")
     parser.add_argument("--min-fraction", type=float, default=0.7, help="minimum mask fraction of a kept patch (default 0.7)")
     parser.add_argument("--base-mpp", type=float, default=0.5, help="µm/px that defines 20x (default 0.5)")
@@ -30,7 +39,7 @@ def run(args: argparse.Namespace) -> None:
     import json
     import logging
 
-    from ..coords import make_grids, write_coords
+    from ..coords import make_grids, sample_grids, write_coords
     from ..errors import MsamilError
     from ..tissue import load_mask
 
@@ -63,8 +72,14 @@ def run(args: argparse.Namespace) -> None:
         base_mpp=args.base_mpp,
         name=slide_id,
     )
+    if args.random < 0:
+        raise MsamilError(f"--random must be 0 or a positive number of patches, got {args.random}")
+    selection = "lesion" if args.lesion_mask else "tissue"
+    if args.random:
+        grids = sample_grids(grids, args.random, args.random_seed, slide_id)
+        selection = f"random {selection}"
     outputs = {"20x": args.out_20x, "10x": args.out_10x, "5x": args.out_5x}
     for scale, grid in grids.items():
-        attrs = dict(grid.attrs, selection="lesion" if args.lesion_mask else "tissue")
+        attrs = dict(grid.attrs, selection=selection)
         write_coords(outputs[scale], grid.coords, attrs)
         log.info("%s %s: %d patches of %d level-0 px", slide_id, scale, len(grid.coords), grid.attrs["patch_size_level0"])

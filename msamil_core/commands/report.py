@@ -18,6 +18,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="an experiment and its directory (repeat for each)")
     parser.add_argument("--section", action="append", default=[], metavar="TITLE=CSV",
                         help="an extra table to include, from a CSV file (repeatable)")
+    parser.add_argument("--features", action="append", default=[], metavar="NAME=DIR",
+                        help="an experiment's feature folder (repeatable): the patch counts of the strategy comparison")
+    parser.add_argument("--benchmarks", help="Snakemake benchmark folder: the extraction and inference times")
+    parser.add_argument("--segmentation", metavar="JSON", help="metrics.json of `msamil segment-train`")
     parser.add_argument("--out-dir", required=True, help="report directory to write")
     parser.add_argument("--title", default="msamil report")
 
@@ -40,4 +44,6 @@ def run(args: argparse.Namespace) -> None:
     from ..report import write_report
 
     sections = [(title, pd.read_csv(path)) for title, path in _pairs(args.section, "--section").items()]
-    write_report(_pairs(args.experiment, "--experiment"), args.out_dir, sections, title=args.title)
+    write_report(_pairs(args.experiment, "--experiment"), args.out_dir, sections, title=args.title,
+                 features=_pairs(args.features, "--features"), benchmarks=args.benchmarks,
+                 segmentation=args.segmentation)

@@ -150,6 +150,7 @@ def run(args: argparse.Namespace) -> None:
     task = options.pop("task", None)
     name = options.pop("name", Path(args.out).name)
     options.pop("encoder", None)  # the workflow's feature set; the bags say which encoder made them
+    strategy = options.pop("strategy", None)  # patch selection of the bags (kept for the report)
     cfg = TrainConfig.from_dict(options)
     sheet = load_sheet(args.sheet)
     classes, mapping = task_classes(sheet, task, args.classes)
@@ -172,7 +173,7 @@ def run(args: argparse.Namespace) -> None:
         val_set = BagDataset(val_paths, val_ids, val_y, cfg.scales)
         log.info("%s fold %d: %d train / %d val slides, classes %s, model %s on %s", name, k, len(train_ids),
                  len(val_ids), classes, cfg.model, "+".join(cfg.scales))
-        run_config = {"name": name, "task": task, **options}
+        run_config = {"name": name, "task": task, **options, **({"strategy": strategy} if strategy else {})}
         metrics = train_fold(cfg, train_set, val_set, classes, in_dim, out / f"fold{k}", device,
                              encoder=first.encoder, run_config=run_config)
         log.info("%s fold %d: best validation %s", name, k, {m: round(v, 4) for m, v in metrics.items() if isinstance(v, float)})

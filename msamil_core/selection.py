@@ -1,0 +1,105 @@
+"""Report sections for lesion segmentation and the patch-selection strategies (MsaMIL-Net
+section 3.1 and Table 1).
+
+* ``segmentation_table``: the UNet++ hold-out (and validation) IoU and Dice from
+  ``msamil segment-train``'s metrics.json.
+* ``strategy_table``: experiments that differ only in their patch-selection strategy (same
+  model, model options, task and scales), each with its test AUC (mean ± sd over folds), the
+  patches extracted for it (all slides, all scales), and the measured wall time of extracting
+  them plus running the fold models on the test parts. The times are the seconds Snakemake's
+  ``benchmark:`` files record for the ``extract_features`` and ``evaluate_fold`` jobs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from .errors import MsamilError
+
+
+def _key(config: dict, *fields: str) -> tuple:
+    return tuple(json.dumps(config.get(f), sort_keys=True) for f in fields)
+
+
+def strategy_groups(configs: dict[str, dict]) -> list[list[str]]:
+    """Groups of from-scratch experiments identical but for ``strategy`` (two or more strategies)."""
+    groups: dict[tuple, list[str]] = {}
+    for name, cfg in configs.items():
+        if cfg.get("strategy") and not cfg.get("init_from"):
+            groups.setdefault(_key(cfg, "model", "model_args", "task", "scales"), []).append(name)
+    return [g for g in groups.values() if len({configs[n]["strategy"] for n in g}) > 1]
+
+
+def count_patches(feature_dir: str | os.PathLike) -> int:
+    """Instances in every bag (``*.pt``) of a feature folder."""
+    total = 0
+    for path in sorted(Path(feature_dir).glob("*.pt")):
+        bag = torch.load(path, map_location="cpu", weights_only=True)
+        total += len(bag["coords"])
+    return total
+
+
+def benchmark_seconds(paths: list[Path]) -> float | None:
+    """Sum of the wall-clock ``s`` column of Snakemake benchmark files; None when one is missing."""
+    total = 0.0
+    for path in paths:
+        if not path.exists():
+            return None
+        try:
+            total += float(pd.read_csv(path, sep="\t")["s"].sum())
+        except (OSError, ValueError, KeyError, pd.errors.ParserError) as exc:
+            raise MsamilError(f"{path}: not a Snakemake benchmark file ({exc})") from None
+    return total
+
+
+def strategy_table(summary: pd.DataFrame, configs: dict[str, dict], features: dict[str, str],
+                   benchmarks: str | os.PathLike | None, folds: dict[str, list[int]]) -> pd.DataFrame | None:
+    """One row per experiment of each strategy group; None when there is no such group."""
+    groups = strategy_groups(configs)
+    if not groups:
+        return None
+    rows = []
+    bench = Path(benchmarks) if benchmarks else None
+    for group in groups:
+        for name in sorted(group, key=lambda n: configs[n]["strategy"]):
+            auc = summary[(summary.experiment == name) & (summary.metric == "auc")]
+            feature_dir = features.get(name)
+            patches = count_patches(feature_dir) if feature_dir else None
+            extract_s = infer_s = None
+            if bench is not None and feature_dir:
+                slides = sorted(p.stem for p in Path(feature_dir).glob("*.pt"))
+                folder = Path(feature_dir).name
+                extract_s = benchmark_seconds([bench / "extract_features" / folder / f"{s}.tsv" for s in slides])
+                infer_s = benchmark_seconds([bench / "evaluate_fold" / name / f"fold{k}.tsv" for k in folds[name]])
+            total = None if extract_s is None or infer_s is None else extract_s + infer_s
+            rows.append({
+                "experiment": name,
+                "strategy": configs[name]["strategy"],
+                "AUC": "n/a" if auc.empty else f"{float(auc['mean'].iloc[0]):.3f} ± {float(auc['sd'].iloc[0]):.3f}",
+                "patches extracted": patches,
+                "extraction (s)": None if extract_s is None else round(extract_s, 1),
+                "inference (s)": None if infer_s is None else round(infer_s, 1),
+                "extraction + inference (s)": None if total is None else round(total, 1),
+            })
+    return pd.DataFrame(rows)
+
+
+def segmentation_table(metrics_path: str | os.PathLike) -> pd.DataFrame:
+    """Hold-out and validation IoU/Dice of the lesion segmentation model."""
+    try:
+        with open(metrics_path) as f:
+            metrics = json.load(f)
+    except (OSError, ValueError) as exc:
+        raise MsamilError(f"{metrics_path}: cannot read segmentation metrics ({exc}); rerun segment-train") from None
+    rows = []
+    for part in ("holdout", "val"):
+        m = metrics.get(part) or {}
+        rows.append({"part": "hold-out patients" if part == "holdout" else "validation patients",
+                     "slides": m.get("n_slides"), "IoU": m.get("iou"), "Dice": m.get("dice"),
+                     "pooled IoU": m.get("pooled_iou")})
+    return pd.DataFrame(rows).round(4)

@@ -1,0 +1,67 @@
+# Lesion segmentation (MsaMIL-Net section 3.1): UNet++ trained on the annotated thumbnails,
+# then run on every slide's thumbnail; the lesion patch strategy selects on its masks.
+
+
+rule train_segmentation:
+    input:
+        unpack(segmentation_inputs),
+        sheet=sheet_file(),
+    output:
+        checkpoint="results/segmentation/checkpoint.pt",
+        metrics="results/segmentation/metrics.json",
+    params:
+        options=segmentation_options(),
+    log:
+        "logs/train_segmentation.log",
+    threads: 2
+    resources:
+        mem_mb=8000,
+        runtime=240,
+    conda:
+        "../envs/msamil.yaml"
+    shell:
+        "msamil segment-train --sheet {input.sheet:q} --thumbnails {input.thumbnails:q}"
+        " --out {output.checkpoint:q} --metrics {output.metrics:q} {params.options}"
+        " --threads {threads} 2> {log:q}"
+
+
+rule segment_lesions:
+    input:
+        checkpoint=segmentation_checkpoint(),
+        thumbnail="results/slides/{slide}/thumbnail.png",
+        tissue="results/slides/{slide}/tissue_mask.png",
+    output:
+        "results/slides/{slide}/lesion_mask.png",
+    log:
+        "logs/segment_lesions/{slide}.log",
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    conda:
+        "../envs/msamil.yaml"
+    shell:
+        "msamil segment --checkpoint {input.checkpoint:q} --thumbnail {input.thumbnail:q}"
+        " --tissue-mask {input.tissue:q} --slide-id {wildcards.slide:q} --out {output:q}"
+        " --threads {threads} 2> {log:q}"
+
+
+rule export_geojson:
+    input:
+        unpack(geojson_inputs),
+        meta="results/slides/{slide}/meta.json",
+    output:
+        "results/slides/{slide}/patches.geojson",
+    params:
+        masks=geojson_options,
+    log:
+        "logs/export_geojson/{slide}.log",
+    threads: 1
+    resources:
+        mem_mb=1000,
+        runtime=10,
+    conda:
+        "../envs/msamil.yaml"
+    shell:
+        "msamil export-geojson --meta {input.meta:q} {params.masks} --coords {input.coords:q}"
+        " --out {output:q} 2> {log:q}"
