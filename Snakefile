@@ -18,7 +18,7 @@ validate(config, "workflow/schemas/config.schema.yaml")
 # envs/msamil.yaml (`--sdm conda`) pip-installs the package from this checkout; Snakemake
 # builds environments from a copy of the file under .snakemake/conda/, so a relative path
 # there would not lead back here, and pip expands ${MSAMIL_SOURCE} in requirements instead.
-os.environ["MSAMIL_SOURCE"] = workflow.basedir
+os.environ.update(MSAMIL_SOURCE=workflow.basedir)
 
 
 include: "rules/common.smk"
