@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import subprocess
 import sys
 
@@ -26,8 +28,6 @@ def test_lint_reports_nothing():
 def test_the_slurm_profile_sizes_every_rule_and_gives_gpu_rules_a_gpu(tmp_path):
     """Each rule of the demo's DAG has threads and resources in the SLURM profile, and asks
     there for a GPU exactly when the rule itself does (`gpu=1` where it uses one)."""
-    import re
-
     dry = _snakemake("-n", "--forceall", "--cores", "2", "--directory", str(tmp_path))
     assert dry.returncode == 0, dry.stderr[-3000:]
     gpu = {}
@@ -58,8 +58,6 @@ def test_conda_env_pip_installs_this_checkout(tmp_path):
          "--report", str(report), "-r", "condaenv.requirements.txt"],
         capture_output=True, text=True, cwd=conda_dir, env=dict(os.environ, MSAMIL_SOURCE=str(REPO)), timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    import json
-
     installs = json.loads(report.read_text())["install"]
     assert [i["metadata"]["name"] for i in installs] == ["msamil"]
     assert installs[0]["download_info"]["url"] == REPO.as_uri()
