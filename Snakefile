@@ -15,6 +15,11 @@ configfile: os.path.join(workflow.basedir, "config", "config.yaml")
 
 validate(config, "workflow/schemas/config.schema.yaml")
 
+# envs/msamil.yaml (`--sdm conda`) pip-installs the package from this checkout; Snakemake
+# builds environments from a copy of the file under .snakemake/conda/, so a relative path
+# there would not lead back here, and pip expands ${MSAMIL_SOURCE} in requirements instead.
+os.environ.update(MSAMIL_SOURCE=workflow.basedir)
+
 
 include: "rules/common.smk"
 include: "rules/preprocess.smk"

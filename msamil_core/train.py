@@ -138,11 +138,59 @@ def class_weights(labels: np.ndarray, num_classes: int) -> torch.Tensor:
 
 
 def resolve_device(name: str = "auto") -> torch.device:
+    """The torch device of a command's ``--device`` option. ``auto``: the CPU without CUDA;
+    under torchrun the process's LOCAL_RANK GPU; else a GPU no other msamil process on this
+    machine holds, so that Snakemake's ``--resources gpu=N`` gives N jobs N different GPUs."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        if "LOCAL_RANK" in os.environ:
+            return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        return torch.device("cuda", _claim_gpu())
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise MsamilError(f"device {name!r} asked for, but no CUDA GPU is visible; use --device cpu")
     return torch.device(name)
+
+
+_claimed: dict[str, int] = {}  # lock file -> open descriptor, held until the process exits
+
+
+def claim_free(keys: list[str], lock_dir: str | os.PathLike) -> int | None:
+    """Index of the first key whose lock file in ``lock_dir`` no other process holds, now held
+    by this one until it exits (the operating system releases it even after SIGKILL);
+    None when every key is held."""
+    import fcntl
+
+    for index, key in enumerate(keys):
+        path = os.path.join(lock_dir, f"msamil-{key}.lock")
+        if path in _claimed:
+            return index
+        fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            continue
+        _claimed[path] = fd
+        return index
+    return None
+
+
+def _claim_gpu() -> int:
+    """A visible GPU for this process; GPUs are named by UUID, so jobs that see them in
+    another order (CUDA_VISIBLE_DEVICES) still claim each physical GPU once."""
+    import tempfile
+
+    count = torch.cuda.device_count()
+    if count == 1:
+        return 0
+    keys = [f"gpu-{torch.cuda.get_device_properties(i).uuid}" for i in range(count)]
+    index = claim_free(keys, tempfile.gettempdir())
+    if index is None:
+        log.warning("all %d GPUs are in use by other msamil jobs; sharing GPU 0 (limit GPU jobs with "
+                    "snakemake --resources gpu=%d)", count, count)
+        return 0
+    return index
 
 
 def autocast(device: torch.device, bf16: bool):

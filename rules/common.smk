@@ -23,6 +23,11 @@ def _same_path(a, b):
 DEMO = _same_path(config["slides"], config["demo"]["sheet"])
 
 
+def demo_dir(wildcards, output):
+    """The demo cohort's folder: where its sheet is written; slides go beside it."""
+    return os.path.dirname(output.sheet) or "."
+
+
 def _read_slides():
     try:
         if DEMO:

@@ -19,6 +19,7 @@ rule extract_features:
     resources:
         mem_mb=8000,
         runtime=120,
+        gpu=1,
     conda:
         "../envs/msamil.yaml"
     shell:

@@ -8,7 +8,7 @@ if DEMO:
             slides=[workflow_path(p) for p in SLIDES["path"]],
             annotations=[workflow_path(p) for p in SLIDES["annotation"] if p],
         params:
-            out_dir=os.path.dirname(config["demo"]["sheet"]) or ".",
+            out_dir=demo_dir,
             n_slides=config["demo"]["n_slides"],
             seed=config["demo"]["seed"],
             patch_size=config["patches"]["patch_size"],

@@ -44,6 +44,7 @@ rule train_fold:
     resources:
         mem_mb=8000,
         runtime=240,
+        gpu=1,
     conda:
         "../envs/msamil.yaml"
     shell:
@@ -72,6 +73,7 @@ rule evaluate_fold:
     resources:
         mem_mb=4000,
         runtime=30,
+        gpu=1,
     conda:
         "../envs/msamil.yaml"
     shell:

@@ -17,7 +17,7 @@ import torch
 from msamil_core.bags import Bag, save_bag
 from msamil_core.cli import main
 from msamil_core.errors import MsamilError
-from msamil_core.train import epoch_order, lr_at
+from msamil_core.train import claim_free, epoch_order, lr_at
 
 DIM = 16
 
@@ -177,3 +177,24 @@ def test_bad_inputs_fail_before_training(tmp_path):
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 1 and "s5.pt" in err and f"{DIM + 1} features" in err
     assert not (tmp_path / "o" / "fold0" / "checkpoint.pt").exists()
+
+
+def test_each_process_claims_its_own_gpu_until_it_exits(tmp_path):
+    """resolve_device's GPU claim: N jobs on N GPUs get N different ones, and a killed job's
+    GPU is free again."""
+    keys = ["gpu-a", "gpu-b"]
+    claim = f"from msamil_core.train import claim_free; print(claim_free({keys!r}, {str(tmp_path)!r}), flush=True)"
+
+    def other_process() -> str:
+        return subprocess.run([sys.executable, "-c", claim], capture_output=True, text=True, check=True).stdout.strip()
+
+    assert claim_free(keys, tmp_path) == 0
+    assert claim_free(keys, tmp_path) == 0  # a process keeps its GPU
+    holder = subprocess.Popen([sys.executable, "-c", claim + "; import time; time.sleep(120)"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "1"
+        assert other_process() == "None"  # both taken
+    finally:
+        holder.kill()
+        holder.wait()
+    assert other_process() == "1"  # released by SIGKILL
