@@ -20,6 +20,7 @@ include: "rules/common.smk"
 include: "rules/preprocess.smk"
 include: "rules/features.smk"
 include: "rules/train.smk"
+include: "rules/predict.smk"
 include: "rules/report.smk"
 
 

@@ -98,7 +98,8 @@ def _table(df: pd.DataFrame) -> str:
 
 
 def write_report(experiments: dict[str, str | os.PathLike], out_dir: str | os.PathLike,
-                 extra_sections: list[tuple[str, pd.DataFrame | str]] | None = None, title: str = "msamil report") -> pd.DataFrame:
+                 extra_sections: list[tuple[str, pd.DataFrame | str]] | None = None, title: str = "msamil report",
+                 heatmaps: dict[str, str | os.PathLike] | None = None) -> pd.DataFrame:
     """Write the report for ``{experiment name: experiment directory}``; returns the summary."""
     from .plots import plot_confusion_matrices, plot_roc_curves
 
@@ -143,6 +144,10 @@ def write_report(experiments: dict[str, str | os.PathLike], out_dir: str | os.Pa
                          "AUC scratch": _pm(sm, float(s["sd"].iloc[0]) if len(s) else float("nan")),
                          "difference": "n/a" if math.isnan(tm - sm) else f"{tm - sm:+.3f}"})
         parts.append(_table(pd.DataFrame(rows)))
+    if heatmaps:
+        from .heatmap import report_section
+
+        extra_sections = [*(extra_sections or []), ("Attention heatmaps", report_section(heatmaps, out_dir))]
     for heading, content in extra_sections or []:
         parts.append(f"<h2>{html.escape(heading)}</h2>")
         parts.append(_table(content) if isinstance(content, pd.DataFrame) else content)

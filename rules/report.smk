@@ -5,11 +5,13 @@ rule make_report:
     input:
         metrics=fold_outputs("metrics.json"),
         predictions=fold_outputs("predictions.csv"),
+        heatmaps=heatmap_summaries(),
     output:
         html="results/report/index.html",
         summary="results/report/summary.csv",
     params:
         experiments=" ".join(f"--experiment {name}=results/models/{name}" for name in EXPERIMENTS),
+        heatmaps=heatmap_report_options(),
     log:
         "logs/make_report.log",
     threads: 1
@@ -19,4 +21,4 @@ rule make_report:
     conda:
         "../envs/msamil.yaml"
     shell:
-        "msamil report {params.experiments} --out-dir results/report 2> {log:q}"
+        "msamil report {params.experiments} {params.heatmaps} --out-dir results/report 2> {log:q}"
