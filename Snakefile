@@ -26,6 +26,7 @@ include: "rules/preprocess.smk"
 include: "rules/segment.smk"
 include: "rules/features.smk"
 include: "rules/train.smk"
+include: "rules/predict.smk"
 include: "rules/report.smk"
 
 

@@ -30,6 +30,8 @@ COMMANDS = [
     "splits",
     "train",
     "evaluate",
+    "predict",
+    "heatmap",
     "report",
     "export-geojson",
     "list-models",

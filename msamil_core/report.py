@@ -100,12 +100,14 @@ def _table(df: pd.DataFrame) -> str:
 def write_report(experiments: dict[str, str | os.PathLike], out_dir: str | os.PathLike,
                  extra_sections: list[tuple[str, pd.DataFrame | str]] | None = None, title: str = "msamil report",
                  features: dict[str, str] | None = None, benchmarks: str | os.PathLike | None = None,
-                 segmentation: str | os.PathLike | None = None) -> pd.DataFrame:
+                 segmentation: str | os.PathLike | None = None,
+                 heatmaps: dict[str, str | os.PathLike] | None = None) -> pd.DataFrame:
     """Write the report for ``{experiment name: experiment directory}``; returns the summary.
 
     ``features`` (experiment -> feature folder) and ``benchmarks`` (Snakemake's benchmark folder)
     add the patch-selection comparison; ``segmentation`` (segment-train's metrics.json) the
-    lesion segmentation IoU."""
+    lesion segmentation IoU; ``heatmaps`` (experiment -> `msamil heatmap` folder) links the
+    attention heatmaps."""
     from .selection import segmentation_table, strategy_table
     from .plots import plot_confusion_matrices, plot_roc_curves
 
@@ -162,6 +164,10 @@ def write_report(experiments: dict[str, str | os.PathLike], out_dir: str | os.Pa
         parts.append("<h2>Lesion segmentation (UNet++)</h2><p>IoU and Dice of the thresholded lesion masks "
                      "against the annotations, on patients the model never trained on.</p>")
         parts.append(_table(segmentation_table(segmentation)))
+    if heatmaps:
+        from .heatmap import report_section
+
+        extra_sections = [*(extra_sections or []), ("Attention heatmaps", report_section(heatmaps, out_dir))]
     for heading, content in extra_sections or []:
         parts.append(f"<h2>{html.escape(heading)}</h2>")
         parts.append(_table(content) if isinstance(content, pd.DataFrame) else content)

@@ -137,6 +137,19 @@ def tissue_mask(rgb: np.ndarray, params: TissueParams | None = None) -> np.ndarr
     return mask
 
 
+def slide_tissue_mask(rgb: np.ndarray, params: TissueParams, min_tissue_fraction: float, slide_id: str) -> np.ndarray:
+    """:func:`tissue_mask` of a slide's thumbnail; fails naming the slide when less than
+    ``min_tissue_fraction`` of the thumbnail is tissue."""
+    mask = tissue_mask(rgb, params)
+    fraction = float(mask.mean())
+    if fraction < min_tissue_fraction:
+        raise MsamilError(
+            f"slide {slide_id!r}: no tissue found ({fraction:.2%} of the thumbnail); check the slide, "
+            "or lower tissue.min_saturation in the config, or remove the slide from the sheet"
+        )
+    return mask
+
+
 def save_mask(path: str | os.PathLike, mask: np.ndarray) -> None:
     """Write a mask as 8-bit PNG, 0/255, atomically."""
     with atomic_path(path) as tmp:

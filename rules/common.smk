@@ -145,7 +145,7 @@ def final_outputs():
             outputs.append(f"results/slides/{slide}/patches.geojson")
     if EXPERIMENTS:
         outputs.append("results/report/index.html")
-    return outputs
+    return outputs + predict_outputs()
 
 
 # ---------------------------------------------------------------- features and experiments
@@ -375,3 +375,86 @@ def report_options():
     opts = [f"--experiment {name}=results/models/{name} --features {name}={feature_dir(name)}" for name in EXPERIMENTS]
     opts += [f"--segmentation {path}" for path in segmentation_metrics()]
     return " ".join(opts)
+
+
+# ---------------------------------------------------------------- heatmaps and prediction
+
+
+def _configured_experiments(names, key):
+    unknown = [n for n in names if n not in EXPERIMENTS]
+    if unknown:
+        raise WorkflowError(
+            f"config: {key} names {', '.join(map(repr, unknown))}, not under `experiments` "
+            f"({', '.join(EXPERIMENTS) or 'none defined'})"
+        )
+    return list(names)
+
+
+# Listed experiments the config does not define are skipped: the default list names demo
+# experiments, and a config with other experiments should not have to clear it.
+HEATMAP_EXPERIMENTS = [e for e in config["heatmaps"]["experiments"] if e in EXPERIMENTS]
+PREDICT_EXPERIMENTS = _configured_experiments(
+    [config["predict"]["experiment"]] if config["predict"]["slides"] else [], "predict.experiment"
+)
+for _name in PREDICT_EXPERIMENTS:
+    if EXPERIMENTS[_name]["strategy"] != STRATEGY:
+        raise WorkflowError(
+            f"config: predict.experiment {_name!r} uses the {EXPERIMENTS[_name]['strategy']!r} patch strategy; "
+            f"predict reuses the per-slide outputs of patches.strategy ({STRATEGY!r}): name an experiment on it"
+        )
+
+
+def heatmap_dir(experiment):
+    return f"results/heatmaps/{experiment}/fold0"
+
+
+def heatmap_summaries():
+    return [f"{heatmap_dir(e)}/summary.csv" for e in HEATMAP_EXPERIMENTS]
+
+
+def heatmap_report_options():
+    return " ".join(f"--heatmaps {e}={heatmap_dir(e)}" for e in HEATMAP_EXPERIMENTS)
+
+
+def all_thumbnails(wildcards):
+    return [f"results/slides/{s}/{name}" for s in SLIDES.index for name in ("thumbnail.png", "meta.json")]
+
+
+def experiment_encoder_options(wildcards):
+    """`encoder_options` of the experiment's encoder (for `msamil predict`)."""
+    from types import SimpleNamespace
+
+    options = EXPERIMENTS[wildcards.experiment]
+    return encoder_options(SimpleNamespace(encoder=feature_set(options["encoder"], options["strategy"])))
+
+
+def fold_checkpoints(wildcards):
+    return [f"results/models/{wildcards.experiment}/fold{k}/checkpoint.pt" for k in FOLDS]
+
+
+def predict_sheet():
+    return workflow_path(os.path.abspath(config["predict"]["slides"])) if config["predict"]["slides"] else []
+
+
+def predict_inputs(wildcards):
+    """The fold checkpoints, and the lesion model when the experiment selects lesion patches."""
+    inputs = {"checkpoints": fold_checkpoints(wildcards)}
+    if STRATEGY == "lesion":
+        inputs["segmentation"] = segmentation_checkpoint()
+    return inputs
+
+
+def predict_options():
+    """Preprocessing options of `msamil predict`: the config's, as the experiments were trained with."""
+    p = config["patches"]
+    opts = [f"--long-side {config['thumbnail']['long_side']}", tissue_options(), f"--patch-size {p['patch_size']}",
+            f"--min-fraction {p['min_fraction']}", f"--base-mpp {p['base_mpp']}"]
+    if STRATEGY == "lesion":
+        opts.append(f"--segmentation-checkpoint {segmentation_checkpoint()}")
+    if config["predict"]["heatmaps"]:
+        opts.append(f"--heatmaps --top-k {config['heatmaps']['top_k']}")
+    return " ".join(opts)
+
+
+def predict_outputs():
+    return [f"results/predictions/{e}/predictions.csv" for e in PREDICT_EXPERIMENTS]

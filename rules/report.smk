@@ -6,11 +6,13 @@ rule make_report:
         metrics=fold_outputs("metrics.json"),
         predictions=fold_outputs("predictions.csv"),
         segmentation=segmentation_metrics(),
+        heatmaps=heatmap_summaries(),
     output:
         html="results/report/index.html",
         summary="results/report/summary.csv",
     params:
         experiments=report_options(),
+        heatmaps=heatmap_report_options(),
     log:
         "logs/make_report.log",
     threads: 1
@@ -20,4 +22,4 @@ rule make_report:
     conda:
         "../envs/msamil.yaml"
     shell:
-        "msamil report {params.experiments} --benchmarks benchmarks --out-dir results/report 2> {log:q}"
+        "msamil report {params.experiments} {params.heatmaps} --benchmarks benchmarks --out-dir results/report 2> {log:q}"

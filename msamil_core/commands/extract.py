@@ -40,6 +40,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     io.add_argument("--out", required=True, help="feature bag to write (.pt)")
 
+    add_encoder_arguments(parser)
+
+    add_runtime_arguments(parser)
+
+
+def add_encoder_arguments(parser: argparse.ArgumentParser) -> None:
+    """The encoder options (the config's `encoders` entries), shared with `msamil predict`."""
     enc = parser.add_argument_group("encoder")
     enc.add_argument("--encoder", default="msfem", help="msfem or a timm model name (default msfem)")
     enc.add_argument("--weights", help="local weights file (.safetensors, .bin, .pth); default: random init")
@@ -59,6 +66,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     enc.add_argument("--seed", type=int, default=0, help="seed of the random initialisation (default 0)")
 
+
+def add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
+    """Batch size, reader processes, device, threads, fp16, progress; shared with `msamil predict`."""
     rt = parser.add_argument_group("runtime")
     rt.add_argument("--batch-size", type=int, default=32, help="patches per forward pass (default 32)")
     rt.add_argument("--workers", type=int, default=2, help="reader processes decoding patches (0 = none; default 2)")
@@ -66,6 +76,38 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     rt.add_argument("--threads", type=int, help="torch threads for the model (default: torch's choice)")
     rt.add_argument("--fp16", action="store_true", help="store features as float16 (computation unchanged)")
     rt.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def check_runtime(args: argparse.Namespace) -> None:
+    """Check the options of :func:`add_runtime_arguments` and the input size; set torch's threads."""
+    import torch
+
+    from ..errors import MsamilError
+
+    for name in ("batch_size", "input_size"):
+        if getattr(args, name) < 1:
+            raise MsamilError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.workers < 0:
+        raise MsamilError(f"--workers must be 0 or more, got {args.workers}")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise MsamilError(f"--threads must be at least 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+
+
+def encoder_spec(args: argparse.Namespace):
+    """The :class:`~msamil_core.encoders.EncoderSpec` of the options of :func:`add_encoder_arguments`."""
+    from ..encoders import IMAGENET_MEAN, IMAGENET_STD, EncoderSpec
+
+    return EncoderSpec(
+        name=args.encoder,
+        weights=args.weights,
+        input_size=args.input_size,
+        mean=tuple(args.mean) if args.mean else IMAGENET_MEAN,
+        std=tuple(args.std) if args.std else IMAGENET_STD,
+        kwargs=parse_encoder_args(args.encoder_arg),
+        seed=args.seed,
+    )
 
 
 def parse_encoder_args(items: list[str]) -> dict:
@@ -85,31 +127,11 @@ def parse_encoder_args(items: list[str]) -> dict:
 
 
 def run(args: argparse.Namespace) -> None:
-    import torch
-
     from ..bags import save_bag
-    from ..encoders import IMAGENET_MEAN, IMAGENET_STD, EncoderSpec
-    from ..errors import MsamilError
     from ..extract import extract_bag
 
-    for name in ("batch_size", "input_size"):
-        if getattr(args, name) < 1:
-            raise MsamilError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    if args.workers < 0:
-        raise MsamilError(f"--workers must be 0 or more, got {args.workers}")
-    if args.threads is not None:
-        if args.threads < 1:
-            raise MsamilError(f"--threads must be at least 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
-    spec = EncoderSpec(
-        name=args.encoder,
-        weights=args.weights,
-        input_size=args.input_size,
-        mean=tuple(args.mean) if args.mean else IMAGENET_MEAN,
-        std=tuple(args.std) if args.std else IMAGENET_STD,
-        kwargs=parse_encoder_args(args.encoder_arg),
-        seed=args.seed,
-    )
+    check_runtime(args)
+    spec = encoder_spec(args)
     bag = extract_bag(
         args.slide,
         args.coords,

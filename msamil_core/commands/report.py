@@ -3,7 +3,8 @@
 Each --experiment NAME=DIR points at an experiment directory with fold<k>/metrics.json (from
 `msamil evaluate`) and fold<k>/checkpoint.pt (for its config). Transfer experiments are set
 beside their from-scratch twins, and experiments on the same task that use different scales
-are compared, automatically. --section TITLE=CSV adds a table (e.g. patch-selection figures).
+are compared, automatically. --section TITLE=CSV adds a table (e.g. patch-selection figures);
+--heatmaps NAME=DIR links an experiment's attention heatmaps.
 """
 
 from __future__ import annotations
@@ -22,6 +23,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="an experiment's feature folder (repeatable): the patch counts of the strategy comparison")
     parser.add_argument("--benchmarks", help="Snakemake benchmark folder: the extraction and inference times")
     parser.add_argument("--segmentation", metavar="JSON", help="metrics.json of `msamil segment-train`")
+    parser.add_argument("--heatmaps", action="append", default=[], metavar="NAME=DIR",
+                        help="an experiment's `msamil heatmap` folder (summary.csv + <slide>/), linked with its "
+                        "attention inside vs outside the lesions (repeatable)")
     parser.add_argument("--out-dir", required=True, help="report directory to write")
     parser.add_argument("--title", default="msamil report")
 
@@ -46,4 +50,5 @@ def run(args: argparse.Namespace) -> None:
     sections = [(title, pd.read_csv(path)) for title, path in _pairs(args.section, "--section").items()]
     write_report(_pairs(args.experiment, "--experiment"), args.out_dir, sections, title=args.title,
                  features=_pairs(args.features, "--features"), benchmarks=args.benchmarks,
-                 segmentation=args.segmentation)
+                 segmentation=args.segmentation,
+                 heatmaps=_pairs(args.heatmaps, "--heatmaps"))

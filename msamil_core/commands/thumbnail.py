@@ -26,17 +26,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--meta", required=True, help="meta.json to write")
 
 
-def run(args: argparse.Namespace) -> None:
+def thumbnail_and_meta(slide, long_side: int):
+    """(thumbnail RGB uint8 [h, w, 3], meta.json dict) of an open slide."""
     from ..errors import MsamilError
-    from ..fileio import write_json
-    from ..slide import open_slide
-    from ..tissue import save_rgb_png
 
-    if args.long_side < 16:
-        raise MsamilError(f"--long-side must be at least 16 px, got {args.long_side}")
-    with open_slide(args.slide, args.slide_id, args.mpp) as slide:
-        thumb = slide.read_thumbnail(args.long_side)
-        meta = slide.metadata()
+    if long_side < 16:
+        raise MsamilError(f"--long-side must be at least 16 px, got {long_side}")
+    thumb = slide.read_thumbnail(long_side)
+    meta = slide.metadata()
     h, w = thumb.shape[:2]
     meta["thumbnail"] = {
         "width": w,
@@ -44,6 +41,16 @@ def run(args: argparse.Namespace) -> None:
         "downsample_x": meta["width"] / w,
         "downsample_y": meta["height"] / h,
     }
+    return thumb, meta
+
+
+def run(args: argparse.Namespace) -> None:
+    from ..fileio import write_json
+    from ..slide import open_slide
+    from ..tissue import save_rgb_png
+
+    with open_slide(args.slide, args.slide_id, args.mpp) as slide:
+        thumb, meta = thumbnail_and_meta(slide, args.long_side)
     # meta.json last: it is the rule's marker that the thumbnail is complete too.
     save_rgb_png(args.out, thumb)
     write_json(args.meta, meta)

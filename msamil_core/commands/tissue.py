@@ -14,13 +14,19 @@ HELP = "thumbnail -> tissue_mask.png"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from ..tissue import TissueParams
-
-    d = TissueParams()
     parser.add_argument("--thumbnail", required=True, help="thumbnail PNG (from `msamil thumbnail`)")
     parser.add_argument("--slide-id", help="slide name used in messages (default: thumbnail's folder name)")
     parser.add_argument("--out", required=True, help="mask PNG to write (0/255)")
-    parser.add_argument("--mode", choices=["auto", "brightfield", "fluorescence"], default=d.mode)
+    add_tissue_arguments(parser)
+
+
+def add_tissue_arguments(parser: argparse.ArgumentParser) -> None:
+    """The tissue-mask options (the config's `tissue` section), shared with `msamil predict`."""
+    from ..tissue import TissueParams
+
+    d = TissueParams()
+    parser.add_argument("--mode", choices=["auto", "brightfield", "fluorescence"], default=d.mode,
+                        help="tissue detection: auto (dark background = fluorescence), brightfield or fluorescence")
     parser.add_argument("--min-saturation", type=float, default=d.min_saturation, help="floor of the saturation threshold, 0..1")
     parser.add_argument("--no-pen-removal", dest="remove_pen", action="store_false", help="keep blue/green ink")
     parser.add_argument("--dark-threshold", type=float, default=d.dark_threshold, help="brightest channel below this (0..1) is an artefact")
@@ -30,22 +36,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--min-tissue-fraction", type=float, default=1e-3, help="fail when less than this fraction of the thumbnail is tissue")
 
 
-def run(args: argparse.Namespace) -> None:
-    from pathlib import Path
+def tissue_params(args: argparse.Namespace):
+    """The :class:`~msamil_core.tissue.TissueParams` of the options of :func:`add_tissue_arguments`."""
+    from ..tissue import TissueParams
 
-    import numpy as np
-    from PIL import Image
-
-    from ..errors import MsamilError
-    from ..tissue import TissueParams, save_mask, tissue_mask
-
-    slide_id = args.slide_id or Path(args.thumbnail).parent.name
-    try:
-        with Image.open(args.thumbnail) as img:
-            rgb = np.asarray(img.convert("RGB"))
-    except (OSError, ValueError) as exc:
-        raise MsamilError(f"slide {slide_id!r}: cannot read thumbnail {args.thumbnail} ({exc}); rerun its thumbnail step") from None
-    params = TissueParams(
+    return TissueParams(
         mode=args.mode,
         min_saturation=args.min_saturation,
         remove_pen=args.remove_pen,
@@ -54,11 +49,21 @@ def run(args: argparse.Namespace) -> None:
         min_object_fraction=args.min_object_fraction,
         max_hole_fraction=args.max_hole_fraction,
     )
-    mask = tissue_mask(rgb, params)
-    fraction = float(mask.mean())
-    if fraction < args.min_tissue_fraction:
-        raise MsamilError(
-            f"slide {slide_id!r}: no tissue found ({fraction:.2%} of the thumbnail); check the slide, "
-            "or lower tissue.min_saturation in the config, or remove the slide from the sheet"
-        )
-    save_mask(args.out, mask)
+
+
+def run(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    import numpy as np
+    from PIL import Image
+
+    from ..errors import MsamilError
+    from ..tissue import save_mask, slide_tissue_mask
+
+    slide_id = args.slide_id or Path(args.thumbnail).parent.name
+    try:  # not segmentation.read_rgb: that module imports torch, seconds for a tissue job
+        with Image.open(args.thumbnail) as img:
+            rgb = np.asarray(img.convert("RGB"))
+    except (OSError, ValueError) as exc:
+        raise MsamilError(f"slide {slide_id!r}: cannot read thumbnail {args.thumbnail} ({exc}); rerun its thumbnail step") from None
+    save_mask(args.out, slide_tissue_mask(rgb, tissue_params(args), args.min_tissue_fraction, slide_id))

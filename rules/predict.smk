@@ -1,0 +1,54 @@
+# Trained experiments -> attention heatmaps of fold 0's test slides, and predictions on new slides.
+
+
+# One job per experiment (not per slide): the fold's test slides are known only once
+# folds.csv exists, and one process start (torch import) serves all of them.
+rule draw_heatmaps:
+    input:
+        checkpoint="results/models/{experiment}/fold0/checkpoint.pt",
+        bags=experiment_bags,
+        thumbnails=all_thumbnails,
+        folds="results/splits/folds.csv",
+        sheet=sheet_file(),
+    output:
+        "results/heatmaps/{experiment}/fold0/summary.csv",
+    params:
+        features=experiment_features,
+        top_k=config["heatmaps"]["top_k"],
+    log:
+        "logs/draw_heatmaps/{experiment}.log",
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=30,
+    conda:
+        "../envs/msamil.yaml"
+    shell:
+        "msamil heatmap --models results/models/{wildcards.experiment} --fold 0 --features {params.features:q}"
+        " --sheet {input.sheet:q} --folds {input.folds:q} --slides-dir results/slides"
+        " --out-dir results/heatmaps/{wildcards.experiment}/fold0 --top-k {params.top_k} --threads {threads} 2> {log:q}"
+
+
+rule predict_slides:
+    input:
+        unpack(predict_inputs),
+        sheet=predict_sheet(),
+    output:
+        csv="results/predictions/{experiment}/predictions.csv",
+        json="results/predictions/{experiment}/predictions.json",
+    params:
+        features=experiment_features,
+        encoder=experiment_encoder_options,
+        options=predict_options(),
+    log:
+        "logs/predict_slides/{experiment}.log",
+    threads: 2
+    resources:
+        mem_mb=8000,
+        runtime=240,
+    conda:
+        "../envs/msamil.yaml"
+    shell:
+        "msamil predict --models results/models/{wildcards.experiment} --sheet {input.sheet:q}"
+        " --out results/predictions/{wildcards.experiment} --results results --features {params.features:q}"
+        " {params.options} {params.encoder} --threads {threads} --no-progress 2> {log:q}"
