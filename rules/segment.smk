@@ -27,7 +27,9 @@ rule train_segmentation:
 
 rule segment_lesions:
     input:
-        checkpoint=segmentation_checkpoint(),
+        # ancient: when slides are added the model is retrained with their annotations, but the
+        # slides already segmented keep their masks (and features) instead of starting over
+        checkpoint=ancient(segmentation_checkpoint()),
         thumbnail="results/slides/{slide}/thumbnail.png",
         tissue="results/slides/{slide}/tissue_mask.png",
     output:

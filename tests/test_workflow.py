@@ -69,7 +69,9 @@ def cohort_run(tmp_path_factory):
         ("blank", blank, "a", "p7", ""),
     ]
     sheet = write_sheet(wd / "sheet.csv", GOOD + bad)
-    (wd / "small.yaml").write_text("patches:\n  patch_size: 256\n  min_fraction: 0.4\nexperiments: []\n")
+    (wd / "small.yaml").write_text(
+        "patches:\n  patch_size: 256\n  min_fraction: 0.4\n  strategy: tissue\nexport_geojson: false\nexperiments: []\n"
+    )
     dry = snakemake(wd, "--cores", "2", "-n", "--configfile", "small.yaml", "--config", f"slides={sheet}")
     run = snakemake(wd, "--cores", "2", "--keep-going", "--configfile", "small.yaml", "--config", f"slides={sheet}")
     return wd, dry, run
@@ -144,6 +146,15 @@ def test_bad_sheet_fails_before_any_job(tmp_path):
     assert "duplicate slide_id 'cmu'" in out.stderr + out.stdout
 
 
+def test_lesion_strategy_without_annotations_fails_before_any_job(tmp_path):
+    sheet = write_sheet(tmp_path / "s.csv", GOOD)
+    out = snakemake(tmp_path, "--cores", "1", "-n", "--config", f"slides={sheet}", "experiments=[]")
+    assert out.returncode != 0
+    assert "lesion patch strategy needs lesion annotations" in out.stderr + out.stdout
+    assert "patches.strategy: tissue" in out.stderr + out.stdout
+    assert not (tmp_path / "results").exists()
+
+
 def test_changing_the_encoder_reextracts_features_only(cohort_run):
     wd = cohort_run[0]
     sheet = write_sheet(wd / "sheet_good.csv", GOOD)
@@ -152,7 +163,8 @@ def test_changing_the_encoder_reextracts_features_only(cohort_run):
         path = wd / f"enc{size}.yaml"
         path.write_text(
             # one experiment puts the features in the DAG; --until stops before splits and training
-            "patches:\n  patch_size: 256\n  min_fraction: 0.4\nexperiments:\n  - {name: e, model: abmil.base}\n"
+            "patches:\n  patch_size: 256\n  min_fraction: 0.4\n  strategy: tissue\nexport_geojson: false\n"
+            "experiments:\n  - {name: e, model: abmil.base}\n"
             f"encoders:\n  tiny:\n    name: resnet18\n    input_size: {size}\n"
             "features:\n  default_encoder: tiny\n  batch_size: 16\n  workers: 0\n"
         )

@@ -1,0 +1,116 @@
+"""The whole workflow, slides to report, on a small synthetic cohort: lesion segmentation, the
+three patch-selection strategies, training, evaluation and the report; then a slide is added."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import h5py
+import numpy as np
+import pandas as pd
+import pytest
+
+from test_workflow import planned_jobs, snakemake
+
+pytestmark = pytest.mark.slow
+
+CONFIG = """
+patches: {patch_size: 256, min_fraction: 0.7, strategy: lesion, random_n: 8}
+encoders:
+  tiny: {name: resnet18, input_size: 32}
+features: {default_encoder: tiny, batch_size: 64, workers: 0}
+segmentation: {epochs: 3, input_size: 128, crop_size: 64, batch_size: 4}
+splits: {n_folds: 2, val_fraction: 0.25}
+training: {epochs: 2, patience: 0}
+heatmaps: {experiments: [lesion], top_k: 2}
+experiments:
+  - {name: lesion, model: abmil.base}
+  - {name: tissue, model: abmil.base, strategy: tissue}
+  - {name: random, model: abmil.base, strategy: random}
+"""
+N_SLIDES = 9
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory):
+    """A 9-slide demo cohort; the workflow runs on the first 8, then the 9th is added."""
+    wd = tmp_path_factory.mktemp("cohort")
+    subprocess.run(
+        [sys.executable, "-m", "msamil_core", "demo", "--out", str(wd / "data"), "--n-slides", str(N_SLIDES),
+         "--patch-size", "256", "--threads", "2"],
+        check=True, capture_output=True,
+    )
+    full = pd.read_csv(wd / "data" / "slides.csv")
+    full.iloc[: N_SLIDES - 1].to_csv(wd / "first.csv", index=False)
+    full.to_csv(wd / "all.csv", index=False)
+    (wd / "config.yaml").write_text(CONFIG)
+    run = snakemake(wd, "--cores", "2", "--configfile", "config.yaml", "--config", f"slides={wd / 'first.csv'}")
+    assert run.returncode == 0, run.stderr[-4000:]
+    return wd, full
+
+
+def _coords(path):
+    with h5py.File(path) as f:
+        return {tuple(c) for c in f["coords"][()]}, dict(f["coords"].attrs)
+
+
+def test_every_stage_ran_and_the_report_compares_strategies(cohort):
+    wd, full = cohort
+    results = wd / "results"
+    seg = json.loads((results / "segmentation" / "metrics.json").read_text())
+    assert seg["holdout"]["n_slides"] >= 1 and 0.0 <= seg["holdout"]["iou"] <= 1.0
+    for slide in full.slide_id[: N_SLIDES - 1]:
+        mask = results / "slides" / slide / "lesion_mask.png"
+        assert mask.exists()
+        features = json.loads((results / "slides" / slide / "patches.geojson").read_text())["features"]
+        assert features and all(f["geometry"]["type"] in ("Polygon", "MultiPolygon") for f in features)
+    page = (results / "report" / "index.html").read_text()
+    assert "Patch-selection strategies" in page and "Lesion segmentation" in page
+    for name in ("lesion", "tissue", "random"):
+        assert f"<td>{name}</td>" in page
+        for k in (0, 1):
+            assert (results / "models" / name / f"fold{k}" / "metrics.json").exists()
+    assert (results / "heatmaps" / "lesion" / "fold0" / "summary.csv").exists()
+
+
+def test_lesion_and_random_patches_are_subsets_of_the_tissue_grid(cohort):
+    wd, full = cohort
+    fewer = 0
+    for slide in full.slide_id[: N_SLIDES - 1]:
+        for scale, n_random in (("20x", 8), ("10x", 2), ("5x", 1)):
+            tissue, attrs = _coords(wd / "results" / "coords" / "tissue" / scale / f"{slide}.h5")
+            lesion, lesion_attrs = _coords(wd / "results" / "coords" / scale / f"{slide}.h5")
+            random, random_attrs = _coords(wd / "results" / "coords" / "random" / scale / f"{slide}.h5")
+            assert lesion <= tissue and random <= tissue
+            assert len(random) == min(n_random, len(tissue))
+            assert (lesion_attrs["selection"], attrs["selection"], random_attrs["selection"]) == (
+                "lesion", "tissue", "random tissue")
+            fewer += len(lesion) < len(tissue)
+        # a bag holds exactly its strategy's patches
+        bags = {p.name.rsplit("-", 1)[1]: p for p in (wd / "results" / "features").iterdir()}
+        import torch
+
+        bag = torch.load(bags["lesion"] / f"{slide}.pt", weights_only=True)
+        lesion_all = set()
+        for scale in ("20x", "10x", "5x"):
+            lesion_all |= _coords(wd / "results" / "coords" / scale / f"{slide}.h5")[0]
+        assert {tuple(c) for c in bag["coords"].tolist()} == lesion_all
+    assert fewer > 0  # the lesion is smaller than the tissue on these slides
+
+
+def test_adding_a_slide_plans_only_its_jobs_and_the_cohort_steps(cohort):
+    wd, full = cohort
+    new = full.slide_id.iloc[-1]
+    dry = snakemake(wd, "--cores", "2", "-n", "--configfile", "config.yaml", "--config", f"slides={wd / 'all.csv'}")
+    assert dry.returncode == 0, dry.stderr[-3000:]
+    jobs = planned_jobs(dry.stdout)
+    per_slide = {"make_thumbnail": 1, "make_tissue_mask": 1, "segment_lesions": 1, "export_geojson": 1,
+                 "make_patch_coordinates": 3, "extract_features": 3}
+    cohort_steps = {"train_segmentation": 1, "make_splits": 1, "train_fold": 6, "evaluate_fold": 6,
+                    "draw_heatmaps": 1, "make_report": 1, "all": 1}
+    assert jobs == {**per_slide, **cohort_steps}
+    # every per-slide job is the new slide's; no other slide is recomputed
+    slides_in_plan = set(np.unique([w for w in __import__("re").findall(r"slide=([^,\n]+)", dry.stdout)]))
+    assert slides_in_plan == {new}
