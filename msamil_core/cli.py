@@ -30,6 +30,7 @@ COMMANDS = [
     "splits",
     "train",
     "evaluate",
+    "e2e",
     "report",
     "export-geojson",
     "list-models",

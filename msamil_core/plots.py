@@ -247,3 +247,39 @@ def plot_confusion_matrices(path: str | os.PathLike, metrics_per_fold: MetricsPe
     shaded by the fraction of their true class (row)."""
     _check(metrics_per_fold)
     _save_grid(path, [_confusion_panel(str(e), folds) for e, folds in metrics_per_fold.items()])
+
+
+def plot_curves(path: str | os.PathLike, curves: Mapping[str, tuple[Sequence[float], Sequence[float]]],
+                xlabel: str, ylabel: str, title: str = "") -> None:
+    """Line plot PNG of named (x, y) curves on shared axes, e.g. training loss against step per K."""
+    if not curves:
+        raise ValueError("plot_curves: no curves to draw")
+    xs = np.concatenate([np.asarray(x, float) for x, _ in curves.values()])
+    ys = np.concatenate([np.asarray(y, float) for _, y in curves.values()])
+    x0, x1 = float(xs.min()), float(max(xs.max(), xs.min() + 1e-9))
+    pad = 0.05 * max(float(ys.max() - ys.min()), 1e-9)
+    y0, y1 = float(ys.min()) - pad, float(ys.max()) + pad
+    left, top, width, height = 70, 40, 480, 300
+    canvas = _Canvas(left + width + 20, top + height + 50)
+    right, bottom = left + width, top + height
+
+    def at(x: float, y: float) -> tuple[float, float]:
+        return left + (x - x0) / (x1 - x0) * width, bottom - (y - y0) / (y1 - y0) * height
+
+    canvas.text((left + width / 2, 10), title, size=14, align="center")
+    for i in range(6):
+        t = i / 5
+        gx, gy = left + t * width, bottom - t * height
+        canvas.line([(gx, top), (gx, bottom)], color=_GRID)
+        canvas.line([(left, gy), (right, gy)], color=_GRID)
+        canvas.text((gx, bottom + 5), f"{x0 + t * (x1 - x0):.0f}", size=11, align="center")
+        canvas.text((left - 6, gy), f"{y0 + t * (y1 - y0):.3g}", size=11, align="right", valign="middle")
+    canvas.text((left + width / 2, bottom + 24), xlabel, size=12, align="center")
+    canvas.text((14, top + height / 2), ylabel, size=12, align="center", valign="middle", vertical=True)
+    for i, (label, (x, y)) in enumerate(curves.items()):
+        color = PALETTE[i % len(PALETTE)]
+        canvas.line([at(a, b) for a, b in zip(x, y)], color=color, width=2)
+        canvas.line([(right - 110, top + 12 + 16 * i), (right - 90, top + 12 + 16 * i)], color=color, width=2)
+        canvas.text((right - 84, top + 12 + 16 * i), label, size=11, valign="middle")
+    canvas.rect((left, top, right, bottom), outline=_INK)
+    _save_grid(path, [canvas])

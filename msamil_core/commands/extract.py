@@ -40,7 +40,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     io.add_argument("--out", required=True, help="feature bag to write (.pt)")
 
+    add_encoder_arguments(parser)
+
+    rt = parser.add_argument_group("runtime")
+    rt.add_argument("--batch-size", type=int, default=32, help="patches per forward pass (default 32)")
+    rt.add_argument("--workers", type=int, default=2, help="reader processes decoding patches (0 = none; default 2)")
+    rt.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
+    rt.add_argument("--threads", type=int, help="torch threads for the model (default: torch's choice)")
+    rt.add_argument("--fp16", action="store_true", help="store features as float16 (computation unchanged)")
+    rt.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def add_encoder_arguments(parser: argparse.ArgumentParser) -> None:
+    """The encoder options (shared by extract and e2e)."""
     enc = parser.add_argument_group("encoder")
+    enc.add_argument(
+        "--encoder-checkpoint",
+        help="an e2e checkpoint (results/e2e/<name>/fold<k>/checkpoint.pt): its tuned encoder, with the name, "
+        "input size, normalisation and options it was trained with; replaces the other encoder options",
+    )
     enc.add_argument("--encoder", default="msfem", help="msfem or a timm model name (default msfem)")
     enc.add_argument("--weights", help="local weights file (.safetensors, .bin, .pth); default: random init")
     enc.add_argument(
@@ -59,13 +77,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     enc.add_argument("--seed", type=int, default=0, help="seed of the random initialisation (default 0)")
 
-    rt = parser.add_argument_group("runtime")
-    rt.add_argument("--batch-size", type=int, default=32, help="patches per forward pass (default 32)")
-    rt.add_argument("--workers", type=int, default=2, help="reader processes decoding patches (0 = none; default 2)")
-    rt.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
-    rt.add_argument("--threads", type=int, help="torch threads for the model (default: torch's choice)")
-    rt.add_argument("--fp16", action="store_true", help="store features as float16 (computation unchanged)")
-    rt.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+def encoder_spec(args: argparse.Namespace):
+    """The EncoderSpec the encoder options describe."""
+    from ..e2e import encoder_spec_from_checkpoint
+    from ..encoders import IMAGENET_MEAN, IMAGENET_STD, EncoderSpec
+
+    if args.encoder_checkpoint:
+        return encoder_spec_from_checkpoint(args.encoder_checkpoint)
+    return EncoderSpec(
+        name=args.encoder,
+        weights=args.weights,
+        input_size=args.input_size,
+        mean=tuple(args.mean) if args.mean else IMAGENET_MEAN,
+        std=tuple(args.std) if args.std else IMAGENET_STD,
+        kwargs=parse_encoder_args(args.encoder_arg),
+        seed=args.seed,
+    )
 
 
 def parse_encoder_args(items: list[str]) -> dict:
@@ -88,7 +116,6 @@ def run(args: argparse.Namespace) -> None:
     import torch
 
     from ..bags import save_bag
-    from ..encoders import IMAGENET_MEAN, IMAGENET_STD, EncoderSpec
     from ..errors import MsamilError
     from ..extract import extract_bag
 
@@ -101,15 +128,7 @@ def run(args: argparse.Namespace) -> None:
         if args.threads < 1:
             raise MsamilError(f"--threads must be at least 1, got {args.threads}")
         torch.set_num_threads(args.threads)
-    spec = EncoderSpec(
-        name=args.encoder,
-        weights=args.weights,
-        input_size=args.input_size,
-        mean=tuple(args.mean) if args.mean else IMAGENET_MEAN,
-        std=tuple(args.std) if args.std else IMAGENET_STD,
-        kwargs=parse_encoder_args(args.encoder_arg),
-        seed=args.seed,
-    )
+    spec = encoder_spec(args)
     bag = extract_bag(
         args.slide,
         args.coords,
