@@ -20,6 +20,7 @@ include: "rules/common.smk"
 include: "rules/preprocess.smk"
 include: "rules/features.smk"
 include: "rules/train.smk"
+include: "rules/e2e.smk"
 include: "rules/report.smk"
 
 

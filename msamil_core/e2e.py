@@ -602,35 +602,37 @@ def write_k_study(out_dir: str | os.PathLike, rows: list[dict]) -> list[dict]:
 # ----------------------------------------------------------------------------- report
 
 
-def report_parts(configs: dict[str, dict], summary, out_dir: str | os.PathLike) -> list[str]:
-    """HTML for the report: e2e-tuned against frozen-encoder features (same MIL experiment,
-    same folds) and each e2e run's K study. ``configs`` are the experiments' run configs; an
-    experiment retrained on tuned features has ``e2e`` = {"name", "frozen", "dir"}."""
+def report_parts(configs: dict[str, dict], per_fold: dict[str, dict[int, dict]], out_dir: str | os.PathLike) -> list[str]:
+    """HTML for the report: e2e-tuned against frozen-encoder features (the same MIL experiment on
+    the same folds: the tuned twin's) and each e2e run's K study. ``configs`` are the experiments'
+    run configs, ``per_fold`` their ``{fold: metrics}``; a twin has ``e2e`` = {"name", "frozen", "dir"}."""
     import html
     import shutil
 
     import pandas as pd
 
-    def metric(name: str, what: str) -> tuple[float, float]:
-        row = summary[(summary.experiment == name) & (summary.metric == what)]
-        return (float(row["mean"].iloc[0]), float(row["sd"].iloc[0])) if len(row) else (math.nan, math.nan)
+    from .metrics import summarize
 
-    def pm(value: tuple[float, float]) -> str:
-        m, s = value
-        return "n/a" if math.isnan(m) else f"{m:.3f}" if math.isnan(s) else f"{m:.3f} ± {s:.3f}"
+    def pm(summary, name: str, what: str) -> tuple[str, float]:
+        row = summary[(summary.experiment == name) & (summary.metric == what)]
+        if not len(row) or math.isnan(row["mean"].iloc[0]):
+            return "n/a", math.nan
+        m, sd = float(row["mean"].iloc[0]), float(row["sd"].iloc[0])
+        return (f"{m:.3f}" if math.isnan(sd) else f"{m:.3f} ± {sd:.3f}"), m
 
     rows, studies = [], {}
     for name, cfg in configs.items():
         info = cfg.get("e2e")
-        if not isinstance(info, dict):
+        if not isinstance(info, dict) or info.get("frozen") not in per_fold:
             continue
-        frozen = info.get("frozen")
-        tuned_auc, frozen_auc = metric(name, "auc"), metric(frozen, "auc")
-        rows.append({"e2e run": info.get("name"), "experiment": frozen, "AUC frozen encoder": pm(frozen_auc),
-                     "AUC e2e-tuned encoder": pm(tuned_auc),
-                     "difference": "n/a" if math.isnan(tuned_auc[0] - frozen_auc[0]) else f"{tuned_auc[0] - frozen_auc[0]:+.3f}",
-                     "bal. acc. frozen": pm(metric(frozen, "balanced_accuracy")),
-                     "bal. acc. e2e-tuned": pm(metric(name, "balanced_accuracy"))})
+        frozen, folds = info["frozen"], sorted(per_fold[name])
+        summary = summarize({name: per_fold[name], frozen: {k: per_fold[frozen][k] for k in folds if k in per_fold[frozen]}})
+        (tuned_auc, t), (frozen_auc, f) = pm(summary, name, "auc"), pm(summary, frozen, "auc")
+        rows.append({"e2e run": info.get("name"), "experiment": frozen, "folds": " ".join(map(str, folds)),
+                     "AUC frozen encoder": frozen_auc, "AUC e2e-tuned encoder": tuned_auc,
+                     "difference": "n/a" if math.isnan(t - f) else f"{t - f:+.3f}",
+                     "bal. acc. frozen": pm(summary, frozen, "balanced_accuracy")[0],
+                     "bal. acc. e2e-tuned": pm(summary, name, "balanced_accuracy")[0]})
         if info.get("dir"):
             studies[info["name"]] = Path(info["dir"])
     parts = []

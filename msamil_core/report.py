@@ -143,6 +143,9 @@ def write_report(experiments: dict[str, str | os.PathLike], out_dir: str | os.Pa
                          "AUC scratch": _pm(sm, float(s["sd"].iloc[0]) if len(s) else float("nan")),
                          "difference": "n/a" if math.isnan(tm - sm) else f"{tm - sm:+.3f}"})
         parts.append(_table(pd.DataFrame(rows)))
+    from .e2e import report_parts as e2e_parts
+
+    parts += e2e_parts(configs, per_fold, out_dir)
     for heading, content in extra_sections or []:
         parts.append(f"<h2>{html.escape(heading)}</h2>")
         parts.append(_table(content) if isinstance(content, pd.DataFrame) else content)

@@ -5,6 +5,7 @@ rule make_report:
     input:
         metrics=fold_outputs("metrics.json"),
         predictions=fold_outputs("predictions.csv"),
+        k_studies=e2e_report_inputs(),
     output:
         html="results/report/index.html",
         summary="results/report/summary.csv",

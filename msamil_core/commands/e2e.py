@@ -123,7 +123,7 @@ def run(args: argparse.Namespace) -> None:
     options = e2e_options(args)
     task = options.pop("task", None)
     name = options.pop("name", Path(args.out).name)
-    for key in ("encoder", "experiments", "k_study", "k_study_steps"):  # the workflow's keys, not training options
+    for key in ("encoder", "experiments", "folds", "k_study", "k_study_steps"):  # the workflow's keys, not training options
         options.pop(key, None)
     cfg = E2EConfig.from_dict(options)
     spec = encoder_spec(args)

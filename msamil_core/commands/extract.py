@@ -5,6 +5,9 @@ Reads every patch listed in the coordinates files (one per scale; a file's scale
 px, encodes it and writes the bag: features [N, D], coords [N, 2] (level-0 top-left), scales [N]
 (0 = 20x, 1 = 10x, 2 = 5x), patch_size_level0 [N], slide_id and encoder ("<name>-<hash>").
 
+With --encoder-checkpoint (an `msamil e2e` checkpoint) the encoder is the tuned one, built as it
+was trained; the other encoder options are then ignored.
+
 Encoders: `msfem` (MsaMIL-Net: EfficientNet-B3 feature map + Transformer, 512-d) or any timm
 model by name (resnet50, efficientnet_b3, vit_base_patch16_224, ...). Nothing is downloaded:
 weights come from a local file (--weights: .safetensors, .bin, .pth; a timm or Hugging Face
