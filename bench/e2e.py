@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from mil import _proc_status_mb  # noqa: E402  (bench/mil.py)
+from mil import first_step_peak  # noqa: E402  (bench/mil.py)
 
 
 def run_case(args, k: int, checkpointing: bool) -> dict:
@@ -48,8 +48,6 @@ def run_case(args, k: int, checkpointing: bool) -> dict:
     spec = EncoderSpec(args.encoder, input_size=args.input_size, kwargs=kwargs)
     cfg = E2EConfig(model="msamil.base", k=k, checkpointing=checkpointing, chunk_size=args.chunk_size)
     model = build_joint_model(cfg, spec, num_classes=2).to(device).train()
-    if device.type == "cuda":
-        model.encoder.to(memory_format=torch.channels_last)
     optimizer = _optimizer(model, cfg)
     g = torch.Generator().manual_seed(0)
     item = SlidePatches("bench", torch.randint(0, 256, (k, args.input_size, args.input_size, 3), dtype=torch.uint8,
@@ -70,16 +68,7 @@ def run_case(args, k: int, checkpointing: bool) -> dict:
         sync()
         return time.perf_counter() - start
 
-    if device.type == "cuda":
-        sync()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        first = step()
-        peak_mb = (torch.cuda.max_memory_allocated() - base) / 2**20
-    else:
-        base = _proc_status_mb("VmRSS")
-        first = step()
-        peak_mb = _proc_status_mb("VmHWM") - base
+    first, peak_mb = first_step_peak(step, device.type)
     times = [step() for _ in range(args.repeats)] if first < 20 else []
     return {"k": k, "checkpointing": checkpointing, "time_s": statistics.median(times) if times else first,
             "peak_mb": peak_mb, "threads": torch.get_num_threads(), "torch": torch.__version__,

@@ -93,6 +93,7 @@ class E2EConfig:
     checkpointing: bool = True  # activation checkpointing of the encoder, chunk by chunk
     chunk_size: int = 16  # patches per encoder forward
     workers: int = 0  # DataLoader processes reading the next slides' patches
+    standardize: bool = True  # z-score features with the initial encoder's statistics on training patches
 
     def __post_init__(self):
         for name, kind in (("k", int), ("epochs", int), ("lr", float), ("encoder_lr", float), ("min_lr", float),
@@ -242,6 +243,11 @@ class EndToEnd(nn.Module):
         super().__init__()
         self.encoder, self.mil = encoder, mil
         self.checkpointing, self.chunk_size = checkpointing, int(chunk_size)
+        # Fixed per-dimension standardisation of the features before the aggregator (identity
+        # until fit_feature_norm): a randomly initialised encoder's features can be far from unit
+        # scale, which the frozen pipeline handles by standardising bags (train.standardize).
+        self.register_buffer("feature_mean", torch.zeros(encoder.out_dim))
+        self.register_buffer("feature_std", torch.ones(encoder.out_dim))
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -264,6 +270,7 @@ class EndToEnd(nn.Module):
 
     def aggregate(self, features: torch.Tensor, coords: torch.Tensor, scales: torch.Tensor,
                   label: torch.Tensor | None = None, loss_fn=None):
+        features = (features - self.feature_mean) / self.feature_std
         return self.mil(features.unsqueeze(0), loss_fn=loss_fn, label=label,
                         coords=coords.unsqueeze(0), scales=scales.unsqueeze(0))
 
@@ -335,7 +342,29 @@ def build_joint_model(cfg: E2EConfig, spec: EncoderSpec, num_classes: int) -> En
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         mil = create_model(cfg.model, in_dim=dim, num_classes=num_classes, **cfg.model_args)
+    encoder.to(memory_format=torch.channels_last)  # as msamil extract: faster convolutions, on the CPU too
     return EndToEnd(encoder, mil, cfg.checkpointing, cfg.chunk_size)
+
+
+@torch.no_grad()
+def fit_feature_norm(model: EndToEnd, dataset: "SlidePatchDataset", device: torch.device, bf16: bool = True,
+                     max_slides: int = 8) -> dict:
+    """Set the model's feature standardisation from the current encoder on the epoch-0 patches
+    of the first ``max_slides`` slides; returns {"mean": [D], "std": [D]} (std floored as in
+    training, so constant dimensions stay finite)."""
+    was_training = model.training
+    model.eval()
+    feats = []
+    for i in range(min(max_slides, len(dataset))):
+        with autocast(device, bf16):
+            feats.append(model.encode(dataset[i].patches.to(device)).double())
+    model.train(was_training)
+    feats = torch.cat(feats)
+    std = feats.std(0, unbiased=False)
+    norm = {"mean": feats.mean(0).float(), "std": std.clamp_min(1e-6 + 1e-3 * float(std.mean())).float()}
+    model.feature_mean.copy_(norm["mean"])
+    model.feature_std.copy_(norm["std"])
+    return {k: v.cpu() for k, v in norm.items()}
 
 
 def spec_dict(spec: EncoderSpec) -> dict:
@@ -412,8 +441,6 @@ def train_e2e(cfg: E2EConfig, spec: EncoderSpec, train_set: SlidePatchDataset, v
     out_dir.mkdir(parents=True, exist_ok=True)
     rank, world = _distributed()
     model = build_joint_model(cfg, spec, len(classes)).to(device)
-    if device.type == "cuda":
-        model.encoder.to(memory_format=torch.channels_last)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = _optimizer(model, cfg)
@@ -430,25 +457,33 @@ def train_e2e(cfg: E2EConfig, spec: EncoderSpec, train_set: SlidePatchDataset, v
     best = {"encoder": None, "mil": None}
     config_dict = {**asdict(cfg), "encoder_spec": spec_dict(spec)}
     resume_path = out_dir / "resume.pt"
-    if resume_path.exists():
-        saved = torch.load(resume_path, map_location="cpu", weights_only=True)
-        if saved.get("config") != config_dict or saved.get("classes") != classes:
-            log.warning("%s was written with another config; starting over", resume_path)
-        else:
-            model.encoder.model.load_state_dict(saved["encoder_state_dict"])
-            model.mil.load_state_dict(saved["state_dict"])
-            optimizer.load_state_dict(saved["optimizer"])
-            torch.set_rng_state(saved["rng_state"])
-            state.update(saved["scheduler"])
-            best = {"encoder": saved.get("best_encoder"), "mil": saved.get("best_state")}
-            log.info("resuming from %s at epoch %d, slide %d (step %d)", resume_path, state["epoch"],
-                     state["position"], state["step"])
+    saved = torch.load(resume_path, map_location="cpu", weights_only=True) if resume_path.exists() else None
+    if saved is not None and (saved.get("config") != config_dict or saved.get("classes") != classes):
+        log.warning("%s was written with another config; starting over", resume_path)
+        saved = None
+    norm = None
+    if saved is not None:
+        norm = saved.get("feature_norm")
+    elif cfg.standardize:
+        norm = fit_feature_norm(model, train_set, device, cfg.bf16)
+    if norm is not None:
+        model.feature_mean.copy_(norm["mean"])
+        model.feature_std.copy_(norm["std"])
+    if saved is not None:
+        model.encoder.model.load_state_dict(saved["encoder_state_dict"])
+        model.mil.load_state_dict(saved["state_dict"])
+        optimizer.load_state_dict(saved["optimizer"])
+        torch.set_rng_state(saved["rng_state"])
+        state.update(saved["scheduler"])
+        best = {"encoder": saved.get("best_encoder"), "mil": saved.get("best_state")}
+        log.info("resuming from %s at epoch %d, slide %d (step %d)", resume_path, state["epoch"],
+                 state["position"], state["step"])
 
     def checkpoint_dict(encoder_state, mil_state, epoch) -> dict:
         return {"model_name": cfg.model, "model_args": dict(model.mil.model_args), "state_dict": mil_state,
                 "classes": classes, "encoder": f"{encoder_id(spec)}+e2e", "config": run_config or config_dict,
                 "epoch": epoch, "metrics": state["best_metrics"], "encoder_spec": spec_dict(spec),
-                "encoder_state_dict": encoder_state}
+                "encoder_state_dict": encoder_state, "feature_norm": norm}
 
     def save_resume():
         if rank == 0:
@@ -532,6 +567,9 @@ def k_study(cfg: E2EConfig, spec: EncoderSpec, train_set: SlidePatchDataset, cla
         model = build_joint_model(kcfg, spec, len(classes)).to(device).train()
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = _optimizer(model, kcfg)
+        if cfg.standardize:  # with the study's largest K, so every K sees the same standardisation
+            train_set.k, train_set.epoch = max(ks), 0
+            fit_feature_norm(model, train_set, device, cfg.bf16)
         train_set.k = k
         warmup = round(cfg.warmup_epochs * math.ceil(len(train_set) / cfg.grad_accum))
         step, seen, epoch, pending = 0, 0, 0, []

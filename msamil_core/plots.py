@@ -135,6 +135,23 @@ def _fmt(value: float | None, digits: int = 3) -> str:
     return "n/a" if value is None or not math.isfinite(value) else f"{value:.{digits}f}"
 
 
+def _axes(canvas: _Canvas, box: tuple[float, float, float, float], x_range: tuple[float, float],
+          y_range: tuple[float, float], xlabel: str, ylabel: str, xfmt: str, yfmt: str) -> None:
+    """Grid lines, five-interval tick labels and axis titles of a plot area (left, top, width, height)."""
+    left, top, width, height = box
+    right, bottom = left + width, top + height
+    for i in range(6):
+        t = i / 5
+        x, y = left + t * width, bottom - t * height
+        canvas.line([(x, top), (x, bottom)], color=_GRID)
+        canvas.line([(left, y), (right, y)], color=_GRID)
+        canvas.text((x, bottom + 5), xfmt.format(x_range[0] + t * (x_range[1] - x_range[0])), size=11, align="center")
+        canvas.text((left - 6, y), yfmt.format(y_range[0] + t * (y_range[1] - y_range[0])), size=11, align="right",
+                    valign="middle")
+    canvas.text((left + width / 2, bottom + 24), xlabel, size=12, align="center")
+    canvas.text((14, top + height / 2), ylabel, size=12, align="center", valign="middle", vertical=True)
+
+
 def _roc_panel(experiment: str, folds: Mapping[Any, Mapping[str, Any]], auc_mean: float, auc_sd: float) -> _Canvas:
     left, top, side = 64, 56, 360
     canvas = _Canvas(left + side + 20, top + side + 50)
@@ -144,15 +161,8 @@ def _roc_panel(experiment: str, folds: Mapping[Any, Mapping[str, Any]], auc_mean
     canvas.text((left + side / 2, 8), experiment, size=15, align="center")
     subtitle = f"AUC {_fmt(auc_mean)} ± {_fmt(auc_sd)} over {len(folds)} folds"
     canvas.text((left + side / 2, 30), subtitle + (" (macro-average ROC)" if multiclass else ""), size=11, align="center")
-    for i in range(6):
-        t = i / 5
-        x, y = left + t * side, bottom - t * side
-        canvas.line([(x, top), (x, bottom)], color=_GRID)
-        canvas.line([(left, y), (right, y)], color=_GRID)
-        canvas.text((x, bottom + 5), f"{t:.1f}", size=11, align="center")
-        canvas.text((left - 6, y), f"{t:.1f}", size=11, align="right", valign="middle")
-    canvas.text((left + side / 2, bottom + 24), "False positive rate", size=12, align="center")
-    canvas.text((14, top + side / 2), "True positive rate", size=12, align="center", valign="middle", vertical=True)
+    _axes(canvas, (left, top, side, side), (0.0, 1.0), (0.0, 1.0), "False positive rate", "True positive rate",
+          "{:.1f}", "{:.1f}")
     canvas.line([(left, bottom), (right, top)], color=(150, 150, 150), width=1.2, dash=5)
 
     entries = []
@@ -267,15 +277,7 @@ def plot_curves(path: str | os.PathLike, curves: Mapping[str, tuple[Sequence[flo
         return left + (x - x0) / (x1 - x0) * width, bottom - (y - y0) / (y1 - y0) * height
 
     canvas.text((left + width / 2, 10), title, size=14, align="center")
-    for i in range(6):
-        t = i / 5
-        gx, gy = left + t * width, bottom - t * height
-        canvas.line([(gx, top), (gx, bottom)], color=_GRID)
-        canvas.line([(left, gy), (right, gy)], color=_GRID)
-        canvas.text((gx, bottom + 5), f"{x0 + t * (x1 - x0):.0f}", size=11, align="center")
-        canvas.text((left - 6, gy), f"{y0 + t * (y1 - y0):.3g}", size=11, align="right", valign="middle")
-    canvas.text((left + width / 2, bottom + 24), xlabel, size=12, align="center")
-    canvas.text((14, top + height / 2), ylabel, size=12, align="center", valign="middle", vertical=True)
+    _axes(canvas, (left, top, width, height), (x0, x1), (y0, y1), xlabel, ylabel, "{:.0f}", "{:.3g}")
     for i, (label, (x, y)) in enumerate(curves.items()):
         color = PALETTE[i % len(PALETTE)]
         canvas.line([at(a, b) for a, b in zip(x, y)], color=color, width=2)

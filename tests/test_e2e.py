@@ -51,6 +51,15 @@ def cohort(tmp_path_factory) -> tuple[Path, Path]:
     return root / "sheet.csv", root / "coords"
 
 
+@pytest.fixture(scope="module")
+def trained(cohort, tmp_path_factory) -> Path:
+    """Fold 1 trained for 3 epochs, uninterrupted: the run directory."""
+    sheet, coords = cohort
+    out = tmp_path_factory.mktemp("trained") / "r18"
+    assert main(e2e_args(sheet, coords, out, "--fold", "1", "--epochs", "3")) == 0
+    return out
+
+
 def e2e_args(sheet, coords, out, *extra) -> list[str]:
     return ["e2e", "--sheet", str(sheet), "--coords-dir", str(coords), "--out", str(out), "--n-folds", "3",
             *ENCODER, *FAST, *map(str, extra)]
@@ -98,25 +107,25 @@ def test_two_process_gradients_equal_one_process(tmp_path):
         assert float((g - b["grads"][name]).abs().max()) <= 1e-5 * own, name
 
 
-def test_fold_training_writes_a_checkpoint_whose_encoder_extracts_features(cohort, tmp_path):
+def test_fold_training_writes_a_checkpoint_whose_encoder_extracts_features(cohort, trained, tmp_path):
     sheet, coords = cohort
-    out = tmp_path / "e2e" / "r18"
-    assert main(e2e_args(sheet, coords, out, "--fold", "0")) == 0
-    ckpt = torch.load(out / "fold0" / "checkpoint.pt", weights_only=True)
+    fold = trained / "fold1"
+    ckpt = torch.load(fold / "checkpoint.pt", weights_only=True)
     assert ckpt["model_name"] == "msamil.base" and ckpt["classes"] == ["a", "b"]
     assert ckpt["encoder_spec"]["name"] == "resnet18" and ckpt["encoder_spec"]["input_size"] == 32
-    assert len(ckpt["history"]) == 2 and "optimizer" not in ckpt and not (out / "fold0" / "resume.pt").exists()
+    assert len(ckpt["history"]) == 3 and "optimizer" not in ckpt and not (fold / "resume.pt").exists()
+    assert not (trained / "fold0").exists()  # only the fold asked for
     # the MIL part is an ordinary checkpoint
     from msamil_core.train import load_checkpoint
 
-    model, _ = load_checkpoint(out / "fold0" / "checkpoint.pt")
+    model, _ = load_checkpoint(fold / "checkpoint.pt")
     assert model.model_args["in_dim"] == 512
     # re-extraction with the tuned encoder gives other features than the initial encoder
     slide = sheet.parent / "s0.tiff"
     files = [coords / s / "s0.h5" for s in ("20x", "10x", "5x")]
     common = ["extract", "--slide", str(slide), "--coords", *map(str, files), "--workers", "0", "--no-progress"]
     assert main([*common, "--out", str(tmp_path / "frozen.pt"), *ENCODER]) == 0
-    assert main([*common, "--out", str(tmp_path / "tuned.pt"), "--encoder-checkpoint", str(out / "fold0" / "checkpoint.pt")]) == 0
+    assert main([*common, "--out", str(tmp_path / "tuned.pt"), "--encoder-checkpoint", str(fold / "checkpoint.pt")]) == 0
     frozen, tuned = load_bag(tmp_path / "frozen.pt"), load_bag(tmp_path / "tuned.pt")
     assert tuned.features.shape == frozen.features.shape and (tuned.coords == frozen.coords).all()
     assert not torch.allclose(tuned.features, frozen.features, atol=1e-4)
@@ -125,7 +134,7 @@ def test_fold_training_writes_a_checkpoint_whose_encoder_extracts_features(cohor
     from msamil_core.e2e import encoder_spec_from_checkpoint
     from msamil_core.encoders import build_encoder
 
-    encoder, _ = build_encoder(encoder_spec_from_checkpoint(out / "fold0" / "checkpoint.pt"))
+    encoder, _ = build_encoder(encoder_spec_from_checkpoint(fold / "checkpoint.pt"))
     with open_slide(slide, "s0") as s:
         x, y = tuned.coords[0].tolist()
         patch = torch.from_numpy(np.ascontiguousarray(s.read_patch(x, y, int(tuned.patch_size_level0[0]), 32)))
@@ -141,11 +150,10 @@ def _resume_state(path: Path) -> tuple[int, int]:
         return -1, -1
 
 
-def test_sigterm_mid_epoch_then_rerun_equals_an_uninterrupted_run(cohort, tmp_path, caplog):
+def test_sigterm_mid_epoch_then_rerun_equals_an_uninterrupted_run(cohort, trained, tmp_path, caplog):
     sheet, coords = cohort
-    args = lambda out: e2e_args(sheet, coords, out, "--fold", "1", "--epochs", "3")  # noqa: E731
-    assert main(args(tmp_path / "whole")) == 0
-    proc = msamil(*args(tmp_path / "cut"))
+    args = e2e_args(sheet, coords, tmp_path / "cut", "--fold", "1", "--epochs", "3")  # as `trained`
+    proc = msamil(*args)
     resume = tmp_path / "cut" / "fold1" / "resume.pt"
     start = time.time()
     while _resume_state(resume)[0] < 1:  # first epoch done: now in the second
@@ -158,9 +166,9 @@ def test_sigterm_mid_epoch_then_rerun_equals_an_uninterrupted_run(cohort, tmp_pa
     epoch, position = _resume_state(resume)
     assert not (tmp_path / "cut" / "fold1" / "checkpoint.pt").exists()
     caplog.set_level(logging.INFO, logger="msamil_core.e2e")
-    assert main(args(tmp_path / "cut")) == 0
+    assert main(args) == 0
     assert f"resuming from {resume} at epoch {epoch}, slide {position}" in caplog.text
-    a = torch.load(tmp_path / "whole" / "fold1" / "checkpoint.pt", weights_only=True)
+    a = torch.load(trained / "fold1" / "checkpoint.pt", weights_only=True)
     b = torch.load(tmp_path / "cut" / "fold1" / "checkpoint.pt", weights_only=True)
     assert a["epoch"] == b["epoch"] and a["history"] == b["history"]
     for part in ("state_dict", "encoder_state_dict"):
