@@ -204,21 +204,28 @@ def test_missing_coordinates_fail_before_training(cohort, tmp_path):
 
 
 def test_workflow_plans_e2e_per_fold_and_compares_on_the_same_folds(tmp_path):
-    """Dry run of the e2e demo overlay: one e2e job per listed fold, re-extraction of every
-    slide per fold into its own folder, the twin experiment only on those folds."""
+    """Dry run of the e2e demo overlay (fold 0) and of the same run on folds 0 and 2: one e2e
+    job per listed fold, re-extraction of every slide per fold into its own folder, the twin
+    experiment only on those folds."""
     from test_workflow import planned_jobs, snakemake
 
-    dry = snakemake(tmp_path, "--cores", "2", "-n", "--configfile", str(REPO / "config" / "e2e-demo.yaml"))
+    import yaml
+
+    overlay = yaml.safe_load((REPO / "config" / "e2e-demo.yaml").read_text())
+    assert overlay["e2e"][0]["folds"] == [0]
+    overlay["e2e"][0]["folds"] = [0, 2]
+    (tmp_path / "two_folds.yaml").write_text(yaml.safe_dump(overlay))
+    dry = snakemake(tmp_path, "--cores", "2", "-n", "--configfile", str(tmp_path / "two_folds.yaml"))
     assert dry.returncode == 0, dry.stderr[-3000:]
     jobs = planned_jobs(dry.stdout)
     n_slides = jobs["make_thumbnail"]
     assert jobs["train_e2e"] == 2 and jobs["run_k_study"] == 1
     assert jobs["extract_e2e_features"] == 2 * n_slides
-    assert jobs["train_fold"] == 5 + 2  # the frozen experiment on all folds, its e2e twin on folds 0 and 1
-    for k in (0, 1):
+    assert jobs["train_fold"] == 5 + 2  # the frozen experiment on all folds, its e2e twin on folds 0 and 2
+    for k in (0, 2):
         assert f"results/features/e2e-r18-fold{k}/demo_000.pt" in dry.stdout
         assert f"results/models/msamil_multiscale_e2e_r18/fold{k}/checkpoint.pt" in dry.stdout
-    assert "e2e-r18-fold2" not in dry.stdout
+    assert "e2e-r18-fold1" not in dry.stdout
     bad = tmp_path / "bad.yaml"
     bad.write_text("e2e:\n  - {name: x, encoder: nope}\n")
     failed = snakemake(tmp_path, "--cores", "1", "-n", "--configfile", str(bad))
