@@ -27,6 +27,7 @@ include: "rules/segment.smk"
 include: "rules/features.smk"
 include: "rules/train.smk"
 include: "rules/predict.smk"
+include: "rules/e2e.smk"
 include: "rules/report.smk"
 
 

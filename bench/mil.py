@@ -40,6 +40,22 @@ def _proc_status_mb(field: str) -> float:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
+def first_step_peak(step, device: str) -> tuple[float, float]:
+    """Run ``step()`` (returns seconds) once: (its time, its peak memory in MiB). CPU: VmHWM after
+    the step minus VmRSS before it; CUDA: max_memory_allocated during it minus allocated before."""
+    import torch
+
+    if device == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        first = step()
+        return first, (torch.cuda.max_memory_allocated() - base) / 2**20
+    base = _proc_status_mb("VmRSS")
+    first = step()
+    return first, _proc_status_mb("VmHWM") - base
+
+
 def run_case(name: str, n: int, in_dim: int, device: str, repeats: int, threads: int | None) -> dict:
     """One (model, N) case in this process: time and peak memory of forward + backward."""
     import torch
@@ -68,16 +84,7 @@ def run_case(name: str, n: int, in_dim: int, device: str, repeats: int, threads:
             torch.cuda.synchronize()
         return time.perf_counter() - start
 
-    if device == "cuda":
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        first = step()
-        peak_mb = (torch.cuda.max_memory_allocated() - base) / 2**20
-    else:
-        base = _proc_status_mb("VmRSS")
-        first = step()
-        peak_mb = _proc_status_mb("VmHWM") - base
+    first, peak_mb = first_step_peak(step, device)
     times = [step() for _ in range(repeats)] if first < 10 else []
     return {
         "model": name,

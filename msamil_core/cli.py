@@ -32,6 +32,7 @@ COMMANDS = [
     "evaluate",
     "predict",
     "heatmap",
+    "e2e",
     "report",
     "export-geojson",
     "list-models",

@@ -44,7 +44,9 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 _WEIGHTS_KWARGS = ("backbone_weights",)
 
 # Common checkpoint wrappers around a state dict (training scripts, DINO, Lightning, ours).
-_STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model", "teacher", "student", "module")
+# An e2e checkpoint (msamil_core.e2e) holds the tuned encoder under encoder_state_dict beside
+# the MIL model's state_dict, so that key is looked at first.
+_STATE_DICT_KEYS = ("encoder_state_dict", "state_dict", "model_state_dict", "model", "teacher", "student", "module")
 # Prefixes a whole state dict may carry: DDP, our PatchEncoder wrapper, SSL frameworks.
 _STRIP_PREFIXES = ("module.", "model.", "backbone.", "encoder.", "trunk.", "_orig_mod.")
 

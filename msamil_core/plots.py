@@ -135,6 +135,23 @@ def _fmt(value: float | None, digits: int = 3) -> str:
     return "n/a" if value is None or not math.isfinite(value) else f"{value:.{digits}f}"
 
 
+def _axes(canvas: _Canvas, box: tuple[float, float, float, float], x_range: tuple[float, float],
+          y_range: tuple[float, float], xlabel: str, ylabel: str, xfmt: str, yfmt: str) -> None:
+    """Grid lines, five-interval tick labels and axis titles of a plot area (left, top, width, height)."""
+    left, top, width, height = box
+    right, bottom = left + width, top + height
+    for i in range(6):
+        t = i / 5
+        x, y = left + t * width, bottom - t * height
+        canvas.line([(x, top), (x, bottom)], color=_GRID)
+        canvas.line([(left, y), (right, y)], color=_GRID)
+        canvas.text((x, bottom + 5), xfmt.format(x_range[0] + t * (x_range[1] - x_range[0])), size=11, align="center")
+        canvas.text((left - 6, y), yfmt.format(y_range[0] + t * (y_range[1] - y_range[0])), size=11, align="right",
+                    valign="middle")
+    canvas.text((left + width / 2, bottom + 24), xlabel, size=12, align="center")
+    canvas.text((14, top + height / 2), ylabel, size=12, align="center", valign="middle", vertical=True)
+
+
 def _roc_panel(experiment: str, folds: Mapping[Any, Mapping[str, Any]], auc_mean: float, auc_sd: float) -> _Canvas:
     left, top, side = 64, 56, 360
     canvas = _Canvas(left + side + 20, top + side + 50)
@@ -144,15 +161,8 @@ def _roc_panel(experiment: str, folds: Mapping[Any, Mapping[str, Any]], auc_mean
     canvas.text((left + side / 2, 8), experiment, size=15, align="center")
     subtitle = f"AUC {_fmt(auc_mean)} ± {_fmt(auc_sd)} over {len(folds)} folds"
     canvas.text((left + side / 2, 30), subtitle + (" (macro-average ROC)" if multiclass else ""), size=11, align="center")
-    for i in range(6):
-        t = i / 5
-        x, y = left + t * side, bottom - t * side
-        canvas.line([(x, top), (x, bottom)], color=_GRID)
-        canvas.line([(left, y), (right, y)], color=_GRID)
-        canvas.text((x, bottom + 5), f"{t:.1f}", size=11, align="center")
-        canvas.text((left - 6, y), f"{t:.1f}", size=11, align="right", valign="middle")
-    canvas.text((left + side / 2, bottom + 24), "False positive rate", size=12, align="center")
-    canvas.text((14, top + side / 2), "True positive rate", size=12, align="center", valign="middle", vertical=True)
+    _axes(canvas, (left, top, side, side), (0.0, 1.0), (0.0, 1.0), "False positive rate", "True positive rate",
+          "{:.1f}", "{:.1f}")
     canvas.line([(left, bottom), (right, top)], color=(150, 150, 150), width=1.2, dash=5)
 
     entries = []
@@ -247,3 +257,31 @@ def plot_confusion_matrices(path: str | os.PathLike, metrics_per_fold: MetricsPe
     shaded by the fraction of their true class (row)."""
     _check(metrics_per_fold)
     _save_grid(path, [_confusion_panel(str(e), folds) for e, folds in metrics_per_fold.items()])
+
+
+def plot_curves(path: str | os.PathLike, curves: Mapping[str, tuple[Sequence[float], Sequence[float]]],
+                xlabel: str, ylabel: str, title: str = "") -> None:
+    """Line plot PNG of named (x, y) curves on shared axes, e.g. training loss against step per K."""
+    if not curves:
+        raise ValueError("plot_curves: no curves to draw")
+    xs = np.concatenate([np.asarray(x, float) for x, _ in curves.values()])
+    ys = np.concatenate([np.asarray(y, float) for _, y in curves.values()])
+    x0, x1 = float(xs.min()), float(max(xs.max(), xs.min() + 1e-9))
+    pad = 0.05 * max(float(ys.max() - ys.min()), 1e-9)
+    y0, y1 = float(ys.min()) - pad, float(ys.max()) + pad
+    left, top, width, height = 70, 40, 480, 300
+    canvas = _Canvas(left + width + 20, top + height + 50)
+    right, bottom = left + width, top + height
+
+    def at(x: float, y: float) -> tuple[float, float]:
+        return left + (x - x0) / (x1 - x0) * width, bottom - (y - y0) / (y1 - y0) * height
+
+    canvas.text((left + width / 2, 10), title, size=14, align="center")
+    _axes(canvas, (left, top, width, height), (x0, x1), (y0, y1), xlabel, ylabel, "{:.0f}", "{:.3g}")
+    for i, (label, (x, y)) in enumerate(curves.items()):
+        color = PALETTE[i % len(PALETTE)]
+        canvas.line([at(a, b) for a, b in zip(x, y)], color=color, width=2)
+        canvas.line([(right - 110, top + 12 + 16 * i), (right - 90, top + 12 + 16 * i)], color=color, width=2)
+        canvas.text((right - 84, top + 12 + 16 * i), label, size=11, valign="middle")
+    canvas.rect((left, top, right, bottom), outline=_INK)
+    _save_grid(path, [canvas])

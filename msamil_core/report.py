@@ -152,6 +152,9 @@ def write_report(experiments: dict[str, str | os.PathLike], out_dir: str | os.Pa
                          "AUC scratch": _pm(sm, float(s["sd"].iloc[0]) if len(s) else float("nan")),
                          "difference": "n/a" if math.isnan(tm - sm) else f"{tm - sm:+.3f}"})
         parts.append(_table(pd.DataFrame(rows)))
+    from .e2e import report_parts as e2e_parts
+
+    parts += e2e_parts(configs, per_fold, out_dir)
     strategies = strategy_table(summary, configs, features or {}, benchmarks,
                                 {name: sorted(folds) for name, folds in per_fold.items()})
     if strategies is not None:

@@ -30,7 +30,7 @@ def strategy_groups(configs: dict[str, dict]) -> list[list[str]]:
     """Groups of from-scratch experiments identical but for ``strategy`` (two or more strategies)."""
     groups: dict[tuple, list[str]] = {}
     for name, cfg in configs.items():
-        if cfg.get("strategy") and not cfg.get("init_from"):
+        if cfg.get("strategy") and not cfg.get("init_from") and not cfg.get("e2e"):
             groups.setdefault(_key(cfg, "model", "model_args", "task", "scales"), []).append(name)
     return [g for g in groups.values() if len({configs[n]["strategy"] for n in g}) > 1]
 

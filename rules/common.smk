@@ -133,7 +133,9 @@ wildcard_constraints:
 
 
 def slide_coords(wildcards):
-    return coords_files(wildcards.slide, FEATURE_SETS[wildcards.encoder][1])
+    """The coordinates a feature bag encodes: its folder's strategy (e2e folders: the configured one)."""
+    encoder = getattr(wildcards, "encoder", None)
+    return coords_files(wildcards.slide, FEATURE_SETS[encoder][1] if encoder else STRATEGY)
 
 
 def final_outputs():
@@ -145,6 +147,10 @@ def final_outputs():
             outputs.append(f"results/slides/{slide}/patches.geojson")
     if EXPERIMENTS:
         outputs.append("results/report/index.html")
+    for run, entry in E2E_RUNS.items():  # e2e runs whose tuned encoders no experiment uses yet
+        outputs += [f"results/e2e/{run}/fold{k}/checkpoint.pt" for k in e2e_folds(run)]
+        if entry.get("k_study"):
+            outputs.append(f"results/e2e/{run}/k_study_summary.csv")
     return outputs + predict_outputs()
 
 
@@ -176,8 +182,31 @@ def feature_set(encoder, strategy):
 FEATURE_SETS = {feature_set(e, s): (e, s) for e in ENCODER_DIRS for s in STRATEGIES}
 
 
+def _e2e_runs():
+    """End-to-end run name -> its entry (config `e2e`), checked against encoders and experiments."""
+    runs = {}
+    for entry in config["e2e"]:
+        name = entry["name"]
+        if name in runs:
+            raise WorkflowError(f"config: e2e run name {name!r} is used twice; names must be unique")
+        if entry["encoder"] not in config["encoders"]:
+            raise WorkflowError(
+                f"config: e2e run {name!r} starts from encoder {entry['encoder']!r}, which is not under `encoders` "
+                f"({', '.join(config['encoders']) or 'none defined'})"
+            )
+        task = entry.get("task")
+        if task is not None and task not in config["tasks"]:
+            raise WorkflowError(f"config: e2e run {name!r} names task {task!r}, which is not under `tasks`")
+        runs[name] = entry
+    return runs
+
+
+E2E_RUNS = _e2e_runs()
+
+
 def _experiments():
-    """Experiment name -> its full options (training defaults, then the entry)."""
+    """Experiment name -> its full options (training defaults, then the entry). Each experiment
+    an e2e run lists gets a twin `<experiment>_e2e_<run>` trained on that run's tuned features."""
     experiments = {}
     default_encoder = config["features"].get("default_encoder")
     for entry in config["experiments"]:
@@ -196,6 +225,16 @@ def _experiments():
         if task is not None and task not in config["tasks"]:
             raise WorkflowError(f"config: experiment {name!r} names task {task!r}, which is not under `tasks`")
         experiments[name] = options
+    for run, entry in E2E_RUNS.items():
+        for frozen in entry.get("experiments", []):
+            if frozen not in experiments:
+                raise WorkflowError(f"config: e2e run {run!r} lists experiment {frozen!r}, which is not under `experiments`")
+            twin = f"{frozen}_e2e_{run}"
+            if twin in experiments:
+                raise WorkflowError(f"config: experiment name {twin!r} is taken; e2e run {run!r} needs it for {frozen!r}")
+            # e2e runs sample and re-extract the configured strategy's patches
+            experiments[twin] = {**experiments[frozen], "name": twin, "strategy": STRATEGY,
+                                 "e2e": {"name": run, "frozen": frozen, "dir": f"results/e2e/{run}"}}
     for name, options in experiments.items():
         source = options.get("init_from")
         if source and source not in experiments and not os.path.exists(source):
@@ -209,18 +248,27 @@ EXPERIMENTS = _experiments()
 FOLDS = list(range(config["splits"]["n_folds"]))
 
 
+def _alternatives(names):
+    """A wildcard constraint matching exactly these names (or nothing)."""
+    import re
+
+    return "|".join(re.escape(n) for n in names) or "^$"
+
+
 wildcard_constraints:
-    experiment="|".join(EXPERIMENTS) or "^$",
+    experiment=_alternatives(EXPERIMENTS),
     fold=r"\d+",
-    encoder="[^/]+",
+    # only configured feature folders: features/e2e-<run>-fold<k>/ belong to extract_e2e_features
+    encoder=_alternatives(FEATURE_SETS),
+    e2e=_alternatives(E2E_RUNS),
 
 
-def encoder_options(wildcards):
-    """Command-line options of `msamil extract` for a feature folder."""
+def _encoder_spec_options(key):
+    """The encoder options of `msamil extract` / `msamil e2e` for the config's encoder `key`."""
     import json
     import shlex
 
-    spec = config["encoders"][FEATURE_SETS[wildcards.encoder][0]]
+    spec = config["encoders"][key]
     opts = [f"--encoder {shlex.quote(spec['name'])}", f"--input-size {spec.get('input_size', 224)}",
             f"--seed {spec.get('seed', 0)}"]
     if spec.get("weights"):
@@ -230,20 +278,31 @@ def encoder_options(wildcards):
             opts.append(f"--{key} " + " ".join(str(v) for v in spec[key]))
     for key, value in (spec.get("options") or {}).items():
         opts.append(f"--encoder-arg {shlex.quote(f'{key}={json.dumps(value)}')}")
-    f = config["features"]
-    opts.append(f"--batch-size {f['batch_size']} --workers {f['workers']}")
-    if f["fp16"]:
-        opts.append("--fp16")
     return " ".join(opts)
 
 
-def feature_dir(experiment):
+def extract_runtime_options():
+    f = config["features"]
+    return f"--batch-size {f['batch_size']} --workers {f['workers']}" + (" --fp16" if f["fp16"] else "")
+
+
+def encoder_options(wildcards):
+    """Command-line options of `msamil extract` for a feature folder."""
+    return _encoder_spec_options(FEATURE_SETS[wildcards.encoder][0]) + " " + extract_runtime_options()
+
+
+def feature_dir(experiment, fold=0):
+    """An experiment's bags for a fold: its encoder's folder, or for an e2e twin the features of
+    the encoder tuned on that fold's training slides (never another fold's)."""
+    e2e = EXPERIMENTS[experiment].get("e2e")
+    if e2e:
+        return f"results/features/e2e-{e2e['name']}-fold{fold}"
     options = EXPERIMENTS[experiment]
     return f"results/features/{feature_set(options['encoder'], options['strategy'])}"
 
 
 def experiment_features(wildcards):
-    return feature_dir(wildcards.experiment)
+    return feature_dir(wildcards.experiment, getattr(wildcards, "fold", 0))
 
 
 def sheet_file():
@@ -251,7 +310,7 @@ def sheet_file():
 
 
 def experiment_bags(wildcards):
-    directory = feature_dir(wildcards.experiment)
+    directory = feature_dir(wildcards.experiment, getattr(wildcards, "fold", 0))
     return [f"{directory}/{slide}.pt" for slide in SLIDES.index]
 
 
@@ -287,8 +346,22 @@ def class_options():
     return "--classes " + " ".join(config["classes"]) if config["classes"] else ""
 
 
+def e2e_folds(run):
+    """The folds an e2e run trains (its `folds`, default all)."""
+    folds = E2E_RUNS[run].get("folds") or FOLDS
+    if any(k not in FOLDS for k in folds):
+        raise WorkflowError(f"config: e2e run {run!r} lists folds {folds}, but splits.n_folds gives folds 0..{FOLDS[-1]}")
+    return folds
+
+
+def experiment_folds(experiment):
+    """All folds, or for an e2e twin the folds of its run."""
+    e2e = EXPERIMENTS[experiment].get("e2e")
+    return e2e_folds(e2e["name"]) if e2e else FOLDS
+
+
 def fold_outputs(name):
-    return [f"results/models/{e}/fold{k}/{name}" for e in EXPERIMENTS for k in FOLDS]
+    return [f"results/models/{e}/fold{k}/{name}" for e in EXPERIMENTS for k in experiment_folds(e)]
 
 
 # ---------------------------------------------------------------- lesion segmentation
@@ -458,3 +531,32 @@ def predict_options():
 
 def predict_outputs():
     return [f"results/predictions/{e}/predictions.csv" for e in PREDICT_EXPERIMENTS]
+
+
+# ---------------------------------------------------------------- end-to-end runs
+
+
+def all_coords():
+    return [path for slide in SLIDES.index for path in coords_files(slide)]
+
+
+def e2e_options(wildcards):
+    """Command-line options of `msamil e2e` for a run: its starting encoder and its entry."""
+    import json
+    import shlex
+
+    entry = dict(E2E_RUNS[wildcards.e2e])
+    if entry.get("task"):
+        entry["task"] = config["tasks"][entry["task"]]
+    return f"{_encoder_spec_options(entry['encoder'])} --options {shlex.quote(json.dumps(entry, sort_keys=True))}"
+
+
+def k_study_options(wildcards):
+    entry = E2E_RUNS[wildcards.e2e]
+    return f"--k-study {' '.join(map(str, entry['k_study']))} --k-study-steps {entry['k_study_steps']}"
+
+
+def e2e_report_inputs():
+    """The K studies the report shows (runs with `k_study` and twins in the report)."""
+    runs = {o["e2e"]["name"] for o in EXPERIMENTS.values() if o.get("e2e")}
+    return [f"results/e2e/{run}/k_study_summary.csv" for run in sorted(runs) if E2E_RUNS[run].get("k_study")]

@@ -7,6 +7,7 @@ rule make_report:
         predictions=fold_outputs("predictions.csv"),
         segmentation=segmentation_metrics(),
         heatmaps=heatmap_summaries(),
+        k_studies=e2e_report_inputs(),
     output:
         html="results/report/index.html",
         summary="results/report/summary.csv",

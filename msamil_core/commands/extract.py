@@ -5,6 +5,9 @@ Reads every patch listed in the coordinates files (one per scale; a file's scale
 px, encodes it and writes the bag: features [N, D], coords [N, 2] (level-0 top-left), scales [N]
 (0 = 20x, 1 = 10x, 2 = 5x), patch_size_level0 [N], slide_id and encoder ("<name>-<hash>").
 
+With --encoder-checkpoint (an `msamil e2e` checkpoint) the encoder is the tuned one, built as it
+was trained; the other encoder options are then ignored.
+
 Encoders: `msfem` (MsaMIL-Net: EfficientNet-B3 feature map + Transformer, 512-d) or any timm
 model by name (resnet50, efficientnet_b3, vit_base_patch16_224, ...). Nothing is downloaded:
 weights come from a local file (--weights: .safetensors, .bin, .pth; a timm or Hugging Face
@@ -48,6 +51,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def add_encoder_arguments(parser: argparse.ArgumentParser) -> None:
     """The encoder options (the config's `encoders` entries), shared with `msamil predict`."""
     enc = parser.add_argument_group("encoder")
+    enc.add_argument(
+        "--encoder-checkpoint",
+        help="an e2e checkpoint (results/e2e/<name>/fold<k>/checkpoint.pt): its tuned encoder, with the name, "
+        "input size, normalisation and options it was trained with; replaces the other encoder options",
+    )
     enc.add_argument("--encoder", default="msfem", help="msfem or a timm model name (default msfem)")
     enc.add_argument("--weights", help="local weights file (.safetensors, .bin, .pth); default: random init")
     enc.add_argument(
@@ -96,9 +104,14 @@ def check_runtime(args: argparse.Namespace) -> None:
 
 
 def encoder_spec(args: argparse.Namespace):
-    """The :class:`~msamil_core.encoders.EncoderSpec` of the options of :func:`add_encoder_arguments`."""
+    """The :class:`~msamil_core.encoders.EncoderSpec` of the options of :func:`add_encoder_arguments`
+    (an e2e checkpoint's tuned encoder with ``--encoder-checkpoint``)."""
     from ..encoders import IMAGENET_MEAN, IMAGENET_STD, EncoderSpec
 
+    if getattr(args, "encoder_checkpoint", None):
+        from ..e2e import encoder_spec_from_checkpoint
+
+        return encoder_spec_from_checkpoint(args.encoder_checkpoint)
     return EncoderSpec(
         name=args.encoder,
         weights=args.weights,

@@ -57,8 +57,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, help="torch CPU threads")
 
 
-def experiment_options(args: argparse.Namespace) -> dict:
-    """The experiment dict: --experiment, then explicit flags on top."""
+def read_options(text: str, flag: str = "--experiment") -> dict:
+    """Options from inline JSON or a JSON/YAML file."""
     import json
     from pathlib import Path
 
@@ -66,20 +66,27 @@ def experiment_options(args: argparse.Namespace) -> dict:
 
     from ..errors import MsamilError
 
-    options: dict = {}
-    if args.experiment:
-        text = args.experiment
-        try:
-            if text.lstrip().startswith("{"):  # inline JSON
-                options = json.loads(text)
-            elif Path(text).is_file():
-                options = yaml.safe_load(Path(text).read_text()) or {}
-            else:
-                raise MsamilError(f"--experiment {text}: no such file (give a JSON/YAML file or inline JSON)")
-        except (json.JSONDecodeError, yaml.YAMLError) as exc:
-            raise MsamilError(f"--experiment: not valid JSON/YAML ({exc})") from None
-        if not isinstance(options, dict):
-            raise MsamilError("--experiment must be a mapping of options")
+    try:
+        if text.lstrip().startswith("{"):  # inline JSON
+            options = json.loads(text)
+        elif Path(text).is_file():
+            options = yaml.safe_load(Path(text).read_text()) or {}
+        else:
+            raise MsamilError(f"{flag} {text}: no such file (give a JSON/YAML file or inline JSON)")
+    except (json.JSONDecodeError, yaml.YAMLError) as exc:
+        raise MsamilError(f"{flag}: not valid JSON/YAML ({exc})") from None
+    if not isinstance(options, dict):
+        raise MsamilError(f"{flag} must be a mapping of options")
+    return options
+
+
+def experiment_options(args: argparse.Namespace) -> dict:
+    """The experiment dict: --experiment, then explicit flags on top."""
+    import json
+
+    from ..errors import MsamilError
+
+    options = read_options(args.experiment) if args.experiment else {}
     flags = {
         "model": args.model, "scales": args.scales, "epochs": args.epochs, "lr": args.lr,
         "weight_decay": args.weight_decay, "warmup_epochs": args.warmup_epochs, "grad_accum": args.grad_accum,
@@ -151,6 +158,7 @@ def run(args: argparse.Namespace) -> None:
     name = options.pop("name", Path(args.out).name)
     options.pop("encoder", None)  # the workflow's feature set; the bags say which encoder made them
     strategy = options.pop("strategy", None)  # patch selection of the bags (kept for the report)
+    e2e = options.pop("e2e", None)  # retrained on e2e-tuned features: {name, frozen, dir}, for the report
     cfg = TrainConfig.from_dict(options)
     sheet = load_sheet(args.sheet)
     classes, mapping = task_classes(sheet, task, args.classes)
@@ -173,7 +181,8 @@ def run(args: argparse.Namespace) -> None:
         val_set = BagDataset(val_paths, val_ids, val_y, cfg.scales)
         log.info("%s fold %d: %d train / %d val slides, classes %s, model %s on %s", name, k, len(train_ids),
                  len(val_ids), classes, cfg.model, "+".join(cfg.scales))
-        run_config = {"name": name, "task": task, **options, **({"strategy": strategy} if strategy else {})}
+        run_config = {"name": name, "task": task, **options, **({"strategy": strategy} if strategy else {}),
+                      **({"e2e": e2e} if e2e else {})}
         metrics = train_fold(cfg, train_set, val_set, classes, in_dim, out / f"fold{k}", device,
                              encoder=first.encoder, run_config=run_config)
         log.info("%s fold %d: best validation %s", name, k, {m: round(v, 4) for m, v in metrics.items() if isinstance(v, float)})

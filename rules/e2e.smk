@@ -1,0 +1,80 @@
+# End-to-end training of encoder + MIL per fold, re-extraction with each fold's tuned encoder,
+# and the K study (MsaMIL-Net sec. 3.4; Campanella et al.).
+
+
+rule train_e2e:
+    input:
+        coords=all_coords(),
+        folds="results/splits/folds.csv",
+        sheet=sheet_file(),
+    output:
+        "results/e2e/{e2e}/fold{fold}/checkpoint.pt",
+    params:
+        options=e2e_options,
+        splits=split_options(),
+        classes=class_options(),
+    log:
+        "logs/train_e2e/{e2e}/fold{fold}.log",
+    threads: 2
+    resources:
+        mem_mb=16000,
+        runtime=1440,
+    conda:
+        "../envs/msamil.yaml"
+    shell:
+        "msamil e2e --sheet {input.sheet:q} --folds {input.folds:q} --fold {wildcards.fold}"
+        " --coords-dir results/coords --out results/e2e/{wildcards.e2e} {params.splits} {params.classes}"
+        " {params.options} --threads {threads} 2> {log:q}"
+
+
+rule extract_e2e_features:
+    input:
+        slide=slide_file,
+        coords=slide_coords,
+        checkpoint="results/e2e/{e2e}/fold{fold}/checkpoint.pt",
+    output:
+        "results/features/e2e-{e2e}-fold{fold}/{slide}.pt",
+    params:
+        path=slide_path,
+        mpp=mpp_option,
+        runtime=extract_runtime_options(),
+    log:
+        "logs/extract_e2e_features/{e2e}/fold{fold}/{slide}.log",
+    threads: 2
+    resources:
+        mem_mb=8000,
+        runtime=120,
+    conda:
+        "../envs/msamil.yaml"
+    shell:
+        "msamil extract --slide {params.path:q} --slide-id {wildcards.slide:q} {params.mpp}"
+        " --coords {input.coords:q} --out {output:q} --encoder-checkpoint {input.checkpoint:q}"
+        " {params.runtime} --threads {threads} --no-progress 2> {log:q}"
+
+
+rule run_k_study:
+    input:
+        coords=all_coords(),
+        folds="results/splits/folds.csv",
+        sheet=sheet_file(),
+    output:
+        curves="results/e2e/{e2e}/k_study.csv",
+        summary="results/e2e/{e2e}/k_study_summary.csv",
+        png="results/e2e/{e2e}/k_study.png",
+    params:
+        options=e2e_options,
+        study=k_study_options,
+        splits=split_options(),
+        classes=class_options(),
+    log:
+        "logs/run_k_study/{e2e}.log",
+    threads: 2
+    resources:
+        mem_mb=16000,
+        runtime=1440,
+    conda:
+        "../envs/msamil.yaml"
+    shell:
+        "msamil e2e --sheet {input.sheet:q} --folds {input.folds:q} --fold 0"
+        " --coords-dir results/coords --out results/e2e/{wildcards.e2e} {params.splits} {params.classes}"
+        " {params.options} {params.study} --threads {threads} --no-progress 2> {log:q}"
