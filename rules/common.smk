@@ -128,8 +128,8 @@ def coords_options(wildcards):
     return ""
 
 
-wildcard_constraints:
-    coordset="|".join(["coords"] + [f"coords/{s}" for s in STRATEGIES if s != STRATEGY]),
+# coordinate folders: results/coords/ (the configured strategy) and results/coords/{other strategy}/
+COORDSETS = ["coords", *(f"coords/{s}" for s in STRATEGIES if s != STRATEGY)]
 
 
 def slide_coords(wildcards):
@@ -261,6 +261,7 @@ wildcard_constraints:
     # only configured feature folders: features/e2e-<run>-fold<k>/ belong to extract_e2e_features
     encoder=_alternatives(FEATURE_SETS),
     e2e=_alternatives(E2E_RUNS),
+    coordset="|".join(COORDSETS),
 
 
 def _encoder_spec_options(key):
@@ -288,7 +289,7 @@ def extract_runtime_options():
 
 def encoder_options(wildcards):
     """Command-line options of `msamil extract` for a feature folder."""
-    return _encoder_spec_options(FEATURE_SETS[wildcards.encoder][0]) + " " + extract_runtime_options()
+    return f"{_encoder_spec_options(FEATURE_SETS[wildcards.encoder][0])} {extract_runtime_options()}"
 
 
 def feature_dir(experiment, fold=0):
@@ -388,7 +389,7 @@ if _uses_lesion() and not SEGMENTATION["checkpoint"] and not ANNOTATED:
 
 
 def segmentation_checkpoint():
-    """The UNet++ the segment rule runs: the configured file, or the one trained on the cohort."""
+    """The UNet++ that segments the lesions (the configured file, or the one trained on the cohort)."""
     return SEGMENTATION["checkpoint"] or "results/segmentation/checkpoint.pt"
 
 

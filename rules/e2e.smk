@@ -17,6 +17,7 @@ rule train_e2e:
         "logs/train_e2e/{e2e}/fold{fold}.log",
     threads: 2
     resources:
+        gpu=1,
         mem_mb=16000,
         runtime=1440,
     conda:
@@ -42,6 +43,7 @@ rule extract_e2e_features:
         "logs/extract_e2e_features/{e2e}/fold{fold}/{slide}.log",
     threads: 2
     resources:
+        gpu=1,
         mem_mb=8000,
         runtime=120,
     conda:
@@ -70,6 +72,7 @@ rule run_k_study:
         "logs/run_k_study/{e2e}.log",
     threads: 2
     resources:
+        gpu=1,
         mem_mb=16000,
         runtime=1440,
     conda:

@@ -44,6 +44,7 @@ rule predict_slides:
         "logs/predict_slides/{experiment}.log",
     threads: 2
     resources:
+        gpu=1,
         mem_mb=8000,
         runtime=240,
     conda:

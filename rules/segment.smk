@@ -15,6 +15,7 @@ rule train_segmentation:
         "logs/train_segmentation.log",
     threads: 2
     resources:
+        gpu=1,
         mem_mb=8000,
         runtime=240,
     conda:

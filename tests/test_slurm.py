@@ -189,7 +189,8 @@ def _demo_cohort(root: Path) -> Path:
 
 CONFIG = """\
 slides: {sheet}
-patches: {{patch_size: 128}}
+patches: {{patch_size: 128, strategy: tissue}}
+export_geojson: false
 encoders: {{tiny: {{name: resnet18, input_size: 32}}}}
 features: {{default_encoder: tiny, batch_size: 64, workers: 0}}
 splits: {{n_folds: 2}}
