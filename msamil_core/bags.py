@@ -52,6 +52,8 @@ class Bag:
         slide_id: the slide's identifier.
         encoder: the encoder that made the features (``name-<hash>`` for ours).
         has_coords: False for sources without coordinates (bare CLAM/TRIDENT ``.pt``).
+        patches_encoded: patches the extraction job read and encoded for this and the bags it
+            wrote beside it (their union; each shared patch is encoded once); None = this bag's.
     """
 
     features: torch.Tensor
@@ -61,6 +63,7 @@ class Bag:
     slide_id: str
     encoder: str
     has_coords: bool = True
+    patches_encoded: int | None = None
 
     def __len__(self) -> int:
         return int(self.features.shape[0])
@@ -83,7 +86,7 @@ class Bag:
             "patch_size_level0": self.patch_size_level0,
             "slide_id": self.slide_id,
             "encoder": self.encoder,
-        }
+        } | ({} if self.patches_encoded is None else {"patches_encoded": int(self.patches_encoded)})
 
 
 def scale_counts(scales: torch.Tensor | np.ndarray) -> dict[str, int]:
@@ -211,6 +214,7 @@ def _load_pt(path: Path) -> Bag:
         patch_size_level0=_int64(obj["patch_size_level0"], path, "patch_size_level0"),
         slide_id=str(obj.get("slide_id", path.stem)),
         encoder=str(obj.get("encoder", _encoder_from_dir(path))),
+        patches_encoded=int(obj["patches_encoded"]) if "patches_encoded" in obj else None,
     )
 
 

@@ -223,9 +223,49 @@ def encode_patches(
     return out
 
 
-def extract_bag(
+def union_table(tables: list[PatchTable]) -> tuple[PatchTable, list[np.ndarray]]:
+    """The distinct patches of several tables and where each table's rows sit in it.
+
+    A patch is its (scale, x, y, patch_size_level0); the union lists scale 0 first, then 1, then
+    2, each in order of first appearance (table by table, row by row).
+
+    Returns:
+        ``(union, indices)``: ``indices[t][i]`` is the union row of row ``i`` of ``tables[t]``.
+    """
+    rows: dict[tuple[int, int, int, int], int] = {}
+    coords, scales, sizes = [], [], []
+    positions = [np.empty(len(t), dtype=np.int64) for t in tables]
+    for scale in range(len(SCALES)):
+        for t, table in enumerate(tables):
+            for i in np.flatnonzero(table.scales == scale):
+                (x, y), size = table.coords[i], table.patch_size_level0[i]
+                key = (scale, int(x), int(y), int(size))
+                if key not in rows:
+                    rows[key] = len(coords)
+                    coords.append((int(x), int(y)))
+                    scales.append(scale)
+                    sizes.append(int(size))
+                positions[t][i] = rows[key]
+    union = PatchTable(
+        coords=np.asarray(coords, dtype=np.int64).reshape(-1, 2),
+        scales=np.asarray(scales, dtype=np.int64),
+        patch_size_level0=np.asarray(sizes, dtype=np.int64),
+    )
+    return union, positions
+
+
+def extract_bag(slide_path: str | os.PathLike, coords_paths: list[str | os.PathLike], spec: EncoderSpec,
+                **options) -> Bag:
+    """Encode all patches of one slide (up to one coordinates file per scale) into a :class:`Bag`.
+
+    The options are those of :func:`extract_bags`, which this calls with one patch set.
+    """
+    return extract_bags(slide_path, [coords_paths], spec, **options)[0]
+
+
+def extract_bags(
     slide_path: str | os.PathLike,
-    coords_paths: list[str | os.PathLike],
+    coords_sets: list[list[str | os.PathLike]],
     spec: EncoderSpec,
     slide_id: str | None = None,
     mpp: float | None = None,
@@ -234,14 +274,16 @@ def extract_bag(
     device: str = "auto",
     fp16: bool = False,
     progress: bool = True,
-) -> Bag:
-    """Encode all patches of one slide (up to one coordinates file per scale) into a :class:`Bag`.
+) -> list[Bag]:
+    """Encode one slide's patch sets (e.g. the lesion, tissue and random patches) into one bag
+    each, reading and encoding every patch they share once.
 
     Args:
         slide_path: any slide OpenSlide opens.
-        coords_paths: coordinates HDF5 files; each file's scale is its ``target_magnification``.
+        coords_sets: per bag, its coordinates HDF5 files; each file's scale is its
+            ``target_magnification``.
         spec: the encoder (name, weights, input size, normalisation, options).
-        slide_id: the bag's slide id (default: the slide file's stem).
+        slide_id: the bags' slide id (default: the slide file's stem).
         mpp: level-0 µm/px overriding the file's (the sheet's ``mpp`` column).
         batch_size: patches per forward pass.
         workers: DataLoader processes reading patches (0 reads in this process).
@@ -250,24 +292,27 @@ def extract_bag(
         progress: show a tqdm bar on stderr.
 
     Returns:
-        The bag: features [N, D] (float32, or float16 with ``fp16``), coords int64 [N, 2],
-        scales int64 [N], patch_size_level0 int64 [N]; N = 0 gives features [0, D].
+        One bag per patch set: features [N, D] (float32, or float16 with ``fp16``), coords int64
+        [N, 2], scales int64 [N], patch_size_level0 int64 [N], rows in the set's own order (20x,
+        then 10x, then 5x); N = 0 gives features [0, D]. With several sets each bag records the
+        union's size as ``patches_encoded``.
     """
     started = time.perf_counter()
     torch_device = resolve_device(device)
     with open_slide(slide_path, slide_id, mpp) as slide:  # validates the slide before any work
-        table = read_patch_table(coords_paths, slide)
+        tables = [read_patch_table(paths, slide) for paths in coords_sets]
         slide_id, slide_mpp = slide.slide_id, slide.mpp
+    union, positions = union_table(tables)
     # build_encoder seeds the random initialisation and inference draws no random numbers, so a
     # CPU rerun gives identical features (same batch size and threads); on CUDA, bf16 autocast
     # makes them equal to bf16 precision.
     encoder, dim = build_encoder(spec)
     store_dtype = torch.float16 if fp16 else torch.float32
-    if len(table) == 0:
-        log.warning("slide %r: no patches in %s; writing an empty [0, %d] bag", slide_id, coords_paths, dim)
+    if len(union) == 0:
+        log.warning("slide %r: no patches in %s; writing empty [0, %d] bags", slide_id, coords_sets, dim)
         features = torch.zeros(0, dim, dtype=store_dtype)
     else:
-        dataset = PatchDataset(slide_path, table, spec.input_size, slide_id, slide_mpp)
+        dataset = PatchDataset(slide_path, union, spec.input_size, slide_id, slide_mpp)
         loader = make_loader(dataset, batch_size, workers, torch_device)
         features = encode_patches(
             prepare_encoder(encoder, torch_device), loader, torch_device, store_dtype, progress, desc=slide_id
@@ -275,16 +320,24 @@ def extract_bag(
         dataset.close()
         del loader  # stops persistent workers now rather than at interpreter exit
     elapsed = time.perf_counter() - started
-    counts = ", ".join(f"{name}: {n}" for name, n in table.counts().items())
+    counts = ", ".join(f"{name}: {n}" for name, n in union.counts().items())
     log.info(
         "slide %r: %d patches (%s) -> [%d, %d] features in %.1f s (%.1f patches/s)",
-        slide_id, len(table), counts, len(table), dim, elapsed, len(table) / max(elapsed, 1e-9),
+        slide_id, len(union), counts, len(union), dim, elapsed, len(union) / max(elapsed, 1e-9),
     )  # fmt: skip
-    return Bag(
-        features=features,
-        coords=torch.from_numpy(table.coords),
-        scales=torch.from_numpy(table.scales),
-        patch_size_level0=torch.from_numpy(table.patch_size_level0),
-        slide_id=slide_id,
-        encoder=encoder_id(spec),
-    )
+    bags = []
+    for table, rows, paths in zip(tables, positions, coords_sets):
+        if len(tables) > 1:
+            log.info("slide %r: %d of the %d patches -> bag of %s", slide_id, len(table), len(union),
+                     ", ".join(map(str, paths)))  # fmt: skip
+        index = torch.from_numpy(rows)
+        bags.append(Bag(
+            features=features[index],
+            coords=torch.from_numpy(table.coords),
+            scales=torch.from_numpy(table.scales),
+            patch_size_level0=torch.from_numpy(table.patch_size_level0),
+            slide_id=slide_id,
+            encoder=encoder_id(spec),
+            patches_encoded=len(union) if len(tables) > 1 else None,
+        ))  # fmt: skip
+    return bags

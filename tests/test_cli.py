@@ -51,6 +51,40 @@ def test_preprocessing_chain_on_cmu(tmp_path, cmu_slide):
             sizes.append(int(f["coords"].attrs["patch_size_level0"]))
     assert sizes[1] == 2 * sizes[0] and sizes[2] == 4 * sizes[0]
 
+    # several strategies in one call write what one call per strategy writes
+    import numpy as np
+    from PIL import Image
+
+    tissue = np.asarray(Image.open(d / "tissue_mask.png")) > 0
+    lesion = np.zeros_like(tissue)
+    lesion[: tissue.shape[0] // 2] = True  # the upper half of the tissue is "lesion"
+    Image.fromarray((lesion * 255).astype(np.uint8)).save(d / "lesion_mask.png")
+    common = ["coords", "--meta", str(d / "meta.json"), "--tissue-mask", str(d / "tissue_mask.png"), "--patch-size", "256",
+              "--min-fraction", "0.4"]
+    files = {s: [str(tmp_path / "multi" / s / f"{m}.h5") for m in ("20x", "10x", "5x")] for s in ("lesion", "tissue", "random")}
+    assert main([*common, "--lesion-mask", str(d / "lesion_mask.png"), "--random", "5", "--random-seed", "3",
+                 *[a for s, f in files.items() for a in ("--strategy", s, *f)]]) == 0
+    single = {
+        "lesion": ["--lesion-mask", str(d / "lesion_mask.png")],
+        "tissue": [],
+        "random": ["--random", "5", "--random-seed", "3"],
+    }
+    for strategy, extra in single.items():
+        alone = [str(tmp_path / "single" / strategy / f"{m}.h5") for m in ("20x", "10x", "5x")]
+        assert main([*common, *extra, "--out-20x", alone[0], "--out-10x", alone[1], "--out-5x", alone[2]]) == 0
+        for a, b in zip(files[strategy], alone):
+            with h5py.File(a) as fa, h5py.File(b) as fb:
+                assert np.array_equal(fa["coords"][()], fb["coords"][()]), (strategy, a)
+                assert dict(fa["coords"].attrs).keys() == dict(fb["coords"].attrs).keys()
+                assert fa["coords"].attrs["selection"] == fb["coords"].attrs["selection"]
+    with h5py.File(files["random"][0]) as f:
+        assert f["coords"].shape[0] == 5
+    with h5py.File(files["lesion"][0]) as fl, h5py.File(files["tissue"][0]) as ft:
+        assert 0 < fl["coords"].shape[0] < ft["coords"].shape[0]
+    # lesion without its mask, or random without N: a one-line error naming the fix
+    assert main([*common, "--strategy", "lesion", *files["lesion"]]) == 1
+    assert main([*common, "--strategy", "random", *files["random"]]) == 1
+
 
 @pytest.mark.parametrize(
     "slide, words",

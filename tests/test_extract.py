@@ -124,3 +124,38 @@ def test_asking_for_a_missing_gpu_fails_clearly(tmp_path, cmu_slide, cmu_coords,
     assert _extract(cmu_slide, list(cmu_coords.values()), tmp_path / "x.pt", "--device", "cuda") == 1
     assert "no CUDA GPU" in capsys.readouterr().err
     assert not (tmp_path / "x.pt").exists()
+
+
+def test_several_bags_from_one_pass_share_their_patches(tmp_path, cmu_slide, cmu_coords):
+    """Two patch sets (all patches; every other 20x patch plus the 5x ones, in reverse order):
+    each bag holds exactly its set's rows, encoded as a bag of its own would be, and shared
+    patches are encoded once."""
+    subset = {}
+    for scale in ("20x", "5x"):
+        coords, attrs = read_coords(cmu_coords[scale])
+        subset[scale] = tmp_path / "subset" / f"{scale}.h5"
+        write_coords(subset[scale], (coords[::2] if scale == "20x" else coords)[::-1].copy(), attrs)
+    full, part = tmp_path / "full.pt", tmp_path / "part.pt"
+    argv = ["extract", "--slide", str(cmu_slide), *ENCODER, "--batch-size", "16",
+            "--coords", *map(str, cmu_coords.values()), "--out", str(full),
+            "--coords", *map(str, subset.values()), "--out", str(part)]
+    assert main(argv) == 0
+    alone = tmp_path / "alone.pt"
+    assert _extract(cmu_slide, list(subset.values()), alone, "--batch-size", "16") == 0
+    a, b, c = load_bag(full), load_bag(part), load_bag(alone)
+    assert torch.equal(b.coords, c.coords) and torch.equal(b.scales, c.scales)
+    assert torch.allclose(b.features, c.features, atol=1e-4)
+    # the subset's rows are rows of the full bag, with the same features
+    row = {(s, x, y): i for i, (s, (x, y)) in enumerate(zip(a.scales.tolist(), a.coords.tolist()))}
+    index = [row[(s, x, y)] for s, (x, y) in zip(b.scales.tolist(), b.coords.tolist())]
+    assert torch.equal(b.features, a.features[index])
+    assert a.patches_encoded == b.patches_encoded == len(a) > len(b)
+    assert c.patches_encoded is None
+
+
+def test_coords_and_out_must_pair(tmp_path, cmu_slide, cmu_coords, capsys):
+    argv = ["extract", "--slide", str(cmu_slide), *ENCODER, "--coords", *map(str, cmu_coords.values()),
+            "--coords", str(cmu_coords["20x"]), "--out", str(tmp_path / "a.pt")]
+    assert main(argv) == 1
+    assert "give one --out per --coords" in capsys.readouterr().err
+    assert not (tmp_path / "a.pt").exists()

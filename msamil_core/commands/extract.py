@@ -5,6 +5,11 @@ Reads every patch listed in the coordinates files (one per scale; a file's scale
 px, encodes it and writes the bag: features [N, D], coords [N, 2] (level-0 top-left), scales [N]
 (0 = 20x, 1 = 10x, 2 = 5x), patch_size_level0 [N], slide_id and encoder ("<name>-<hash>").
 
+Several bags from one pass: give --coords and --out once per bag (the i-th --out gets the i-th
+--coords). Patches the sets share (lesion and random patches are tissue patches) are read and
+encoded once; each bag keeps its own rows and records the pass's patch count
+(`patches_encoded`). The workflow writes the bags of all patch-selection strategies so.
+
 With --encoder-checkpoint (an `msamil e2e` checkpoint) the encoder is the tuned one, built as it
 was trained; the other encoder options are then ignored.
 
@@ -17,6 +22,8 @@ Examples:
   msamil extract --slide s1.svs --coords coords/20x/s1.h5 coords/10x/s1.h5 coords/5x/s1.h5 \\
       --out features/msfem/s1.pt --encoder msfem --input-size 512 \\
       --encoder-arg backbone_weights=efficientnet_b3.safetensors
+  msamil extract --slide s1.svs --coords coords/{20x,10x,5x}/s1.h5 --out lesion/s1.pt \\
+      --coords coords/tissue/{20x,10x,5x}/s1.h5 --out tissue/s1.pt --encoder resnet18
   msamil extract --slide s1.svs --coords coords/20x/s1.h5 --out s1.pt \\
       --encoder vit_large_patch16_224 --encoder-arg init_values=1e-5 --weights uni.bin
 """
@@ -37,11 +44,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     io.add_argument(
         "--coords",
         nargs="+",
+        action="append",
         required=True,
         metavar="H5",
-        help="coordinates HDF5 files, one per scale, in any order (scale read from target_magnification)",
+        help="coordinates HDF5 files, one per scale, in any order (scale read from target_magnification); "
+        "repeat it with --out for more bags from one pass",
     )
-    io.add_argument("--out", required=True, help="feature bag to write (.pt)")
+    io.add_argument("--out", action="append", required=True, help="feature bag to write (.pt); one per --coords")
 
     add_encoder_arguments(parser)
 
@@ -141,11 +150,16 @@ def parse_encoder_args(items: list[str]) -> dict:
 
 def run(args: argparse.Namespace) -> None:
     from ..bags import save_bag
-    from ..extract import extract_bag
+    from ..errors import MsamilError
+    from ..extract import extract_bags
 
+    if len(args.coords) != len(args.out):
+        raise MsamilError(f"{len(args.coords)} --coords sets but {len(args.out)} --out files: give one --out per --coords")
+    if len(set(args.out)) != len(args.out):
+        raise MsamilError(f"--out names a file twice ({', '.join(args.out)}); each bag needs its own file")
     check_runtime(args)
     spec = encoder_spec(args)
-    bag = extract_bag(
+    bags = extract_bags(
         args.slide,
         args.coords,
         spec,
@@ -157,4 +171,5 @@ def run(args: argparse.Namespace) -> None:
         fp16=args.fp16,
         progress=not args.no_progress,
     )
-    save_bag(args.out, bag)
+    for out, bag in zip(args.out, bags):  # each atomically; all are computed before the first is written
+        save_bag(out, bag)
