@@ -196,3 +196,28 @@ def test_roc_points_and_summed_confusion():
     per_fold[1] = dict(per_fold[1], classes=["class_0", "class_1", "other"])
     with pytest.raises(ValueError, match="differ"):
         summed_confusion(per_fold)
+
+
+def test_numpy_scores_match_sklearn_on_random_folds_with_ties():
+    """The numpy ROC, AUC, F1 and confusion matrix against sklearn's, on folds with tied scores,
+    absent classes and classes never predicted."""
+    rng = np.random.default_rng(7)
+    for trial in range(200):
+        n, c = int(rng.integers(2, 40)), int(rng.integers(2, 5))
+        y = rng.integers(0, c, n)
+        p = rng.integers(0, 6, size=(n, c)).astype(float) + 1e-3  # few distinct values: many ties
+        p /= p.sum(axis=1, keepdims=True)
+        m = classification_metrics(y, p, [f"k{i}" for i in range(c)])
+        pred = p.argmax(axis=1)
+        present = sorted(set(y.tolist()))
+        assert m["f1_macro"] == pytest.approx(f1_score(y, pred, labels=present, average="macro", zero_division=0))
+        assert m["confusion_matrix"] == confusion_matrix(y, pred, labels=list(range(c))).tolist()
+        for k in range(c):
+            positive = y == k
+            if positive.all() or not positive.any():
+                assert m["auc_per_class"][f"k{k}"] is None
+                continue
+            fpr, tpr, _ = roc_curve(positive, p[:, k])
+            assert m["roc"][f"k{k}"]["fpr"] == pytest.approx(fpr.tolist()), trial
+            assert m["roc"][f"k{k}"]["tpr"] == pytest.approx(tpr.tolist()), trial
+            assert m["auc_per_class"][f"k{k}"] == pytest.approx(roc_auc_score(positive, p[:, k])), trial

@@ -88,6 +88,17 @@ def test_train_evaluate_report_without_snakemake(tmp_path):
     assert "abmil" in html and "roc.png" in html
     assert (tmp_path / "report" / "summary.csv").read_text().startswith("experiment,metric,mean,sd,n_folds")
 
+    # train --evaluate (the workflow's train_fold): the same predictions as the separate evaluate
+    again = tmp_path / "models" / "abmil_again"
+    assert main(["train", "--features", str(bags), "--sheet", str(sheet), "--out", str(again), "--folds",
+                 str(out / "folds.csv"), "--fold", "1", "--model", "abmil.base", "--epochs", "12", "--grad-accum", "2",
+                 "--lr", "1e-3", "--threads", "1", "--evaluate"]) == 0
+    assert (again / "fold1" / "predictions.csv").read_text() == (out / "fold1" / "predictions.csv").read_text()
+    metrics = json.loads((again / "fold1" / "metrics.json").read_text())
+    assert metrics["auc"] == json.loads((out / "fold1" / "metrics.json").read_text())["auc"]
+    assert metrics["inference_seconds"] > 0
+    assert "inference_seconds" not in (tmp_path / "report" / "summary.csv").read_text()
+
 
 def _resume_epoch(path: Path) -> int:
     try:

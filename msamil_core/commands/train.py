@@ -6,6 +6,8 @@ folds.csv); without it they are made from the sheet (patient-level, label-strati
 written to <out>/folds.csv. Each fold writes <out>/fold<k>/checkpoint.pt (best epoch by the
 validation metric), history.json, and while training resume.pt: a killed or preempted run
 continues from it when run again. Under `torchrun --nproc-per-node N` training runs as DDP.
+With --evaluate each fold's best checkpoint then runs on the fold's test part (predictions.csv,
+metrics.json), exactly as `msamil evaluate` does.
 
 Options may come from --experiment (a JSON/YAML file or inline JSON with the keys of the
 config's `experiments` entries); explicit flags override it.
@@ -55,6 +57,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--freeze", choices=FREEZE_CHOICES)
     parser.add_argument("--workers", type=int, help="DataLoader workers loading bags")
     parser.add_argument("--threads", type=int, help="torch CPU threads")
+    parser.add_argument(
+        "--evaluate",
+        action="store_true",
+        help="then run each fold's best checkpoint on its test part: predictions.csv and metrics.json, as "
+        "`msamil evaluate` writes them (the workflow does this, sparing a process per fold)",
+    )
 
 
 def read_options(text: str, flag: str = "--experiment") -> dict:
@@ -140,6 +148,7 @@ def fold_indices(args: argparse.Namespace, folds) -> list[int]:
 
 def run(args: argparse.Namespace) -> None:
     import logging
+    import os
     from pathlib import Path
 
     import torch
@@ -149,6 +158,7 @@ def run(args: argparse.Namespace) -> None:
     from ..sheet import load_sheet
     from ..splits import fold_parts
     from ..train import BagDataset, TrainConfig, check_feature_dim, locate_bags, resolve_device, train_fold
+    from .evaluate import evaluate_fold
 
     log = logging.getLogger("msamil.train")
     if args.threads:
@@ -186,3 +196,6 @@ def run(args: argparse.Namespace) -> None:
         metrics = train_fold(cfg, train_set, val_set, classes, in_dim, out / f"fold{k}", device,
                              encoder=first.encoder, run_config=run_config)
         log.info("%s fold %d: best validation %s", name, k, {m: round(v, 4) for m, v in metrics.items() if isinstance(v, float)})
+        if args.evaluate and int(os.environ.get("RANK", "0")) == 0:
+            evaluate_fold(out / f"fold{k}", k, sheet, folds, args.features, device,
+                          val_fraction=args.val_fraction, split_seed=args.split_seed)
