@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .errors import MsamilError
+from .lesionmask import PostProcess, postprocess  # noqa: F401  (their home is torch-free)
 
 log = logging.getLogger(__name__)
 
@@ -115,21 +116,6 @@ class SegmentationConfig:
     def multiple(self) -> int:
         """Input sides must be multiples of this (px)."""
         return 2**self.encoder_depth
-
-
-@dataclass
-class PostProcess:
-    """From probabilities to the lesion mask (thumbnail px); ``msamil segment`` applies the same."""
-
-    threshold: float = 0.5  # lesion where the probability is at least this
-    min_object_fraction: float = 5e-4  # drop lesion specks smaller than this fraction of the thumbnail
-    max_hole_fraction: float = 1e-3  # fill holes in lesions up to this fraction of the thumbnail
-
-    def __post_init__(self):
-        if not 0.0 < self.threshold < 1.0:
-            raise MsamilError(f"segmentation threshold must be in (0, 1), got {self.threshold}")
-        if self.min_object_fraction < 0 or self.max_hole_fraction < 0:
-            raise MsamilError("segmentation min_object_fraction and max_hole_fraction must be non-negative")
 
 
 @dataclass
@@ -394,20 +380,6 @@ def predict_probabilities(
     if was_training:
         model.train()
     return torch.sigmoid(logits)[0, 0].cpu().numpy()
-
-
-def postprocess(prob: np.ndarray, tissue: np.ndarray | None, params: PostProcess) -> np.ndarray:
-    """Lesion mask bool [h, w]: ``prob >= threshold`` within tissue, small holes filled, specks dropped."""
-    from .tissue import clean_mask
-
-    mask = prob >= params.threshold
-    if tissue is not None:
-        mask &= tissue
-    # close_radius 0: no morphology beyond hole filling and speck removal, so edges stay where predicted.
-    mask = clean_mask(mask, 0, params.min_object_fraction, params.max_hole_fraction)
-    if tissue is not None:
-        mask &= tissue  # filled holes may include glass
-    return mask
 
 
 def mask_scores(pred: np.ndarray, target: np.ndarray) -> tuple[float, float, int, int]:
@@ -688,7 +660,12 @@ def segment_thumbnail(
     device: str = "cpu",
 ) -> tuple[np.ndarray, np.ndarray]:
     """(lesion mask bool [h, w], probability float32 [h, w]) of one thumbnail with a loaded checkpoint."""
+    prob = thumbnail_probabilities(model, ckpt, rgb, device)
+    return postprocess(prob, tissue, post), prob
+
+
+def thumbnail_probabilities(model: torch.nn.Module, ckpt: dict, rgb: np.ndarray, device: str = "cpu") -> np.ndarray:
+    """Lesion probability float32 [h, w] of one thumbnail with a loaded checkpoint."""
     multiple = 2 ** int(ckpt["model_args"].get("encoder_depth", 5))
     norm = ckpt["normalization"]
-    prob = predict_probabilities(model, rgb, int(ckpt["input_size"]), norm["mean"], norm["std"], multiple, device)
-    return postprocess(prob, tissue, post), prob
+    return predict_probabilities(model, rgb, int(ckpt["input_size"]), norm["mean"], norm["std"], multiple, device)

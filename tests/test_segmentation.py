@@ -135,7 +135,8 @@ def trained(tmp_path_factory):
     ckpt = root / "model" / "checkpoint.pt"
     run_command(
         "segment_train",
-        ["--sheet", str(root / "sheet.csv"), "--slides-dir", str(root / "slides"), "--out", str(ckpt), *TRAIN_ARGS],
+        ["--sheet", str(root / "sheet.csv"), "--slides-dir", str(root / "slides"), "--out", str(ckpt), *TRAIN_ARGS,
+         "--probabilities-dir", str(root / "probabilities")],
     )
     return root, ckpt, truth, rng
 
@@ -165,6 +166,47 @@ def test_checkpoint_round_trip_reproduces_the_held_out_iou(trained):
         segment(ckpt, root / "slides" / sid, out)
         lesion, _ = truth[sid]
         assert mask_scores(load_mask(out), lesion)[0] == pytest.approx(reported, abs=1e-4)
+
+
+def _segment_in_subprocess(ckpt, slide_dir, out, *extra) -> bool:
+    """``msamil segment`` in a fresh interpreter; returns whether it imported torch."""
+    import subprocess
+    import sys
+
+    argv = ["segment", "--checkpoint", str(ckpt), "--thumbnail", str(slide_dir / "thumbnail.png"), "--tissue-mask",
+            str(slide_dir / "tissue_mask.png"), "--out", str(out), "--threads", "1", *extra]
+    code = f"import sys; from msamil_core.cli import main; rc = main({argv!r}); print('torch' in sys.modules); sys.exit(rc)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout.strip().endswith("True")
+
+
+def test_segment_reuses_the_probabilities_segment_train_stored(trained, tmp_path):
+    root, ckpt, _, _ = trained
+    stored = root / "probabilities"
+    assert sorted(p.stem for p in stored.glob("*.npz")) == sorted(p.name for p in (root / "slides").iterdir())
+    sid = "s01"
+    fresh, reused = tmp_path / "fresh.png", tmp_path / "reused.png"
+    assert _segment_in_subprocess(ckpt, root / "slides" / sid, fresh)  # the network, so torch
+    assert not _segment_in_subprocess(ckpt, root / "slides" / sid, reused, "--slide-id", sid, "--reuse", str(stored))
+    assert np.array_equal(load_mask(fresh), load_mask(reused))
+    # settings still apply to stored probabilities
+    strict = tmp_path / "strict.png"
+    assert not _segment_in_subprocess(ckpt, root / "slides" / sid, strict, "--slide-id", sid, "--reuse", str(stored),
+                                      "--threshold", "0.999")
+    assert load_mask(strict).sum() < load_mask(reused).sum()
+    # probabilities of another checkpoint, or of other thumbnail pixels, are not taken
+    other = tmp_path / "other.pt"
+    other.write_bytes(ckpt.read_bytes() + b"\0")  # same weights, another file: another digest
+    again = tmp_path / "again.png"
+    assert _segment_in_subprocess(other, root / "slides" / sid, again, "--slide-id", sid, "--reuse", str(stored))
+    assert np.array_equal(load_mask(again), load_mask(fresh))
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    for name in ("thumbnail.png", "tissue_mask.png"):
+        (moved / name).write_bytes((root / "slides" / "s02" / name).read_bytes())
+    # s02's pixels under s01's name: the digest differs, the network runs, the mask is s02's
+    assert _segment_in_subprocess(ckpt, moved, tmp_path / "s02.png", "--slide-id", sid, "--reuse", str(stored))
 
 
 def test_segment_an_unannotated_slide(trained, tmp_path):

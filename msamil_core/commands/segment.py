@@ -6,6 +6,11 @@ with small holes filled and specks removed. Any slide can be segmented, annotate
 Without --threshold/--min-object-fraction/--max-hole-fraction the values the checkpoint was
 evaluated with are used.
 
+With --reuse D (the workflow passes results/segmentation/probabilities), the probabilities that
+`msamil segment-train --probabilities-dir D` stored for this slide are used when they were made
+by this checkpoint file from this thumbnail (SHA-256 of both); the network, and torch with it, is
+then not loaded at all. Otherwise the network runs.
+
 With --fallback-below F, a slide whose lesion covers less than F of its tissue gets its tissue
 mask as "lesion" mask instead (logged), so that patch selection never ends with an empty bag.
 
@@ -25,7 +30,7 @@ HELP = "thumbnail + tissue mask -> lesion_mask.png (UNet++)"
 def add_postprocess_arguments(parser: argparse.ArgumentParser, from_checkpoint: bool) -> None:
     """--threshold, --min-object-fraction, --max-hole-fraction; with ``from_checkpoint`` they default to
     the checkpoint's values (None here)."""
-    from ..segmentation import PostProcess
+    from ..lesionmask import PostProcess
 
     d = PostProcess()
     where = "the checkpoint's" if from_checkpoint else "%(default)s"
@@ -67,6 +72,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="write the tissue mask instead when lesion covers less than this fraction of the tissue "
         "(default 0: never)",
     )
+    parser.add_argument(
+        "--reuse",
+        metavar="DIR",
+        help="folder of `msamil segment-train --probabilities-dir`: use this slide's stored probabilities when "
+        "this checkpoint made them from this thumbnail",
+    )
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default %(default)s)")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads for torch; 0 = torch's default")
     add_postprocess_arguments(parser, from_checkpoint=True)
@@ -78,34 +89,51 @@ def run(args: argparse.Namespace) -> None:
     from pathlib import Path
 
     import numpy as np
-    import torch
     from PIL import Image
 
     from ..errors import MsamilError
     from ..fileio import atomic_path
-    from ..segmentation import PostProcess, load_segmentation_checkpoint, read_rgb, segment_thumbnail
+    from ..lesionmask import PostProcess, postprocess, stored_probabilities
     from ..tissue import load_mask, save_mask
 
     log = logging.getLogger("msamil.segment")
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
     slide_id = args.slide_id or Path(args.thumbnail).parent.name
-    model, ckpt = load_segmentation_checkpoint(args.checkpoint, args.device)
-    saved = dict(asdict(PostProcess()), **ckpt.get("postprocess", {}))
+    if not Path(args.checkpoint).is_file():
+        raise MsamilError(f"segmentation checkpoint {args.checkpoint}: file not found; train one with `msamil segment-train`")
+    tissue = load_mask(args.tissue_mask)
+    stored = stored_probabilities(args.reuse, slide_id, args.checkpoint, args.thumbnail) if args.reuse else None
+    if stored is not None:
+        prob, saved_post = stored
+        log.info("%s: probabilities of this checkpoint and thumbnail from %s", slide_id, args.reuse)
+    else:
+        import torch
+
+        from ..segmentation import load_segmentation_checkpoint, read_rgb, thumbnail_probabilities
+
+        if args.threads > 0:
+            torch.set_num_threads(args.threads)
+        model, ckpt = load_segmentation_checkpoint(args.checkpoint, args.device)
+        saved_post = ckpt.get("postprocess", {})
+        rgb = read_rgb(args.thumbnail, slide_id)
+        if tissue.shape != rgb.shape[:2]:
+            raise MsamilError(
+                f"slide {slide_id!r}: tissue mask {args.tissue_mask} is {tissue.shape[1]} x {tissue.shape[0]} px, "
+                f"the thumbnail {rgb.shape[1]} x {rgb.shape[0]}; rerun the tissue step of this slide"
+            )
+        prob = thumbnail_probabilities(model, ckpt, rgb, args.device)
+    if tissue.shape != prob.shape:
+        raise MsamilError(
+            f"slide {slide_id!r}: tissue mask {args.tissue_mask} is {tissue.shape[1]} x {tissue.shape[0]} px, "
+            f"the thumbnail {prob.shape[1]} x {prob.shape[0]}; rerun the tissue step of this slide"
+        )
+    saved = dict(asdict(PostProcess()), **saved_post)
     given = {
         "threshold": args.threshold,
         "min_object_fraction": args.min_object_fraction,
         "max_hole_fraction": args.max_hole_fraction,
     }
     post = PostProcess(**{k: (v if v is not None else saved[k]) for k, v in given.items()})
-    rgb = read_rgb(args.thumbnail, slide_id)
-    tissue = load_mask(args.tissue_mask)
-    if tissue.shape != rgb.shape[:2]:
-        raise MsamilError(
-            f"slide {slide_id!r}: tissue mask {args.tissue_mask} is {tissue.shape[1]} x {tissue.shape[0]} px, "
-            f"the thumbnail {rgb.shape[1]} x {rgb.shape[0]}; rerun the tissue step of this slide"
-        )
-    mask, prob = segment_thumbnail(model, ckpt, rgb, tissue, post, args.device)
+    mask = postprocess(prob, tissue, post)
     tissue_px = int(tissue.sum())
     fraction = float(mask.sum()) / tissue_px if tissue_px else 0.0
     log.info("%s: lesion %.1f %% of the tissue (threshold %.2f)", slide_id, 100 * fraction, post.threshold)

@@ -93,6 +93,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     io.add_argument("--out", required=True, help="checkpoint to write (.pt)")
     io.add_argument("--metrics", help="metrics JSON to write (default: metrics.json beside --out)")
+    io.add_argument(
+        "--probabilities-dir",
+        metavar="DIR",
+        help="also write each given slide's lesion probabilities under the saved checkpoint to DIR/<slide_id>.npz, "
+        "for `msamil segment --reuse DIR` (which then need not load the network)",
+    )
 
     m = parser.add_argument_group("model")
     m.add_argument("--encoder", default=d.encoder, help="segmentation_models_pytorch encoder (default %(default)s)")
@@ -235,6 +241,20 @@ def run(args: argparse.Namespace) -> None:
     # Metrics first: the checkpoint is the rule's main output and marks the step complete.
     write_json(metrics_path, metrics)
     save_torch(args.out, checkpoint)
+    if args.probabilities_dir:
+        from ..lesionmask import file_digest, save_probabilities
+        from ..segmentation import load_segmentation_checkpoint, thumbnail_probabilities
+        from ..train import resolve_device
+
+        # the saved checkpoint rebuilt as `msamil segment` rebuilds it, on the same pixels
+        device = resolve_device(args.device)
+        model, ckpt = load_segmentation_checkpoint(args.out, device)
+        digest = file_digest(args.out)
+        for sample in samples:
+            prob = thumbnail_probabilities(model, ckpt, sample.rgb, device)
+            save_probabilities(args.probabilities_dir, sample.slide_id, prob, digest, thumbs[sample.slide_id],
+                               ckpt.get("postprocess", {}))
+        log.info("wrote the lesion probabilities of %d slides to %s", len(samples), args.probabilities_dir)
     held = metrics["holdout"]["iou"]
     log.info(
         "wrote %s (best epoch %d, val IoU %s, hold-out IoU %s, %.0f s)",
