@@ -76,8 +76,8 @@ light purple squares that stay distinct after any downsampling.
 13 px = 6.5 µm) with a pale centre, a dark rim and a nucleolus. Both sit on the
 same 16 px lattice, and the atypical ink is calibrated
 (``_atypical_ink_gain``) so that a dense (or sparse) nest has the same mean RGB
-colour for both cytologies. At 20x (256 px shown as 96-128 px) the nuclei are
-resolved; at 5x (1024 px shown as 96-128 px) only residual texture is left.
+colour for both cytologies. At 20x (256 px shown as 64-128 px) the nuclei are
+resolved; at 5x (1024 px shown as 64-128 px) only residual texture is left.
 
 *Architecture A: how dense and sparse nests are arranged.* ``alternating``:
 dense and sparse nests alternate like a checkerboard, ``dense = (row + col +

@@ -155,13 +155,18 @@ def write_report(experiments: dict[str, str | os.PathLike], out_dir: str | os.Pa
     from .e2e import report_parts as e2e_parts
 
     parts += e2e_parts(configs, per_fold, out_dir)
-    strategies = strategy_table(summary, configs, features or {}, benchmarks,
-                                {name: sorted(folds) for name, folds in per_fold.items()})
+    inference = {name: (sum(m["inference_seconds"] for m in folds.values())
+                        if folds and all("inference_seconds" in m for m in folds.values()) else None)
+                 for name, folds in per_fold.items()}
+    strategies = strategy_table(summary, configs, features or {}, benchmarks, inference)
     if strategies is not None:
         parts.append("<h2>Patch-selection strategies</h2><p>The same model on patches of the segmented lesion, "
                      "of all tissue, or a random subset of the tissue (MsaMIL-Net Table 1): test AUC, patches "
-                     "extracted (all slides and scales), and measured wall time of feature extraction plus "
-                     "test-set inference (Snakemake benchmark files).</p>")
+                     "extracted (all slides and scales), and wall time of feature extraction plus test-set "
+                     "inference. One job per slide extracts the bags of all strategies, encoding shared patches "
+                     "once; a strategy's extraction time is each job's wall time (Snakemake benchmark file) times "
+                     "that strategy's share of the job's patches. Inference: the fold models on their test "
+                     "bags, loading included (metrics.json).</p>")
         parts.append(_table(strategies))
     if segmentation:
         parts.append("<h2>Lesion segmentation (UNet++)</h2><p>IoU and Dice of the thresholded lesion masks "

@@ -5,9 +5,14 @@ section 3.1 and Table 1).
   ``msamil segment-train``'s metrics.json.
 * ``strategy_table``: experiments that differ only in their patch-selection strategy (same
   model, model options, task and scales), each with its test AUC (mean ± sd over folds), the
-  patches extracted for it (all slides, all scales), and the measured wall time of extracting
-  them plus running the fold models on the test parts. The times are the seconds Snakemake's
-  ``benchmark:`` files record for the ``extract_features`` and ``evaluate_fold`` jobs.
+  patches extracted for it (all slides, all scales), and the wall time of extracting them plus
+  running the fold models on the test parts.
+
+  One ``extract_features`` job per slide writes the bags of all strategies, encoding the patches
+  they share once. A strategy's extraction time is, slide by slide, the job's wall time
+  (Snakemake's ``benchmark:`` file) times the share of the job's patches that strategy needs
+  (``len(bag) / patches_encoded``). Inference time is each fold's ``inference_seconds``
+  (metrics.json: loading the test bags and running the model).
 """
 
 from __future__ import annotations
@@ -35,31 +40,44 @@ def strategy_groups(configs: dict[str, dict]) -> list[list[str]]:
     return [g for g in groups.values() if len({configs[n]["strategy"] for n in g}) > 1]
 
 
-def count_patches(feature_dir: str | os.PathLike) -> int:
-    """Instances in every bag (``*.pt``) of a feature folder."""
-    total = 0
+def bag_counts(feature_dir: str | os.PathLike) -> dict[str, tuple[int, int]]:
+    """Slide -> (patches in its bag, patches its extraction job encoded) for a feature folder."""
+    counts = {}
     for path in sorted(Path(feature_dir).glob("*.pt")):
-        bag = torch.load(path, map_location="cpu", weights_only=True)
-        total += len(bag["coords"])
-    return total
+        bag = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        n = len(bag["coords"])
+        counts[path.stem] = (n, int(bag.get("patches_encoded", n)) or 1)
+    return counts
 
 
-def benchmark_seconds(paths: list[Path]) -> float | None:
-    """Sum of the wall-clock ``s`` column of Snakemake benchmark files; None when one is missing."""
+def benchmark_seconds(path: Path) -> float | None:
+    """Wall-clock seconds (``s`` column, summed) of a Snakemake benchmark file; None when missing."""
+    if not path.exists():
+        return None
+    try:
+        return float(pd.read_csv(path, sep="\t")["s"].sum())
+    except (OSError, ValueError, KeyError, pd.errors.ParserError) as exc:
+        raise MsamilError(f"{path}: not a Snakemake benchmark file ({exc})") from None
+
+
+def extraction_seconds(counts: dict[str, tuple[int, int]], job_dir: Path) -> float | None:
+    """Each slide's extraction-job wall time times this bag's share of the job's patches, summed;
+    None when a slide's benchmark file is missing."""
     total = 0.0
-    for path in paths:
-        if not path.exists():
+    for slide, (n, encoded) in counts.items():
+        seconds = benchmark_seconds(job_dir / f"{slide}.tsv")
+        if seconds is None:
             return None
-        try:
-            total += float(pd.read_csv(path, sep="\t")["s"].sum())
-        except (OSError, ValueError, KeyError, pd.errors.ParserError) as exc:
-            raise MsamilError(f"{path}: not a Snakemake benchmark file ({exc})") from None
+        total += seconds * n / encoded
     return total
 
 
 def strategy_table(summary: pd.DataFrame, configs: dict[str, dict], features: dict[str, str],
-                   benchmarks: str | os.PathLike | None, folds: dict[str, list[int]]) -> pd.DataFrame | None:
-    """One row per experiment of each strategy group; None when there is no such group."""
+                   benchmarks: str | os.PathLike | None, inference: dict[str, float | None]) -> pd.DataFrame | None:
+    """One row per experiment of each strategy group; None when there is no such group.
+
+    ``inference``: experiment -> seconds its fold models took on their test parts (None: unknown).
+    """
     groups = strategy_groups(configs)
     if not groups:
         return None
@@ -67,21 +85,21 @@ def strategy_table(summary: pd.DataFrame, configs: dict[str, dict], features: di
     bench = Path(benchmarks) if benchmarks else None
     for group in groups:
         for name in sorted(group, key=lambda n: configs[n]["strategy"]):
+            strategy = configs[name]["strategy"]
             auc = summary[(summary.experiment == name) & (summary.metric == "auc")]
             feature_dir = features.get(name)
-            patches = count_patches(feature_dir) if feature_dir else None
-            extract_s = infer_s = None
-            if bench is not None and feature_dir:
-                slides = sorted(p.stem for p in Path(feature_dir).glob("*.pt"))
-                folder = Path(feature_dir).name
-                extract_s = benchmark_seconds([bench / "extract_features" / folder / f"{s}.tsv" for s in slides])
-                infer_s = benchmark_seconds([bench / "evaluate_fold" / name / f"fold{k}.tsv" for k in folds[name]])
+            counts = bag_counts(feature_dir) if feature_dir else None
+            extract_s = None
+            if bench is not None and counts is not None:
+                job = Path(feature_dir).name.removesuffix(f"-{strategy}")  # <key>-<hash>: the extraction job's folder
+                extract_s = extraction_seconds(counts, bench / "extract_features" / job)
+            infer_s = inference.get(name)
             total = None if extract_s is None or infer_s is None else extract_s + infer_s
             rows.append({
                 "experiment": name,
-                "strategy": configs[name]["strategy"],
+                "strategy": strategy,
                 "AUC": "n/a" if auc.empty else f"{float(auc['mean'].iloc[0]):.3f} ± {float(auc['sd'].iloc[0]):.3f}",
-                "patches extracted": patches,
+                "patches extracted": None if counts is None else sum(n for n, _ in counts.values()),
                 "extraction (s)": None if extract_s is None else round(extract_s, 1),
                 "inference (s)": None if infer_s is None else round(infer_s, 1),
                 "extraction + inference (s)": None if total is None else round(total, 1),

@@ -102,40 +102,48 @@ def coords_dir(strategy):
     return "results/coords" if strategy == STRATEGY else f"results/coords/{strategy}"
 
 
-def coordset_strategy(coordset):
-    return STRATEGY if coordset == "coords" else coordset.split("/", 1)[1]
-
-
 def coords_files(slide, strategy=STRATEGY):
     return [f"{coords_dir(strategy)}/{scale}/{slide}.h5" for scale in SCALES]
 
 
+def coord_strategies():
+    """The strategies whose coordinates one job per slide writes: the configured one (every
+    slide's `results/coords/`) and every one an experiment uses."""
+    return sorted({STRATEGY, *USED_STRATEGIES})
+
+
+def coords_outputs():
+    return [path for strategy in coord_strategies() for path in coords_files("{slide}", strategy)]
+
+
 def coords_selection(wildcards):
-    """Masks a coordinates job selects on: the tissue mask, and the lesion mask for `lesion`."""
+    """Masks the coordinates job selects on: the tissue mask, and the lesion mask for `lesion`."""
     masks = {"tissue": f"results/slides/{wildcards.slide}/tissue_mask.png"}
-    if coordset_strategy(wildcards.coordset) == "lesion":
+    if "lesion" in coord_strategies():
         masks["lesion"] = f"results/slides/{wildcards.slide}/lesion_mask.png"
     return masks
 
 
-def coords_options(wildcards):
-    strategy = coordset_strategy(wildcards.coordset)
-    if strategy == "lesion":
-        return f"--lesion-mask results/slides/{wildcards.slide}/lesion_mask.png"
-    if strategy == "random":
+def coords_options(wildcards, output):
+    """`--strategy NAME OUT_20X OUT_10X OUT_5X` per strategy (output order = coord_strategies())."""
+    import shlex
+
+    opts = []
+    strategies = coord_strategies()
+    if "lesion" in strategies:
+        opts.append(f"--lesion-mask results/slides/{shlex.quote(wildcards.slide)}/lesion_mask.png")
+    if "random" in strategies:
         p = config["patches"]
-        return f"--random {p['random_n']} --random-seed {p['random_seed']}"
-    return ""
-
-
-# coordinate folders: results/coords/ (the configured strategy) and results/coords/{other strategy}/
-COORDSETS = ["coords", *(f"coords/{s}" for s in STRATEGIES if s != STRATEGY)]
+        opts.append(f"--random {p['random_n']} --random-seed {p['random_seed']}")
+    files = list(output)
+    for i, strategy in enumerate(strategies):
+        opts.append(f"--strategy {strategy} " + " ".join(shlex.quote(f) for f in files[3 * i : 3 * i + 3]))
+    return " ".join(opts)
 
 
 def slide_coords(wildcards):
-    """The coordinates a feature bag encodes: its folder's strategy (e2e folders: the configured one)."""
-    encoder = getattr(wildcards, "encoder", None)
-    return coords_files(wildcards.slide, FEATURE_SETS[encoder][1] if encoder else STRATEGY)
+    """The coordinates an e2e re-extraction encodes: the configured strategy's."""
+    return coords_files(wildcards.slide, STRATEGY)
 
 
 def final_outputs():
@@ -180,6 +188,7 @@ def feature_set(encoder, strategy):
 
 # feature folder -> (encoder key, strategy), for every combination a rule may be asked for
 FEATURE_SETS = {feature_set(e, s): (e, s) for e in ENCODER_DIRS for s in STRATEGIES}
+ENCODER_KEYS = {folder: key for key, folder in ENCODER_DIRS.items()}
 
 
 def _e2e_runs():
@@ -245,6 +254,9 @@ def _experiments():
 
 
 EXPERIMENTS = _experiments()
+# the strategies experiments use: one extraction job per slide and encoder writes a bag for each,
+# reading and encoding the patches they share (lesion and random patches are tissue patches) once
+USED_STRATEGIES = sorted({options["strategy"] for options in EXPERIMENTS.values()}) or [STRATEGY]
 FOLDS = list(range(config["splits"]["n_folds"]))
 
 
@@ -259,9 +271,8 @@ wildcard_constraints:
     experiment=_alternatives(EXPERIMENTS),
     fold=r"\d+",
     # only configured feature folders: features/e2e-<run>-fold<k>/ belong to extract_e2e_features
-    encoder=_alternatives(FEATURE_SETS),
+    encoder=_alternatives(ENCODER_KEYS),
     e2e=_alternatives(E2E_RUNS),
-    coordset="|".join(COORDSETS),
 
 
 def _encoder_spec_options(key):
@@ -288,8 +299,28 @@ def extract_runtime_options():
 
 
 def encoder_options(wildcards):
-    """Command-line options of `msamil extract` for a feature folder."""
-    return f"{_encoder_spec_options(FEATURE_SETS[wildcards.encoder][0])} {extract_runtime_options()}"
+    """Command-line options of `msamil extract` for an encoder folder (`<key>-<hash>`)."""
+    return f"{_encoder_spec_options(ENCODER_KEYS[wildcards.encoder])} {extract_runtime_options()}"
+
+
+def extract_outputs():
+    """The bags one extraction job writes: one per strategy in use."""
+    return [f"results/features/{{encoder}}-{strategy}/{{slide}}.pt" for strategy in USED_STRATEGIES]
+
+
+def extract_coords(wildcards):
+    """Every coordinates file the strategies in use read."""
+    return [path for strategy in USED_STRATEGIES for path in coords_files(wildcards.slide, strategy)]
+
+
+def extract_io_options(wildcards, output):
+    """`--coords <3 files> --out <bag>` per strategy in use (output order = USED_STRATEGIES)."""
+    import shlex
+
+    return " ".join(
+        "--coords " + " ".join(shlex.quote(p) for p in coords_files(wildcards.slide, strategy)) + f" --out {shlex.quote(bag)}"
+        for strategy, bag in zip(USED_STRATEGIES, output)
+    )
 
 
 def feature_dir(experiment, fold=0):
@@ -412,6 +443,7 @@ def segmentation_options():
     seg = SEGMENTATION
     opts = [
         f"--encoder {shlex.quote(seg['encoder'])}",
+        "--decoder-channels " + " ".join(str(c) for c in seg["decoder_channels"]),
         f"--input-size {seg['input_size']} --crop-size {seg['crop_size']}",
         f"--epochs {seg['epochs']} --batch-size {seg['batch_size']} --lr {seg['lr']}",
         f"--holdout-fraction {seg['holdout_fraction']} --seed {seg['seed']}",
@@ -499,7 +531,7 @@ def experiment_encoder_options(wildcards):
     from types import SimpleNamespace
 
     options = EXPERIMENTS[wildcards.experiment]
-    return encoder_options(SimpleNamespace(encoder=feature_set(options["encoder"], options["strategy"])))
+    return encoder_options(SimpleNamespace(encoder=ENCODER_DIRS[options["encoder"]]))
 
 
 def fold_checkpoints(wildcards):

@@ -1,21 +1,25 @@
-# Coordinates -> feature bags, one per slide and encoder.
+# Coordinates -> feature bags: one job per slide and encoder writes the bag of every patch-selection
+# strategy the experiments use (results/features/<key>-<hash>-<strategy>/<slide>.pt), reading and
+# encoding the patches the strategies share once.
 
 
 rule extract_features:
     input:
         slide=slide_file,
-        coords=slide_coords,
+        coords=extract_coords,
     output:
-        "results/features/{encoder}/{slide}.pt",
+        extract_outputs(),
     params:
         path=slide_path,
         mpp=mpp_option,
+        io=extract_io_options,
         options=encoder_options,
     log:
         "logs/extract_features/{encoder}/{slide}.log",
     benchmark:
         "benchmarks/extract_features/{encoder}/{slide}.tsv"
-    threads: 2
+    # one thread per job: two jobs side by side keep both cores busy while one starts up
+    threads: 1
     resources:
         mem_mb=8000,
         runtime=120,
@@ -24,5 +28,4 @@ rule extract_features:
         "../envs/msamil.yaml"
     shell:
         "msamil extract --slide {params.path:q} --slide-id {wildcards.slide:q} {params.mpp}"
-        " --coords {input.coords:q} --out {output:q} {params.options} --threads {threads}"
-        " --no-progress 2> {log:q}"
+        " {params.io} {params.options} --threads {threads} --no-progress 2> {log:q}"

@@ -73,16 +73,15 @@ rule make_patch_coordinates:
         unpack(coords_selection),
         meta="results/slides/{slide}/meta.json",
     output:
-        c20="results/{coordset}/20x/{slide}.h5",
-        c10="results/{coordset}/10x/{slide}.h5",
-        c5="results/{coordset}/5x/{slide}.h5",
+        # every strategy in use: results/coords/{scale}/ (patches.strategy), coords/{strategy}/{scale}/
+        coords_outputs(),
     params:
         patch_size=config["patches"]["patch_size"],
         min_fraction=config["patches"]["min_fraction"],
         base_mpp=config["patches"]["base_mpp"],
-        strategy=coords_options,
+        strategies=coords_options,
     log:
-        "logs/make_patch_coordinates/{coordset}/{slide}.log",
+        "logs/make_patch_coordinates/{slide}.log",
     threads: 1
     resources:
         mem_mb=1000,
@@ -90,6 +89,6 @@ rule make_patch_coordinates:
     conda:
         "../envs/msamil.yaml"
     shell:
-        "msamil coords --meta {input.meta:q} --tissue-mask {input.tissue:q} {params.strategy}"
+        "msamil coords --meta {input.meta:q} --tissue-mask {input.tissue:q} {params.strategies}"
         " --patch-size {params.patch_size} --min-fraction {params.min_fraction} --base-mpp {params.base_mpp}"
-        " --out-20x {output.c20:q} --out-10x {output.c10:q} --out-5x {output.c5:q} 2> {log:q}"
+        " 2> {log:q}"

@@ -1,5 +1,8 @@
 # Lesion segmentation (MsaMIL-Net section 3.1): UNet++ trained on the annotated thumbnails,
 # then run on every slide's thumbnail; the lesion patch strategy selects on its masks.
+# train_segmentation also leaves its slides' lesion probabilities (with the checkpoint's and the
+# thumbnail's SHA-256) in results/segmentation/probabilities/, and segment_lesions takes them
+# when both digests match instead of loading the network (seconds of imports per slide).
 
 
 rule train_segmentation:
@@ -23,6 +26,7 @@ rule train_segmentation:
     shell:
         "msamil segment-train --sheet {input.sheet:q} --thumbnails {input.thumbnails:q}"
         " --out {output.checkpoint:q} --metrics {output.metrics:q} {params.options}"
+        " --probabilities-dir results/segmentation/probabilities"
         " --threads {threads} 2> {log:q}"
 
 
@@ -46,6 +50,7 @@ rule segment_lesions:
     shell:
         "msamil segment --checkpoint {input.checkpoint:q} --thumbnail {input.thumbnail:q}"
         " --tissue-mask {input.tissue:q} --slide-id {wildcards.slide:q} --out {output:q}"
+        " --reuse results/segmentation/probabilities"
         " --threads {threads} 2> {log:q}"
 
 

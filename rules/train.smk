@@ -1,4 +1,4 @@
-# Folds, fold-wise training and evaluation.
+# Folds, fold-wise training and evaluation (one job per experiment and fold).
 
 
 rule make_splits:
@@ -30,7 +30,10 @@ rule train_fold:
         sheet=sheet_file(),
         init=init_checkpoint,
     output:
-        "results/models/{experiment}/fold{fold}/checkpoint.pt",
+        checkpoint="results/models/{experiment}/fold{fold}/checkpoint.pt",
+        # the best checkpoint on the fold's test part (msamil evaluate's outputs, same process)
+        metrics="results/models/{experiment}/fold{fold}/metrics.json",
+        predictions="results/models/{experiment}/fold{fold}/predictions.csv",
     params:
         features=experiment_features,
         experiment=experiment_json,
@@ -50,33 +53,4 @@ rule train_fold:
     shell:
         "msamil train --features {params.features:q} --sheet {input.sheet:q} --folds {input.folds:q}"
         " --fold {wildcards.fold} --out results/models/{wildcards.experiment} {params.splits} {params.classes}"
-        " --experiment {params.experiment:q} --threads {threads} 2> {log:q}"
-
-
-rule evaluate_fold:
-    input:
-        checkpoint="results/models/{experiment}/fold{fold}/checkpoint.pt",
-        bags=experiment_bags,
-        folds="results/splits/folds.csv",
-        sheet=sheet_file(),
-    output:
-        metrics="results/models/{experiment}/fold{fold}/metrics.json",
-        predictions="results/models/{experiment}/fold{fold}/predictions.csv",
-    params:
-        features=experiment_features,
-        splits=split_options(),
-    log:
-        "logs/evaluate_fold/{experiment}/fold{fold}.log",
-    benchmark:
-        "benchmarks/evaluate_fold/{experiment}/fold{fold}.tsv"
-    threads: 1
-    resources:
-        mem_mb=4000,
-        runtime=30,
-        gpu=1,
-    conda:
-        "../envs/msamil.yaml"
-    shell:
-        "msamil evaluate --features {params.features:q} --sheet {input.sheet:q} --folds {input.folds:q}"
-        " --fold {wildcards.fold} --models results/models/{wildcards.experiment} {params.splits}"
-        " --threads {threads} 2> {log:q}"
+        " --experiment {params.experiment:q} --threads {threads} --evaluate 2> {log:q}"

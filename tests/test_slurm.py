@@ -26,7 +26,7 @@ from conftest import REPO
 pytestmark = pytest.mark.slow
 
 SLURM_PROGRAMS = ("munged", "slurmctld", "slurmd", "sbatch", "srun", "squeue", "sinfo", "scontrol")
-GPU_RULES = {"extract_features", "train_fold", "evaluate_fold"}
+GPU_RULES = {"extract_features", "train_fold"}
 FAKE_GPUS = ["/dev/null", "/dev/zero"]  # gres "gpu" devices: SLURM counts them, torch sees no CUDA
 
 

@@ -73,7 +73,16 @@ def test_every_stage_ran_and_the_report_compares_strategies(cohort):
     for name in ("lesion", "tissue", "random"):
         assert f"<td>{name}</td>" in page
         for k in (0, 1):
-            assert (results / "models" / name / f"fold{k}" / "metrics.json").exists()
+            assert json.loads((results / "models" / name / f"fold{k}" / "metrics.json").read_text())["inference_seconds"] > 0
+    # the strategy table's times: each slide's extraction job measured, split by patches
+    from msamil_core.selection import bag_counts, extraction_seconds
+
+    folders = {p.name.rsplit("-", 1)[1]: p for p in (results / "features").iterdir()}
+    job = wd / "benchmarks" / "extract_features" / folders["lesion"].name.rsplit("-", 1)[0]
+    shares = {name: extraction_seconds(bag_counts(folder), job) for name, folder in folders.items()}
+    assert 0 < shares["random"] < shares["lesion"] < shares["tissue"]
+    total = sum(float(p.read_text().splitlines()[1].split("\t")[0]) for p in job.glob("*.tsv"))
+    assert shares["tissue"] == pytest.approx(total)  # tissue holds every encoded patch
     assert (results / "heatmaps" / "lesion" / "fold0" / "summary.csv").exists()
 
 
@@ -99,6 +108,14 @@ def test_lesion_and_random_patches_are_subsets_of_the_tissue_grid(cohort):
         for scale in ("20x", "10x", "5x"):
             lesion_all |= _coords(wd / "results" / "coords" / scale / f"{slide}.h5")[0]
         assert {tuple(c) for c in bag["coords"].tolist()} == lesion_all
+        # one extraction job encoded the three strategies' patches once: their union is the tissue grid
+        tissue_bag = torch.load(bags["tissue"] / f"{slide}.pt", weights_only=True)
+        for name in ("lesion", "tissue", "random"):
+            encoded = torch.load(bags[name] / f"{slide}.pt", weights_only=True)["patches_encoded"]
+            assert encoded == len(tissue_bag["coords"])
+        shared = {tuple(c): i for i, c in enumerate(tissue_bag["coords"].tolist())}
+        rows = [shared[tuple(c)] for c in bag["coords"].tolist()]
+        assert torch.equal(bag["features"], tissue_bag["features"][rows])
     assert fewer > 0  # the lesion is smaller than the tissue on these slides
 
 
@@ -109,8 +126,8 @@ def test_adding_a_slide_plans_only_its_jobs_and_the_cohort_steps(cohort):
     assert dry.returncode == 0, dry.stderr[-3000:]
     jobs = planned_jobs(dry.stdout)
     per_slide = {"make_thumbnail": 1, "make_tissue_mask": 1, "segment_lesions": 1, "export_geojson": 1,
-                 "make_patch_coordinates": 3, "extract_features": 3}
-    cohort_steps = {"train_segmentation": 1, "make_splits": 1, "train_fold": 6, "evaluate_fold": 6,
+                 "make_patch_coordinates": 1, "extract_features": 1}
+    cohort_steps = {"train_segmentation": 1, "make_splits": 1, "train_fold": 6,
                     "draw_heatmaps": 1, "make_report": 1, "all": 1}
     assert jobs == {**per_slide, **cohort_steps}
     # every per-slide job is the new slide's; no other slide is recomputed

@@ -17,7 +17,7 @@ one line naming the slide and the checkpoint, and leaves no file of that slide a
 
 Examples:
   msamil predict --models results/models/msamil_multiscale --slide new.svs --out predictions/ \\
-      --encoder resnet18 --input-size 96 --patch-size 256 --heatmaps
+      --encoder resnet18 --input-size 64 --patch-size 256 --heatmaps
   msamil predict --models results/models/msamil_multiscale --sheet new_slides.csv --out predictions/ ...
 """
 
