@@ -552,11 +552,38 @@ def train_e2e(cfg: E2EConfig, spec: EncoderSpec, train_set: SlidePatchDataset, v
 # ----------------------------------------------------------------------------- K study
 
 
+# the patch draws that score every K's trained model (epochs no training run reaches)
+END_DRAWS = (1_000_000, 1_000_001)
+
+
+@torch.no_grad()
+def end_loss(model: EndToEnd, train_set: SlidePatchDataset, k: int, device: torch.device, bf16: bool,
+             weights: torch.Tensor | None) -> float:
+    """The trained model's loss on every slide of ``train_set`` with ``k`` patches each, in eval
+    mode, averaged over the slides and the draws of :data:`END_DRAWS` (the same patches for
+    every model scored at this ``k``)."""
+    was_training = model.training
+    model.eval()
+    saved = train_set.k, train_set.epoch
+    train_set.k, losses = k, []
+    for draw in END_DRAWS:
+        train_set.epoch = draw
+        for i in range(len(train_set)):
+            results, _ = slide_forward(model, train_set[i], device,
+                                       loss_fn=lambda lg, t: F.cross_entropy(lg.float(), t, weight=weights), bf16=bf16)
+            losses.append(results["loss"].item())
+    train_set.k, train_set.epoch = saved
+    model.train(was_training)
+    return float(np.mean(losses))
+
+
 def k_study(cfg: E2EConfig, spec: EncoderSpec, train_set: SlidePatchDataset, classes: list[str], ks: list[int],
             steps: int, device: torch.device, progress: bool = True) -> list[dict]:
     """Train the same initial model for ``steps`` optimizer steps with each K (same slide order,
     same learning-rate schedule) and return the losses: [{"k", "step", "loss"}], where a step's
-    loss is the mean over its ``grad_accum`` slides."""
+    loss is the mean over its ``grad_accum`` slides; then one row per K with ``step`` = ``steps``
+    and the trained model's loss on all training slides (:func:`end_loss`), at its own K
+    (``end_loss``) and at the study's largest K (``end_loss_kmax``)."""
     from tqdm import tqdm
 
     labels = np.asarray(train_set.labels)
@@ -597,18 +624,26 @@ def k_study(cfg: E2EConfig, spec: EncoderSpec, train_set: SlidePatchDataset, cla
                     break
             epoch += 1
         bar.close()
+        rows.append({"k": k, "step": steps, "end_loss": end_loss(model, train_set, k, device, cfg.bf16, weights),
+                     "end_loss_kmax": end_loss(model, train_set, max(ks), device, cfg.bf16, weights)})
     train_set.close()
     return rows
 
 
 def k_study_summary(rows: list[dict], tail: float = 0.25) -> list[dict]:
-    """Per K: the mean training loss over the last ``tail`` share of the steps, and over all."""
+    """Per K: the mean training loss over the last ``tail`` share of the steps and over all, and
+    the trained model's loss on all training slides (``end_loss``, ``end_loss_kmax``) when known."""
     out = []
     for k in sorted({r["k"] for r in rows}):
-        losses = [r["loss"] for r in sorted((r for r in rows if r["k"] == k), key=lambda r: r["step"])]
+        steps = sorted((r for r in rows if r["k"] == k and "loss" in r), key=lambda r: r["step"])
+        losses = [r["loss"] for r in steps]
         n_tail = max(1, round(tail * len(losses)))
-        out.append({"k": k, "steps": len(losses), "final_loss": float(np.mean(losses[-n_tail:])),
-                    "mean_loss": float(np.mean(losses))})
+        entry = {"k": k, "steps": len(losses), "final_loss": float(np.mean(losses[-n_tail:])),
+                 "mean_loss": float(np.mean(losses))}
+        for r in rows:
+            if r["k"] == k and "end_loss" in r:
+                entry.update(end_loss=r["end_loss"], end_loss_kmax=r["end_loss_kmax"])
+        out.append(entry)
     return out
 
 
@@ -622,13 +657,14 @@ def write_k_study(out_dir: str | os.PathLike, rows: list[dict]) -> list[dict]:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     with atomic_path(out_dir / "k_study.csv") as tmp:
-        pd.DataFrame(rows, columns=["k", "step", "loss"]).to_csv(tmp, index=False)
+        pd.DataFrame([r for r in rows if "loss" in r], columns=["k", "step", "loss"]).to_csv(tmp, index=False)
     summary = k_study_summary(rows)
     with atomic_path(out_dir / "k_study_summary.csv") as tmp:
         pd.DataFrame(summary).to_csv(tmp, index=False)
     curves = {}
     for k in sorted({r["k"] for r in rows}):
-        losses = np.array([r["loss"] for r in sorted((r for r in rows if r["k"] == k), key=lambda r: r["step"])])
+        losses = np.array([r["loss"] for r in sorted((r for r in rows if r["k"] == k and "loss" in r),
+                                                     key=lambda r: r["step"])])
         window = max(1, len(losses) // 10)
         smooth = np.convolve(losses, np.ones(window) / window, mode="valid")
         curves[f"K = {k}"] = (np.arange(len(smooth)) + window - 1, smooth)
@@ -684,8 +720,10 @@ def report_parts(configs: dict[str, dict], per_fold: dict[str, dict[int, dict]],
         if not table.exists():
             continue
         parts.append(f"<h2>K study: {html.escape(name)}</h2><p>Training loss after the same number of steps, "
-                     "from the same initial model, with K patches per slide (Campanella et al.: it falls as K grows); "
-                     "final_loss is the mean over the last quarter of the steps.</p>")
+                     "from the same initial model, with K patches per slide (Campanella et al.: it falls as K grows). "
+                     "final_loss: the running training loss, mean over the last quarter of the steps; end_loss: the "
+                     "trained model's loss on every training slide with K patches (two fixed draws, eval mode); "
+                     "end_loss_kmax: the same with the study's largest K for every model.</p>")
         parts.append(pd.read_csv(table).round(4).to_html(index=False, border=0, classes="t"))
         if png.exists():
             target = Path(out_dir) / f"k_study_{name}.png"

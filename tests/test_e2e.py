@@ -187,6 +187,9 @@ def test_k_study_writes_loss_curves(cohort, tmp_path):
     assert np.isfinite(rows["loss"]).all()
     summary = pd.read_csv(out / "k_study_summary.csv")
     assert list(summary["k"]) == [2, 8] and (out / "k_study.png").stat().st_size > 1000
+    assert np.isfinite(summary[["end_loss", "end_loss_kmax"]].to_numpy()).all()
+    # at K = 8 both end losses score the same model on the same patches
+    assert summary.loc[summary.k == 8, "end_loss"].item() == pytest.approx(summary.loc[summary.k == 8, "end_loss_kmax"].item())
 
 
 def test_missing_coordinates_fail_before_training(cohort, tmp_path):

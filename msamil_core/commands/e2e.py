@@ -16,7 +16,9 @@ and their features all-gathered with autograd: every rank's gradient equals one 
 
 With --k-study K1 K2 ..., no model is kept: the same initial model is trained --k-study-steps
 steps with each K on the training slides of --fold (default 0), and <out>/k_study.csv,
-k_study_summary.csv and k_study.png record the training loss per step.
+k_study_summary.csv and k_study.png record the training loss per step; the summary adds each
+trained model's loss on all those slides with K patches (end_loss; two fixed patch draws) and
+with the largest K (end_loss_kmax), which are far less noisy than the loss of single steps.
 
 Examples:
   msamil e2e --sheet slides.csv --folds results/splits/folds.csv --fold 0 --coords-dir results/coords \\
@@ -149,8 +151,9 @@ def run(args: argparse.Namespace) -> None:
         rows = k_study(cfg, spec, dataset(ids, labels), classes, sorted(args.k_study), args.k_study_steps, device,
                        progress=not args.no_progress)
         for r in write_k_study(out, rows):
-            log.info("K study: K=%d, training loss over the last quarter of %d steps %.4f", r["k"], r["steps"],
-                     r["final_loss"])
+            log.info("K study: K=%d, after %d steps: running loss (last quarter) %.4f, loss on all training slides "
+                     "%.4f (K=%d) and %.4f (K=%d)", r["k"], r["steps"], r["final_loss"], r["end_loss"], r["k"],
+                     r["end_loss_kmax"], max(args.k_study))
         return
     for k in fold_list:
         parts = fold_parts(folds, k, val_fraction=args.val_fraction, seed=args.split_seed)
