@@ -113,8 +113,9 @@ def test_lesion_and_random_patches_are_subsets_of_the_tissue_grid(cohort):
         for name in ("lesion", "tissue", "random"):
             encoded = torch.load(bags[name] / f"{slide}.pt", weights_only=True)["patches_encoded"]
             assert encoded == len(tissue_bag["coords"])
-        shared = {tuple(c): i for i, c in enumerate(tissue_bag["coords"].tolist())}
-        rows = [shared[tuple(c)] for c in bag["coords"].tolist()]
+        # a patch is its scale and position: a 10x and a 20x patch may share a top-left corner
+        shared = {(s, *c): i for i, (s, c) in enumerate(zip(tissue_bag["scales"].tolist(), tissue_bag["coords"].tolist()))}
+        rows = [shared[(s, *c)] for s, c in zip(bag["scales"].tolist(), bag["coords"].tolist())]
         assert torch.equal(bag["features"], tissue_bag["features"][rows])
     assert fewer > 0  # the lesion is smaller than the tissue on these slides
 
