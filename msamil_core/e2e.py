@@ -558,7 +558,7 @@ END_DRAWS = (1_000_000, 1_000_001)
 
 @torch.no_grad()
 def end_loss(model: EndToEnd, train_set: SlidePatchDataset, k: int, device: torch.device, bf16: bool,
-             weights: torch.Tensor | None) -> float:
+             loss_fn) -> float:
     """The trained model's loss on every slide of ``train_set`` with ``k`` patches each, in eval
     mode, averaged over the slides and the draws of :data:`END_DRAWS` (the same patches for
     every model scored at this ``k``)."""
@@ -569,8 +569,7 @@ def end_loss(model: EndToEnd, train_set: SlidePatchDataset, k: int, device: torc
     for draw in END_DRAWS:
         train_set.epoch = draw
         for i in range(len(train_set)):
-            results, _ = slide_forward(model, train_set[i], device,
-                                       loss_fn=lambda lg, t: F.cross_entropy(lg.float(), t, weight=weights), bf16=bf16)
+            results, _ = slide_forward(model, train_set[i], device, loss_fn=loss_fn, bf16=bf16)
             losses.append(results["loss"].item())
     train_set.k, train_set.epoch = saved
     model.train(was_training)
@@ -578,17 +577,24 @@ def end_loss(model: EndToEnd, train_set: SlidePatchDataset, k: int, device: torc
 
 
 def k_study(cfg: E2EConfig, spec: EncoderSpec, train_set: SlidePatchDataset, classes: list[str], ks: list[int],
-            steps: int, device: torch.device, progress: bool = True) -> list[dict]:
+            steps: int, device: torch.device, progress: bool = True) -> tuple[list[dict], list[dict]]:
     """Train the same initial model for ``steps`` optimizer steps with each K (same slide order,
-    same learning-rate schedule) and return the losses: [{"k", "step", "loss"}], where a step's
-    loss is the mean over its ``grad_accum`` slides; then one row per K with ``step`` = ``steps``
-    and the trained model's loss on all training slides (:func:`end_loss`), at its own K
-    (``end_loss``) and at the study's largest K (``end_loss_kmax``)."""
+    same learning-rate schedule).
+
+    Returns:
+        ``(rows, ends)``: ``rows`` [{"k", "step", "loss"}], a step's loss being the mean over its
+        ``grad_accum`` slides; ``ends`` [{"k", "end_loss", "end_loss_kmax"}], each trained model's
+        loss on all training slides (:func:`end_loss`) at its own K and at the study's largest K.
+    """
     from tqdm import tqdm
 
     labels = np.asarray(train_set.labels)
     weights = class_weights(labels, len(classes)).to(device) if cfg.balance == "loss" else None
-    rows = []
+
+    def loss_fn(logits, target):
+        return F.cross_entropy(logits.float(), target, weight=weights)
+
+    rows, ends = [], []
     for k in ks:
         kcfg = E2EConfig.from_dict({**asdict(cfg), "k": k})
         model = build_joint_model(kcfg, spec, len(classes)).to(device).train()
@@ -604,9 +610,8 @@ def k_study(cfg: E2EConfig, spec: EncoderSpec, train_set: SlidePatchDataset, cla
         while step < steps:
             train_set.epoch = epoch
             for i in epoch_order(labels, epoch, cfg.seed, cfg.balance).tolist():
-                results, _ = slide_forward(model, train_set[i], device,
-                                           loss_fn=lambda lg, t: F.cross_entropy(lg.float(), t, weight=weights),
-                                           bf16=cfg.bf16, dropout_seed=step_seed(cfg.seed, epoch, seen))
+                results, _ = slide_forward(model, train_set[i], device, loss_fn=loss_fn, bf16=cfg.bf16,
+                                           dropout_seed=step_seed(cfg.seed, epoch, seen))
                 (results["loss"] / cfg.grad_accum).backward()
                 pending.append(results["loss"].item())
                 seen += 1
@@ -624,30 +629,27 @@ def k_study(cfg: E2EConfig, spec: EncoderSpec, train_set: SlidePatchDataset, cla
                     break
             epoch += 1
         bar.close()
-        rows.append({"k": k, "step": steps, "end_loss": end_loss(model, train_set, k, device, cfg.bf16, weights),
-                     "end_loss_kmax": end_loss(model, train_set, max(ks), device, cfg.bf16, weights)})
+        ends.append({"k": k, "end_loss": end_loss(model, train_set, k, device, cfg.bf16, loss_fn),
+                     "end_loss_kmax": end_loss(model, train_set, max(ks), device, cfg.bf16, loss_fn)})
     train_set.close()
-    return rows
+    return rows, ends
 
 
-def k_study_summary(rows: list[dict], tail: float = 0.25) -> list[dict]:
+def k_study_summary(rows: list[dict], ends: list[dict] = (), tail: float = 0.25) -> list[dict]:
     """Per K: the mean training loss over the last ``tail`` share of the steps and over all, and
-    the trained model's loss on all training slides (``end_loss``, ``end_loss_kmax``) when known."""
+    the trained model's loss on all training slides (``end_loss``, ``end_loss_kmax``, from
+    ``ends``) when known."""
+    end_of = {e["k"]: {"end_loss": e["end_loss"], "end_loss_kmax": e["end_loss_kmax"]} for e in ends}
     out = []
     for k in sorted({r["k"] for r in rows}):
-        steps = sorted((r for r in rows if r["k"] == k and "loss" in r), key=lambda r: r["step"])
-        losses = [r["loss"] for r in steps]
+        losses = [r["loss"] for r in sorted((r for r in rows if r["k"] == k), key=lambda r: r["step"])]
         n_tail = max(1, round(tail * len(losses)))
-        entry = {"k": k, "steps": len(losses), "final_loss": float(np.mean(losses[-n_tail:])),
-                 "mean_loss": float(np.mean(losses))}
-        for r in rows:
-            if r["k"] == k and "end_loss" in r:
-                entry.update(end_loss=r["end_loss"], end_loss_kmax=r["end_loss_kmax"])
-        out.append(entry)
+        out.append({"k": k, "steps": len(losses), "final_loss": float(np.mean(losses[-n_tail:])),
+                    "mean_loss": float(np.mean(losses)), **end_of.get(k, {})})
     return out
 
 
-def write_k_study(out_dir: str | os.PathLike, rows: list[dict]) -> list[dict]:
+def write_k_study(out_dir: str | os.PathLike, rows: list[dict], ends: list[dict] = ()) -> list[dict]:
     """``k_study.csv`` (k, step, loss), ``k_study_summary.csv`` and ``k_study.png`` (loss against
     step per K, smoothed over a window of a tenth of the steps) in ``out_dir``."""
     import pandas as pd
@@ -657,14 +659,13 @@ def write_k_study(out_dir: str | os.PathLike, rows: list[dict]) -> list[dict]:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     with atomic_path(out_dir / "k_study.csv") as tmp:
-        pd.DataFrame([r for r in rows if "loss" in r], columns=["k", "step", "loss"]).to_csv(tmp, index=False)
-    summary = k_study_summary(rows)
+        pd.DataFrame(rows, columns=["k", "step", "loss"]).to_csv(tmp, index=False)
+    summary = k_study_summary(rows, ends)
     with atomic_path(out_dir / "k_study_summary.csv") as tmp:
         pd.DataFrame(summary).to_csv(tmp, index=False)
     curves = {}
     for k in sorted({r["k"] for r in rows}):
-        losses = np.array([r["loss"] for r in sorted((r for r in rows if r["k"] == k and "loss" in r),
-                                                     key=lambda r: r["step"])])
+        losses = np.array([r["loss"] for r in sorted((r for r in rows if r["k"] == k), key=lambda r: r["step"])])
         window = max(1, len(losses) // 10)
         smooth = np.convolve(losses, np.ones(window) / window, mode="valid")
         curves[f"K = {k}"] = (np.arange(len(smooth)) + window - 1, smooth)

@@ -421,15 +421,13 @@ def load_weights(model: nn.Module, path: str | os.PathLike, what: str) -> None:
 
 # -- identity -----------------------------------------------------------------------------------
 def file_sha256(path: str | os.PathLike) -> str:
-    """Hex SHA-256 of a file's bytes, read in 1 MiB blocks."""
-    digest = hashlib.sha256()
+    """Hex SHA-256 of a weights file's bytes; an unreadable file is a one-line error naming it."""
+    from .fileio import file_sha256 as sha256
+
     try:
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
+        return sha256(path)
     except OSError as exc:
         raise MsamilError(f"weights {path}: cannot read ({exc.strerror}); fix the weights path") from None
-    return digest.hexdigest()
 
 
 def _fixed_input_size(name: str) -> bool:

@@ -6,6 +6,7 @@ under the final name, so Snakemake and reruns never mistake it for a result.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -83,3 +84,12 @@ def _umask() -> int:
     umask = os.umask(0)
     os.umask(umask)
     return umask
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of a file's bytes, read in 1 MiB blocks (OSError when it cannot be read)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -12,7 +12,6 @@ way the mask comes from :func:`postprocess` with the same settings.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -22,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import MsamilError
+from .fileio import atomic_path, file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -55,21 +55,10 @@ def postprocess(prob: np.ndarray, tissue: np.ndarray | None, params: PostProcess
     return mask
 
 
-def file_digest(path: str | os.PathLike) -> str:
-    """SHA-256 (hex) of a file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def save_probabilities(directory: str | os.PathLike, slide_id: str, prob: np.ndarray, checkpoint_digest: str,
                        thumbnail: str | os.PathLike, postprocess_settings: dict) -> Path:
     """Write ``directory/<slide_id>.npz``: float32 [h, w] probabilities, the checkpoint's and the
     thumbnail's digests and the checkpoint's post-processing settings."""
-    from .fileio import atomic_path
-
     path = Path(directory) / f"{slide_id}.npz"
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:  # a file object: np.savez would append .npz to a bare name
@@ -77,7 +66,7 @@ def save_probabilities(directory: str | os.PathLike, slide_id: str, prob: np.nda
                 f,
                 prob=np.asarray(prob, dtype=np.float32),
                 checkpoint_sha256=np.array(checkpoint_digest),
-                thumbnail_sha256=np.array(file_digest(thumbnail)),
+                thumbnail_sha256=np.array(file_sha256(thumbnail)),
                 postprocess=np.array(json.dumps(postprocess_settings, sort_keys=True)),
             )
     return path
@@ -93,10 +82,10 @@ def stored_probabilities(directory: str | os.PathLike, slide_id: str, checkpoint
         return None
     try:
         with np.load(path, allow_pickle=False) as stored:
-            if str(stored["checkpoint_sha256"]) != file_digest(checkpoint):
+            if str(stored["checkpoint_sha256"]) != file_sha256(checkpoint):
                 log.info("%s: stored probabilities are of another checkpoint; running the network", slide_id)
                 return None
-            if str(stored["thumbnail_sha256"]) != file_digest(thumbnail):
+            if str(stored["thumbnail_sha256"]) != file_sha256(thumbnail):
                 log.info("%s: stored probabilities are of another thumbnail; running the network", slide_id)
                 return None
             return stored["prob"].astype(np.float32), json.loads(str(stored["postprocess"]))

@@ -94,7 +94,6 @@ def tissue_options():
 # `tissue` on all tissue, `random` a seeded random subset of the tissue patches. The configured
 # strategy's coordinates are results/coords/{scale}/{slide}.h5; any other strategy an experiment
 # names gets results/coords/{strategy}/{scale}/{slide}.h5.
-STRATEGIES = ["lesion", "tissue", "random"]
 STRATEGY = config["patches"]["strategy"]
 
 
@@ -186,8 +185,7 @@ def feature_set(encoder, strategy):
     return f"{ENCODER_DIRS[encoder]}-{strategy}"
 
 
-# feature folder -> (encoder key, strategy), for every combination a rule may be asked for
-FEATURE_SETS = {feature_set(e, s): (e, s) for e in ENCODER_DIRS for s in STRATEGIES}
+# encoder folder (`<key>-<hash>`, the {encoder} wildcard) -> encoder key
 ENCODER_KEYS = {folder: key for key, folder in ENCODER_DIRS.items()}
 
 
@@ -528,10 +526,7 @@ def all_thumbnails(wildcards):
 
 def experiment_encoder_options(wildcards):
     """`encoder_options` of the experiment's encoder (for `msamil predict`)."""
-    from types import SimpleNamespace
-
-    options = EXPERIMENTS[wildcards.experiment]
-    return encoder_options(SimpleNamespace(encoder=ENCODER_DIRS[options["encoder"]]))
+    return f"{_encoder_spec_options(EXPERIMENTS[wildcards.experiment]['encoder'])} {extract_runtime_options()}"
 
 
 def fold_checkpoints(wildcards):

@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 
 HELP = "masks -> coords/{20x,10x,5x}/<slide>.h5"
+STRATEGIES = ("lesion", "tissue", "random")  # --strategy names (MsaMIL-Net Table 1)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -61,7 +62,6 @@ def run(args: argparse.Namespace) -> None:
 
     from ..coords import make_grids, sample_grids, write_coords
     from ..errors import MsamilError
-    STRATEGIES = ("lesion", "tissue", "random")
     from ..tissue import load_mask
 
     log = logging.getLogger("msamil.coords")

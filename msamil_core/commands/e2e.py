@@ -148,9 +148,9 @@ def run(args: argparse.Namespace) -> None:
         k = 0 if args.fold == "all" else fold_list[0]
         ids, labels = select_slides(fold_parts(folds, k, val_fraction=args.val_fraction, seed=args.split_seed)["train"],
                                     sheet, mapping)
-        rows = k_study(cfg, spec, dataset(ids, labels), classes, sorted(args.k_study), args.k_study_steps, device,
-                       progress=not args.no_progress)
-        for r in write_k_study(out, rows):
+        rows, ends = k_study(cfg, spec, dataset(ids, labels), classes, sorted(args.k_study), args.k_study_steps,
+                             device, progress=not args.no_progress)
+        for r in write_k_study(out, rows, ends):
             log.info("K study: K=%d, after %d steps: running loss (last quarter) %.4f, loss on all training slides "
                      "%.4f (K=%d) and %.4f (K=%d)", r["k"], r["steps"], r["final_loss"], r["end_loss"], r["k"],
                      r["end_loss_kmax"], max(args.k_study))

@@ -114,14 +114,8 @@ def run(args: argparse.Namespace) -> None:
             torch.set_num_threads(args.threads)
         model, ckpt = load_segmentation_checkpoint(args.checkpoint, args.device)
         saved_post = ckpt.get("postprocess", {})
-        rgb = read_rgb(args.thumbnail, slide_id)
-        if tissue.shape != rgb.shape[:2]:
-            raise MsamilError(
-                f"slide {slide_id!r}: tissue mask {args.tissue_mask} is {tissue.shape[1]} x {tissue.shape[0]} px, "
-                f"the thumbnail {rgb.shape[1]} x {rgb.shape[0]}; rerun the tissue step of this slide"
-            )
-        prob = thumbnail_probabilities(model, ckpt, rgb, args.device)
-    if tissue.shape != prob.shape:
+        prob = thumbnail_probabilities(model, ckpt, read_rgb(args.thumbnail, slide_id), args.device)
+    if tissue.shape != prob.shape:  # probabilities have the thumbnail's size
         raise MsamilError(
             f"slide {slide_id!r}: tissue mask {args.tissue_mask} is {tissue.shape[1]} x {tissue.shape[0]} px, "
             f"the thumbnail {prob.shape[1]} x {prob.shape[0]}; rerun the tissue step of this slide"

@@ -242,14 +242,15 @@ def run(args: argparse.Namespace) -> None:
     write_json(metrics_path, metrics)
     save_torch(args.out, checkpoint)
     if args.probabilities_dir:
-        from ..lesionmask import file_digest, save_probabilities
+        from ..fileio import file_sha256
+        from ..lesionmask import save_probabilities
         from ..segmentation import load_segmentation_checkpoint, thumbnail_probabilities
         from ..train import resolve_device
 
         # the saved checkpoint rebuilt as `msamil segment` rebuilds it, on the same pixels
         device = resolve_device(args.device)
         model, ckpt = load_segmentation_checkpoint(args.out, device)
-        digest = file_digest(args.out)
+        digest = file_sha256(args.out)
         for sample in samples:
             prob = thumbnail_probabilities(model, ckpt, sample.rgb, device)
             save_probabilities(args.probabilities_dir, sample.slide_id, prob, digest, thumbs[sample.slide_id],
