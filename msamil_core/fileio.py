@@ -9,10 +9,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
+
+from .errors import MsamilError
 
 
 @contextmanager
@@ -93,3 +96,48 @@ def file_sha256(path: str | os.PathLike) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def _numpy_safe_globals() -> list:
+    """numpy globals that plain numeric arrays pickle through (torch.load(weights_only=True))."""
+    import numpy as np
+
+    multiarray = np._core.multiarray if hasattr(np, "_core") else np.core.multiarray
+    dtypes = [getattr(np.dtypes, n) for n in dir(np.dtypes) if n.endswith("DType") and n != "ObjectDType"]
+    # Files written under numpy 1.x name these numpy.core.multiarray.*.
+    return [
+        multiarray._reconstruct,
+        (multiarray._reconstruct, "numpy.core.multiarray._reconstruct"),
+        multiarray.scalar,
+        (multiarray.scalar, "numpy.core.multiarray.scalar"),
+        np.ndarray,
+        np.dtype,
+        *dtypes,
+    ]
+
+
+def torch_load(path: str | os.PathLike, what: str, allow_numpy: bool = False) -> Any:
+    """``torch.load(path, weights_only=True)`` on the CPU, failing as one clear line.
+
+    ``allow_numpy`` also admits numeric numpy arrays and scalars (TRIDENT's ``.pt`` feature files
+    hold an array, training checkpoints often a numpy metric); object arrays and any other class
+    are still refused, so nothing arbitrary is unpickled.
+    """
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise MsamilError(f"{what} {path}: file not found")
+    try:
+        if allow_numpy:
+            with torch.serialization.safe_globals(_numpy_safe_globals()):
+                return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # pickle.UnpicklingError, RuntimeError (not a zip), EOFError (truncated)
+        culprit = re.search(r"GLOBAL (\S+) was not|but got <class '([^']+)'>", str(exc))
+        if "Weights only load failed" in str(exc):
+            name = next(filter(None, culprit.groups())) if culprit else "a Python object"
+            reason = f"it pickles {name}; only tensors, numbers and plain containers are read"
+        else:
+            reason = f"not a PyTorch file, or truncated; {type(exc).__name__}"
+        raise MsamilError(f"{what} {path}: cannot read it ({reason})") from None

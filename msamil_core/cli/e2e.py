@@ -1,0 +1,105 @@
+"""Train a patch encoder and a MIL model end to end on K sampled patches per slide (MsaMIL-Net 3.4).
+
+Each step reads K patches of one slide (--k, 200 in the paper; resampled every epoch) from its
+20x/10x/5x coordinates (<coords-dir>/<scale>/<slide_id>.h5), encodes them with the trainable
+encoder (activation checkpointing chunk by chunk), aggregates the K features with their
+coordinates and scales and takes the cross-entropy on the slide label; AdamW updates both with
+their own learning rates (--lr for the MIL model, --encoder-lr for the encoder); bf16 autocast
+on CUDA. Each fold trains on its training slides only, picks the epoch of lowest validation
+loss and writes <out>/fold<k>/checkpoint.pt: the MIL model as a SPEC checkpoint plus the tuned
+encoder, which `msamil extract --encoder-checkpoint` uses to re-extract features for that fold
+(never for another: its encoder has seen the other folds' test slides). A killed run resumes
+from <out>/fold<k>/resume.pt, mid-epoch if need be.
+
+Under `torchrun --nproc-per-node W` the K patches of each slide are split across the W ranks
+and their features all-gathered with autograd: every rank's gradient equals one process's.
+
+With --k-study K1 K2 ..., no model is kept: the same initial model is trained --k-study-steps
+steps with each K on the training slides of --fold (default 0), and <out>/k_study.csv,
+k_study_summary.csv and k_study.png record the training loss per step; the summary adds each
+trained model's loss on all those slides with K patches (end_loss; two fixed patch draws) and
+with the largest K (end_loss_kmax), which are far less noisy than the loss of single steps.
+
+Examples:
+  msamil e2e --sheet slides.csv --folds results/splits/folds.csv --fold 0 --coords-dir results/coords \\
+      --out results/e2e/msfem --encoder msfem --input-size 512 --k 200 --epochs 10
+  msamil e2e ... --encoder resnet18 --input-size 64 --k-study 4 16 64 --k-study-steps 60
+"""
+
+
+from __future__ import annotations
+
+import argparse
+
+from .options import add_encoder_arguments, add_fold_arguments, encoder_spec, fold_indices, json_option, load_folds, read_options
+
+HELP = "slides + coords + folds -> e2e/<name>/fold<k>/checkpoint.pt (tuned encoder + MIL model)"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from ..training.mil import BALANCE_CHOICES
+
+    data = parser.add_argument_group("slides and folds")
+    add_fold_arguments(data)
+    data.add_argument("--coords-dir", required=True,
+                      help="folder with <scale>/<slide_id>.h5 coordinates (the workflow's results/coords)")
+    data.add_argument("--out", required=True, help="e2e run directory: fold<k>/ (or the K study) is written inside")
+
+    add_encoder_arguments(parser)
+
+    tr = parser.add_argument_group("training (flags override --options)")
+    tr.add_argument("--options", help="JSON/YAML file or inline JSON with e2e options (the config's `e2e` entry keys)")
+    tr.add_argument("--model", help="registered MIL model (`msamil list-models`; default msamil.base)")
+    tr.add_argument("--model-args", help="JSON of MIL model options")
+    tr.add_argument("--scales", nargs="+", help="scales patches are sampled from (default: 20x 10x 5x)")
+    tr.add_argument("--k", type=int, help="patches sampled per slide and step (default 200, the paper's)")
+    tr.add_argument("--epochs", type=int, help="epochs (default 10)")
+    tr.add_argument("--lr", type=float, help="MIL model's peak learning rate (default 1e-4)")
+    tr.add_argument("--encoder-lr", type=float, help="encoder's peak learning rate (default 1e-5)")
+    tr.add_argument("--grad-accum", type=int, help="slides per optimizer step (default 1)")
+    tr.add_argument("--balance", choices=BALANCE_CHOICES, help="class balance by loss weights or sampling")
+    tr.add_argument("--patience", type=int, help="stop after this many epochs without a lower validation loss (0 = never)")
+    tr.add_argument("--train-seed", type=int,
+                    help="seed of the MIL model, the patch sampling and the slide order (--seed seeds the encoder)")
+    tr.add_argument("--chunk-size", type=int, help="patches per encoder forward (default 16)")
+    tr.add_argument("--no-checkpointing", action="store_true",
+                    help="keep the encoder's activations instead of recomputing them (more memory, less time)")
+    tr.add_argument("--workers", type=int, help="reader processes reading the next slides' patches (default 0)")
+
+    ks = parser.add_argument_group("K study")
+    ks.add_argument("--k-study", type=int, nargs="+", metavar="K", help="run the K study with these K instead of training")
+    ks.add_argument("--k-study-steps", type=int, default=60, help="optimizer steps per K (default 60)")
+
+    rt = parser.add_argument_group("runtime")
+    rt.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
+    rt.add_argument("--threads", type=int, help="torch CPU threads")
+    rt.add_argument("--no-progress", action="store_true", help="(kept for old command lines; progress is logged per epoch)")
+
+
+def e2e_options(args: argparse.Namespace) -> dict:
+    """--options, then explicit flags on top."""
+    options = read_options(args.options, "--options") if args.options else {}
+    flags = {"model": args.model, "scales": args.scales, "k": args.k, "epochs": args.epochs, "lr": args.lr,
+             "encoder_lr": args.encoder_lr, "grad_accum": args.grad_accum, "balance": args.balance,
+             "patience": args.patience, "seed": args.train_seed, "chunk_size": args.chunk_size,
+             "workers": args.workers, "model_args": json_option(args.model_args, "--model-args"),
+             "task": json_option(args.task, "--task")}
+    options.update({k: v for k, v in flags.items() if v is not None})
+    if args.no_checkpointing:
+        options["checkpointing"] = False
+    return options
+
+
+def run(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from ..cohort.sheet import load_sheet
+    from ..runtime import resolve_device, set_threads
+    from ..training.e2e import run_e2e
+
+    set_threads(args.threads)
+    sheet = load_sheet(args.sheet)
+    folds = load_folds(args, sheet, Path(args.out))
+    run_e2e(e2e_options(args), encoder_spec(args), sheet, folds, fold_indices(args, folds), args.coords_dir, args.out,
+            resolve_device(args.device), args.classes, args.val_fraction, args.split_seed, args.k_study,
+            args.k_study_steps)

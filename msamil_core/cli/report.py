@@ -1,0 +1,41 @@
+"""Write the cohort report: index.html, summary.csv (mean ± sd over folds), ROC and confusion PNGs.
+
+Each --experiment NAME=DIR points at an experiment directory with fold<k>/metrics.json (from
+`msamil evaluate`) and fold<k>/checkpoint.pt (for its config). Transfer experiments are set
+beside their from-scratch twins, and experiments on the same task that use different scales
+are compared, automatically. --section TITLE=CSV adds a table (e.g. patch-selection figures);
+--heatmaps NAME=DIR links an experiment's attention heatmaps.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from .options import named
+
+HELP = "fold metrics of experiments -> report/index.html + summary.csv + plots"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--experiment", action="append", required=True, metavar="NAME=DIR",
+                        help="an experiment and its directory (repeat for each)")
+    parser.add_argument("--section", action="append", default=[], metavar="TITLE=CSV",
+                        help="an extra table to include, from a CSV file (repeatable)")
+    parser.add_argument("--features", action="append", default=[], metavar="NAME=DIR",
+                        help="an experiment's feature folder (repeatable): the patch counts of the strategy comparison")
+    parser.add_argument("--benchmarks", help="Snakemake benchmark folder: the extraction and inference times")
+    parser.add_argument("--segmentation", metavar="JSON", help="metrics.json of `msamil segment-train`")
+    parser.add_argument("--heatmaps", action="append", default=[], metavar="NAME=DIR",
+                        help="an experiment's `msamil heatmap` folder (summary.csv + <slide>/), linked with its "
+                        "attention inside vs outside the lesions (repeatable)")
+    parser.add_argument("--out-dir", required=True, help="report directory to write")
+    parser.add_argument("--title", default="msamil report")
+
+
+def run(args: argparse.Namespace) -> None:
+    from ..reporting.report import write_report
+
+    write_report(dict(named(args.experiment, "--experiment")), args.out_dir, title=args.title,
+                 sections=named(args.section, "--section"), features=dict(named(args.features, "--features")),
+                 benchmarks=args.benchmarks, segmentation=args.segmentation,
+                 heatmaps=dict(named(args.heatmaps, "--heatmaps")))

@@ -1,0 +1,41 @@
+"""Patient-level, label-stratified k-fold splits of the slide sheet -> folds.csv.
+
+Every patient gets one test fold; all slides of a patient share it. Labels are spread evenly
+over the folds. The file has the columns slide_id, patient_id, label, fold, n_folds and
+val_rank; for fold k, the test part is fold k, and the validation part is, per label, the
+lowest-val_rank fraction (the training step's validation fraction) of the other folds'
+patients; msamil_core/splits.py states the exact rule.
+
+With --previous (which may be the --out file itself: it is read before anything is written),
+patients already in that file keep their fold and only new patients are placed, so adding
+slides to the sheet does not move existing patients. A --previous file that does not exist
+yet is ignored. In Snakemake, mark the output `update(...)` so it is kept for the next run.
+
+Example:
+  msamil splits --sheet slides.csv --out results/splits/folds.csv --folds 5 --seed 0 \\
+      --previous results/splits/folds.csv
+"""
+
+from __future__ import annotations
+
+import argparse
+
+HELP = "slide sheet -> patient-level stratified folds (folds.csv)"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--sheet", required=True, help="slide sheet (CSV or TSV: slide_id, path, label, patient_id)")
+    parser.add_argument("--out", required=True, help="folds CSV to write, e.g. results/splits/folds.csv")
+    parser.add_argument("--folds", type=int, default=5, metavar="K", help="number of folds, >= 2 (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the placement order and validation ranks (default: %(default)s)")
+    parser.add_argument(
+        "--previous",
+        metavar="CSV",
+        help="earlier folds CSV whose patients keep their fold (may equal --out; ignored if it does not exist)",
+    )
+
+
+def run(args: argparse.Namespace) -> None:
+    from ..training.splits import split_sheet
+
+    split_sheet(args.sheet, args.out, args.folds, args.seed, args.previous)

@@ -1,0 +1,29 @@
+"""Write a slide's thumbnail (PNG, long side --long-side px, aspect kept) and meta.json.
+
+meta.json holds what later steps need without reopening the slide: level-0 size, level
+dimensions and downsamples, µm/px (and whether it came from the file or the sheet), objective
+power, vendor, the thumbnail's size and downsample (level-0 px per thumbnail px), and the slide
+file's identity (`source`: resolved path, size, mtime and a digest of its content), which later
+steps and `msamil predict` check before they reuse anything made from it.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from .options import add_slide_arguments
+
+HELP = "slide -> thumbnail.png + meta.json"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_slide_arguments(parser)
+    parser.add_argument("--long-side", type=int, default=1024, help="thumbnail long side in px (default 1024)")
+    parser.add_argument("--out", required=True, help="thumbnail PNG to write")
+    parser.add_argument("--meta", required=True, help="meta.json to write")
+
+
+def run(args: argparse.Namespace) -> None:
+    from ..pipeline import make_thumbnail
+
+    make_thumbnail(args.slide, args.out, args.meta, args.slide_id, args.mpp, args.long_side)

@@ -1,0 +1,28 @@
+"""Tissue mask on a thumbnail: PNG of the same size, 255 = tissue.
+
+Brightfield slides: saturation above Otsu's threshold (never below --min-saturation), minus pen
+marks and dark artefacts, then closing, hole filling and speck removal. Fluorescence slides
+(dark background, detected automatically unless --mode says otherwise): local signal density
+above Otsu's threshold. A slide with no tissue fails with a message naming it.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from .options import add_tissue_arguments, tissue_params
+
+HELP = "thumbnail -> tissue_mask.png"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--thumbnail", required=True, help="thumbnail PNG (from `msamil thumbnail`)")
+    parser.add_argument("--slide-id", help="slide name used in messages (default: thumbnail's folder name)")
+    parser.add_argument("--out", required=True, help="mask PNG to write (0/255)")
+    add_tissue_arguments(parser)
+
+
+def run(args: argparse.Namespace) -> None:
+    from ..pipeline import make_tissue_mask
+
+    make_tissue_mask(args.thumbnail, args.out, tissue_params(args), args.min_tissue_fraction, args.slide_id)

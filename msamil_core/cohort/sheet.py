@@ -1,0 +1,122 @@
+"""The slide sheet: one row per slide, read and checked before any job runs.
+
+Columns: ``slide_id, path, label, patient_id``, optional ``mpp`` (level-0 µm/px, overrides the
+file) and ``annotation`` (lesion annotation file). CSV or TSV (by extension, ``.tsv``/``.tab``
+meaning tab-separated). Relative ``path`` and ``annotation`` values are resolved against the
+sheet's own folder, so a sheet and its slides can move together.
+
+Every problem is reported with the sheet's name and the row, before Snakemake plans any job.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import pandas as pd
+
+from ..errors import MsamilError
+
+REQUIRED_COLUMNS = ("slide_id", "path", "label", "patient_id")
+OPTIONAL_COLUMNS = ("mpp", "annotation")
+# Characters a file name cannot hold on the platforms we run on (and "/" never).
+_BAD_ID_CHARS = set('/\\\0:*?"<>|')
+
+
+def read_table(path: str | os.PathLike) -> pd.DataFrame:
+    """Read a CSV or TSV as strings (no type guessing: slide ids like ``001`` stay as written)."""
+    path = Path(path)
+    if not path.exists():
+        raise MsamilError(f"slide sheet not found: {path}; set `slides` in the config to your sheet (CSV or TSV)")
+    sep = "\t" if path.suffix.lower() in (".tsv", ".tab") else ","
+    try:
+        return pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False, skipinitialspace=True)
+    except (pd.errors.ParserError, UnicodeDecodeError) as exc:
+        raise MsamilError(f"slide sheet {path}: cannot parse ({exc}); save it as plain CSV or TSV") from None
+
+
+def load_sheet(path: str | os.PathLike) -> pd.DataFrame:
+    """Read and check a slide sheet; returns it indexed by ``slide_id``.
+
+    ``path`` and ``annotation`` come back as absolute paths (relative ones are taken from the
+    sheet's folder), ``mpp`` as float (NaN where empty), every other column as str.
+
+    Raises:
+        MsamilError: a missing column, an empty or unusable slide_id, a duplicate slide_id,
+            an empty path/label/patient_id, a non-positive mpp, or a patient with two labels.
+    """
+    path = Path(path)
+    df = read_table(path)
+    return check_sheet(df, path)
+
+
+def check_sheet(df: pd.DataFrame, path: str | os.PathLike) -> pd.DataFrame:
+    """The checks and normalisation of :func:`load_sheet` on an already read table."""
+    path = Path(path)
+    df = df.copy()
+    df.columns = [str(c).strip() for c in df.columns]
+    missing = [c for c in REQUIRED_COLUMNS if c not in df.columns]
+    if missing:
+        raise MsamilError(
+            f"slide sheet {path}: missing column(s) {', '.join(missing)}; "
+            f"the sheet needs {', '.join(REQUIRED_COLUMNS)} (optional: {', '.join(OPTIONAL_COLUMNS)})"
+        )
+    if df.empty:
+        raise MsamilError(f"slide sheet {path}: no rows; add one row per slide")
+    for col in df.columns:
+        if df[col].dtype == object:
+            df[col] = df[col].astype(str).str.strip()
+    for i, row in df.iterrows():
+        where = f"slide sheet {path}, row {i + 2}"  # +1 header, +1 one-based
+        for col in REQUIRED_COLUMNS:
+            if not row[col]:
+                raise MsamilError(f"{where}: empty `{col}`; every slide needs {', '.join(REQUIRED_COLUMNS)}")
+        sid = row["slide_id"]
+        if sid in (".", "..") or any(ch in _BAD_ID_CHARS for ch in sid):
+            raise MsamilError(
+                f"{where}: slide_id {sid!r} cannot be a file name; use letters, digits, spaces, '-', '_', '.', '(', ')'"
+            )
+    dup = df["slide_id"][df["slide_id"].duplicated()].unique()
+    if len(dup):
+        rows = ", ".join(str(i + 2) for i in df.index[df["slide_id"].isin(dup)])
+        raise MsamilError(f"slide sheet {path}: duplicate slide_id {', '.join(map(repr, dup))} (rows {rows}); slide ids must be unique")
+    labels = df.groupby("patient_id")["label"].nunique()
+    conflicted = labels[labels > 1]
+    if len(conflicted):
+        pid = conflicted.index[0]
+        found = sorted(df.loc[df["patient_id"] == pid, "label"].unique())
+        raise MsamilError(
+            f"slide sheet {path}: patient {pid!r} has slides with different labels ({', '.join(found)}); "
+            "a patient must have one label: fix the rows or split the patient ids"
+        )
+    base = path.resolve().parent
+    df["path"] = [str(_resolve(p, base)) for p in df["path"]]
+    if "annotation" in df.columns:
+        df["annotation"] = [str(_resolve(p, base)) if p else "" for p in df["annotation"]]
+    if "mpp" in df.columns:
+        values = []
+        for i, raw in zip(df.index, df["mpp"]):
+            if raw == "":
+                values.append(math.nan)
+                continue
+            try:
+                v = float(raw)
+            except ValueError:
+                v = -1.0
+            if not (v > 0 and math.isfinite(v)):
+                raise MsamilError(f"slide sheet {path}, row {i + 2}: mpp {raw!r} is not a positive number of µm/px")
+            values.append(v)
+        df["mpp"] = values
+    return df.set_index("slide_id", drop=False)
+
+
+def _resolve(value: str, base: Path) -> Path:
+    p = Path(value).expanduser()
+    return p if p.is_absolute() else (base / p)
+
+
+def slide_mpp(row: pd.Series) -> float | None:
+    """The sheet's mpp of a row, or None when the file's value is to be used."""
+    value = row.get("mpp", math.nan)
+    return None if value is None or (isinstance(value, float) and math.isnan(value)) else float(value)

@@ -1,1 +1,0 @@
-"""One module per ``msamil`` sub-command (see :mod:`msamil_core.cli`)."""

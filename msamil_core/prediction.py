@@ -1,0 +1,353 @@
+"""Classifying slides with a trained experiment: the fold ensemble (MsaMIL-Net's Algorithm 1).
+
+For each slide: the per-slide chain up to its bag (:func:`msamil_core.pipeline.prepare_slide`),
+then every fold's model; the ensemble's class probabilities are the mean over folds, and each
+fold's vote is its most probable class. :func:`predict_slides` is ``msamil predict``;
+:func:`draw_fold_heatmaps` is ``msamil heatmap`` (one fold's attention on its test slides).
+
+Predictions write only under their own folder: per-slide files that were made from the same slide
+file are reused from there or from the workflow's results (read only), and whatever is missing is
+computed into ``<out>/slides/``, ``<out>/coords/`` and ``<out>/features/``, so a prediction never
+changes the cohort's files. The checkpoint's ``encoder`` (name plus weight hash) must be the
+encoder given and the one that made any reused bag; a mismatch fails naming both.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .cohort.sheet import check_sheet, load_sheet, read_table, slide_mpp
+from .errors import MsamilError
+from .features.bags import find_bag, load_bag
+from .fileio import atomic_path, write_json
+from .pipeline import SlideFiles, SlideSettings, check_encoder, prepare_slide
+from .reporting.heatmaps import SlideAttention
+from .training.mil import BagDataset, checkpoint_scales, forward_bag, load_checkpoint
+from .wsi.geometry import scale_index
+
+log = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------- fold models
+
+
+@dataclass
+class FoldModel:
+    """One fold's trained model of an experiment, and the scales it reads."""
+
+    fold: int
+    path: Path
+    model: torch.nn.Module
+    checkpoint: dict
+    scales: list[str] = field(default_factory=list)
+
+
+def load_fold_models(models: str | os.PathLike, device, folds: list[int] | None = None) -> list[FoldModel]:
+    """Every ``fold<k>/checkpoint.pt`` of an experiment folder (or the listed folds), checked to
+    share classes, encoder and feature width."""
+    models = Path(models)
+    if folds is None:
+        found = sorted(int(p.parent.name[4:]) for p in models.glob("fold*/checkpoint.pt") if p.parent.name[4:].isdigit())
+        if not found:
+            raise MsamilError(f"{models}: no fold<k>/checkpoint.pt; train the experiment first (or give its folder)")
+        folds = found
+    out = []
+    for k in folds:
+        path = models / f"fold{k}" / "checkpoint.pt"
+        model, ckpt = load_checkpoint(path, device)
+        out.append(FoldModel(k, path, model, ckpt, checkpoint_scales(ckpt)))
+    first = out[0]
+    for other in out[1:]:
+        for key in ("classes", "encoder", "model_name"):
+            mine, theirs = other.checkpoint.get(key), first.checkpoint.get(key)
+            if (list(mine) if key == "classes" else mine) != (list(theirs) if key == "classes" else theirs):
+                raise MsamilError(f"{other.path}: its {key} {mine!r} differs from {theirs!r} in {first.path}; "
+                                  "the fold models of one experiment must agree")
+    return out
+
+
+def check_bag(fold: FoldModel, bag_path: Path) -> None:
+    """The bag was made by the model's encoder and has its feature width, else a clear error."""
+    bag = load_bag(bag_path)
+    check_encoder(fold.checkpoint.get("encoder", ""), bag.encoder, str(fold.path), f"the bag {bag_path}")
+    in_dim = int(fold.checkpoint["model_args"]["in_dim"])
+    if bag.dim != in_dim:
+        raise MsamilError(f"{fold.path}: the model takes {in_dim} features per patch but the bag {bag_path} has "
+                          f"{bag.dim}; use bags of the encoder the experiment was trained with")
+
+
+def fold_item(fold: FoldModel, bag_path: Path, slide_id: str):
+    """The bag as ``fold``'s model takes it: its scales, standardised with the checkpoint's
+    training statistics; (BagItem, patch sizes int64 [M])."""
+    item = BagDataset([bag_path], [slide_id], [0], fold.scales, norm=fold.checkpoint.get("feature_norm"))[0]
+    bag = load_bag(bag_path)
+    keep = torch.isin(bag.scales, torch.tensor([scale_index(s) for s in fold.scales]))
+    if len(item.features) == 0:
+        raise MsamilError(f"slide {slide_id!r}: the bag {bag_path} has no patch at {'+'.join(fold.scales)}, "
+                          f"the scales of {fold.path}")
+    return item, bag.patch_size_level0[keep]
+
+
+def slide_attention(folds: list[FoldModel], bag_path: Path, slide_id: str, device) -> tuple["SlideAttention", np.ndarray]:
+    """The fold models on one bag: (:class:`~msamil_core.reporting.heatmaps.SlideAttention` with the mean
+    probabilities and mean attention over folds, per-fold probabilities [K, C]).
+
+    Attention is averaged only when the folds read the same scales (they do within an
+    experiment); each fold's attention sums to 1, so the mean does too.
+    """
+    check_bag(folds[0], bag_path)
+    probs, attention, item, sizes = [], [], None, None
+    for fold in folds:
+        item, sizes = fold_item(fold, bag_path, slide_id)
+        p, a = model_attention(fold.model, item, device)
+        probs.append(p)
+        attention.append(a)
+    per_fold = np.stack(probs)
+    att = SlideAttention(slide_id, item.coords.numpy(), item.scales.numpy(), sizes.numpy(), np.mean(attention, axis=0),
+                         per_fold.mean(0), list(folds[0].checkpoint["classes"]))
+    return att, per_fold
+
+
+@torch.no_grad()
+def fold_probabilities(folds: list[FoldModel], bag_path: Path, slide_id: str, device) -> np.ndarray:
+    """Class probabilities of each fold model on one bag, [K, C] (no attention needed)."""
+    check_bag(folds[0], bag_path)
+    out = []
+    for fold in folds:
+        item, _ = fold_item(fold, bag_path, slide_id)
+        results, _ = forward_bag(fold.model, item, device)
+        out.append(results["logits"].float().softmax(-1)[0].cpu().numpy())
+    return np.stack(out).astype(np.float64)
+
+
+# ----------------------------------------------------------------------------- attention
+
+
+def no_attention_error(model_name: str) -> MsamilError:
+    return MsamilError(
+        f"model {model_name!r} returns no per-instance attention, so it has no heatmap; "
+        "use an experiment whose model returns attention (every model `msamil list-models` lists does), "
+        "or skip heatmaps for this experiment"
+    )
+
+
+@torch.no_grad()
+def model_attention(model, item, device) -> tuple[np.ndarray, np.ndarray]:
+    """(class probabilities [C], attention [M]) of one prepared bag (:class:`~msamil_core.training.mil.BagItem`).
+
+    Raises:
+        MsamilError: the model returns no ``attention`` (:func:`no_attention_error`).
+    """
+    try:
+        results, _ = forward_bag(model, item, device, return_attention=True)
+    except KeyError as exc:  # MILModel.forward reads intermeds["attention"]
+        if exc.args != ("attention",):
+            raise
+        raise no_attention_error(getattr(model, "model_name", type(model).__name__)) from None
+    attention = results.get("attention")
+    if attention is None:
+        raise no_attention_error(getattr(model, "model_name", type(model).__name__))
+    probs = results["logits"].float().softmax(-1)[0].cpu().numpy().astype(np.float64)
+    return probs, attention[0].float().cpu().numpy().astype(np.float64)
+
+
+# ----------------------------------------------------------------------------- inputs and outputs
+
+
+def read_new_slides(path: str | os.PathLike):
+    """A sheet of slides to predict: ``slide_id`` and ``path`` needed; ``label`` (kept for the
+    output), ``patient_id``, ``mpp`` and ``annotation`` optional. Checked as a slide sheet
+    (:func:`~msamil_core.cohort.sheet.check_sheet`); returns it indexed by slide_id, label "" where
+    none was given."""
+    df = read_table(path)
+    df.columns = [str(c).strip() for c in df.columns]
+    missing = [c for c in ("slide_id", "path") if c not in df.columns]
+    if missing:
+        raise MsamilError(f"slide sheet {path}: missing column(s) {', '.join(missing)}; a sheet of slides to "
+                          "predict needs slide_id and path (optional: label, patient_id, mpp, annotation)")
+    labels = df["label"].astype(str).str.strip() if "label" in df.columns else None
+    # placeholders for the checks of a training sheet: a slide is its own patient, unlabelled
+    df["label"] = labels.where(labels != "", "unlabelled") if labels is not None else "unlabelled"
+    patients = df["patient_id"].astype(str).str.strip() if "patient_id" in df.columns else df["slide_id"]
+    df["patient_id"] = patients.where(patients != "", df["slide_id"])
+    sheet = check_sheet(df, path)
+    sheet["label"] = labels.tolist() if labels is not None else ""
+    return sheet
+
+
+def single_slide(path: str | os.PathLike, slide_id: str | None = None, mpp: float | None = None):
+    """A one-row sheet of slides to predict (``msamil predict --slide``)."""
+    import pandas as pd
+
+    sid = slide_id or Path(path).stem
+    if not Path(path).exists():
+        raise MsamilError(f"slide {sid!r}: file not found: {path}")
+    return pd.DataFrame([{"slide_id": sid, "path": str(Path(path).resolve()), "label": "",
+                          "mpp": float("nan") if mpp is None else mpp}]).set_index("slide_id", drop=False)
+
+
+def prediction_record(slide_id: str, per_fold: np.ndarray, folds: list[FoldModel], label: str = "") -> dict:
+    """One slide's entry of predictions.json: ensemble probabilities (mean over folds), the
+    predicted class, and each fold's probabilities and vote."""
+    classes = list(folds[0].checkpoint["classes"])
+    mean = per_fold.mean(0)
+    votes = [classes[int(i)] for i in per_fold.argmax(1)]
+    return {
+        "slide_id": slide_id,
+        "label": label or None,
+        "predicted": classes[int(np.argmax(mean))],
+        "probabilities": {c: float(p) for c, p in zip(classes, mean)},
+        "votes": {c: votes.count(c) for c in classes},
+        "folds": [{"fold": f.fold, "vote": v, "probabilities": {c: float(p) for c, p in zip(classes, row)}}
+                  for f, v, row in zip(folds, votes, per_fold)],
+    }
+
+
+def write_predictions(out_dir: str | os.PathLike, records: list[dict], folds: list[FoldModel], models: str) -> None:
+    """predictions.json and predictions.csv (slide_id, label, predicted, prob_<class>,
+    votes_<class>, fold<k>), each atomically."""
+    out_dir = Path(out_dir)
+    classes = list(folds[0].checkpoint["classes"])
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(["slide_id", "label", "predicted", *(f"prob_{c}" for c in classes), *(f"votes_{c}" for c in classes),
+                     *(f"fold{f.fold}" for f in folds)])
+    for r in records:
+        writer.writerow([r["slide_id"], r["label"] or "", r["predicted"], *(f"{r['probabilities'][c]:.6f}" for c in classes),
+                         *(r["votes"][c] for c in classes), *(f["vote"] for f in r["folds"])])
+    with atomic_path(out_dir / "predictions.csv") as tmp:
+        tmp.write_text(buffer.getvalue())
+    write_json(out_dir / "predictions.json", {
+        "models": str(models),
+        "checkpoints": [str(f.path) for f in folds],
+        "encoder": folds[0].checkpoint.get("encoder", ""),
+        "classes": classes,
+        "scales": folds[0].scales,
+        "slides": records,
+    })
+
+
+# ----------------------------------------------------------------------------- the commands
+
+
+def predict_slides(models: str | os.PathLike, sheet, out: str | os.PathLike, settings: SlideSettings, device,
+                   results: str | os.PathLike | None = None, features: str | os.PathLike | None = None,
+                   folds: list[int] | None = None, heatmaps: bool = False, top_k: int = 8) -> list[dict]:
+    """``msamil predict``: classify every slide of ``sheet`` (slide_id, path, [label, mpp,
+    annotation]) with the fold models of the experiment folder ``models``; write
+    ``out/predictions.{json,csv}`` and, with ``heatmaps``, ``out/heatmaps/<slide>/``.
+
+    Per-slide files are reused from ``out`` and from the workflow's ``results`` folder (its
+    ``slides/``, ``coords/``, and the bags in ``features``) when they were made from the same
+    slide file; the rest is computed into ``out``. A slide that fails stops the run with one line
+    naming the slide and the checkpoints, leaving no file of that slide and no predictions.
+    """
+    from .features.encoders import encoder_id
+
+    fold_models = load_fold_models(models, device, folds)
+    expected = fold_models[0].checkpoint.get("encoder", "")
+    given = encoder_id(settings.encoder)
+    check_encoder(expected, given, str(fold_models[0].path), "the encoder given")
+    out = Path(out)
+    checkpoints = ", ".join(str(f.path) for f in fold_models)
+    records, drawn = [], []
+    for sid, row in sheet.iterrows():
+        mpp = slide_mpp(row)
+        own = SlideFiles.under(out, sid)
+        reuse = [SlideFiles.under(results, sid, feature_dir=features)] if results else []
+        try:
+            bag_path = prepare_slide(row["path"], sid, mpp, settings, own, reuse, expected or given)
+            if heatmaps:
+                att, per_fold = slide_attention(fold_models, bag_path, sid, device)
+                drawn.append((att, row, next(f for f in [own, *reuse] if f.meta.is_file()), mpp))
+            else:
+                per_fold = fold_probabilities(fold_models, bag_path, sid, device)
+        except MsamilError as exc:
+            raise MsamilError(f"slide {sid!r} with {checkpoints}: {exc}") from None
+        records.append(prediction_record(sid, per_fold, fold_models, row.get("label", "")))
+        log.info("%s: %s (%s)", sid, records[-1]["predicted"],
+                 ", ".join(f"{c} {p:.3f}" for c, p in records[-1]["probabilities"].items()))
+    for att, row, files, mpp in drawn:
+        try:
+            draw_slide(att, row, files.meta, files.thumbnail, out / "heatmaps" / att.slide_id, mpp, top_k,
+                       Path(models).name)
+        except MsamilError as exc:
+            raise MsamilError(f"slide {att.slide_id!r} with {checkpoints}: {exc}") from None
+    write_predictions(out, records, fold_models, models)
+    return records
+
+
+def draw_slide(att: SlideAttention, row, meta_path, thumbnail_path, out_dir, mpp, top_k: int, title: str) -> dict:
+    """Heatmaps of one slide (a sheet ``row``) into ``out_dir``; the thumbnail and meta.json are
+    read from their files, or made from the slide (not written) when missing."""
+    from .reporting.heatmaps import write_slide_heatmaps
+    from .wsi.annotations import annotation_mask
+    from .wsi.masks import read_rgb
+    from .wsi.slide import open_slide
+    from .wsi.thumbnail import load_meta, meta_sizes, thumbnail_and_meta
+
+    sid = att.slide_id
+    if Path(meta_path).exists() and Path(thumbnail_path).exists():
+        meta, thumb = load_meta(meta_path), read_rgb(thumbnail_path, sid)
+    else:
+        with open_slide(row["path"], sid, mpp) as slide:
+            thumb, meta = thumbnail_and_meta(slide, 1024)
+    lesion = None
+    annotation = row.get("annotation", "")
+    if isinstance(annotation, str) and annotation:
+        level0, thumb_size = meta_sizes(meta)
+        lesion = annotation_mask(annotation, sid, level0, thumb_size)
+    return write_slide_heatmaps(out_dir, att, thumb, meta, row["path"], mpp, lesion, top_k, title)
+
+
+def draw_fold_heatmaps(models: str | os.PathLike, fold: int, features: str | os.PathLike, sheet_path,
+                       out_dir: str | os.PathLike, device, folds_path=None, slide_ids: list[str] | None = None,
+                       slides_dir: str | os.PathLike = "results/slides", top_k: int = 8) -> list[dict]:
+    """``msamil heatmap``: fold ``fold``'s model on its test slides (from ``folds_path``) or on
+    ``slide_ids``: ``out_dir/<slide>/`` per slide, then ``out_dir/summary.csv``."""
+    from .cohort.tasks import select_slides, task_classes
+    from .reporting.heatmaps import pooled_lesion_attention, write_summary
+    from .training.splits import fold_parts, read_folds
+
+    if not folds_path and not slide_ids:
+        raise MsamilError("give --folds (to draw the fold's test slides) or --slide-ids")
+    (model,) = load_fold_models(models, device, [fold])
+    sheet = load_sheet(sheet_path)
+    if slide_ids:
+        unknown = [s for s in slide_ids if s not in sheet.index]
+        if unknown:
+            raise MsamilError(f"--slide-ids: {', '.join(map(repr, unknown))} not in the sheet {sheet_path}")
+    else:
+        task = (model.checkpoint.get("config") or {}).get("task")
+        _, mapping = task_classes(sheet, task, None if task else list(model.checkpoint["classes"]))
+        slide_ids, _ = select_slides(fold_parts(read_folds(folds_path), fold)["test"], sheet, mapping)
+    name, out = Path(models).name, Path(out_dir)
+    infos = []
+    for sid in slide_ids:
+        row = sheet.loc[sid]
+        try:
+            att, _ = slide_attention([model], find_bag(features, sid), sid, device)
+            info = draw_slide(att, row, Path(slides_dir) / sid / "meta.json", Path(slides_dir) / sid / "thumbnail.png",
+                              out / sid, slide_mpp(row), top_k, f"{name} fold {fold}")
+        except MsamilError as exc:
+            raise MsamilError(f"slide {sid!r} with {model.path}: {exc}") from None
+        infos.append(info)
+        lesion = {r["scope"]: r for r in info["lesion"] or []}
+        if "all" in lesion:
+            log.info("%s: %s; attention x N inside the lesion %.2f, outside %.2f", sid, info["predicted"],
+                     lesion["all"]["mean_inside"], lesion["all"]["mean_outside"])
+        else:
+            log.info("%s: %s (no annotation)", sid, info["predicted"])
+    summary = write_summary(out / "summary.csv", infos, {s: sheet.loc[s, "label"] for s in slide_ids})
+    if any(i["lesion"] for i in infos):
+        log.info("%s fold %d, attention inside vs outside the lesions:\n%s", name, fold,
+                 pooled_lesion_attention(summary).to_string(index=False))
+    return infos

@@ -1,0 +1,2 @@
+"""What people read: the cohort report (jinja2), charts (matplotlib), attention heatmaps and the
+report's tables."""

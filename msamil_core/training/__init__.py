@@ -1,0 +1,2 @@
+"""Training: one engine (:mod:`.engine`) that MIL training (:mod:`.mil`), end-to-end training
+(:mod:`.e2e`) and lesion segmentation plug into; folds (:mod:`.splits`) and metrics (:mod:`.metrics`)."""

@@ -1,0 +1,610 @@
+"""End-to-end training of a patch encoder and a MIL aggregator on K patches per slide.
+
+MsaMIL-Net (sec. 3.4, Algorithm 2): each step takes a slide, samples K of its patches
+(200 in the paper) across its 20x/10x/5x coordinates, reads and encodes them with the
+trainable encoder, feeds the K features with their coordinates and scales to the MIL model
+and takes the cross-entropy on the slide label; one optimizer updates both (separate learning
+rates). Activation checkpointing keeps only each chunk of patches' input and output features
+alive between forward and backward, so memory grows with K by a few KB per patch rather than
+by the encoder's activations. The K patches are resampled every epoch.
+
+Campanella et al. (all-in-memory multi-GPU slide training): under ``torchrun --nproc-per-node
+W`` the K patches of a slide are split into W contiguous shares, each rank encodes its share,
+and the features are all-gathered *with autograd* (``torch.distributed.nn.functional.
+all_gather``) so every rank runs the same aggregator on all K. The gather's backward sums the
+feature gradients of all W ranks, so each rank's encoder gradient is W times its share's part
+of the true gradient, while its (replicated) aggregator gradient is the true one. Summing
+every gradient over ranks and dividing by W therefore gives, on every rank, exactly the
+gradient of one process on the same K patches (the engine's gradient average). BatchNorm layers of
+the encoder run on their stored statistics (eval mode) so that a patch's feature never depends
+on which other patches share its chunk or rank; dropout in the aggregator draws from a
+generator seeded per step, identical on every rank.
+
+Training runs on :mod:`.engine` (resume, preemption, schedule, best state, early stopping) with
+``shard_items = False``: every rank runs every slide and encodes its share of the slide's patches.
+Files of one fold (``out_dir``), as in :mod:`.mil`:
+
+* ``checkpoint.pt``: the best epoch (lowest validation loss) as a SPEC checkpoint of the MIL
+  model (``model_name``, ``model_args``, ``state_dict``, ``classes``, ...) plus
+  ``encoder_spec`` (name, input size, normalisation, options) and ``encoder_state_dict`` (the
+  tuned encoder). ``msamil extract --encoder-checkpoint`` re-extracts features with it.
+* ``resume.pt``: model, optimizer, loop and random state, written after every epoch and when
+  SIGTERM arrives (at the next optimizer step); a rerun continues from it.
+* ``history.json``: per-epoch training loss and validation metrics.
+
+The K study (:func:`k_study`, Campanella et al.'s finding that the training loss falls as K
+grows) trains the same initial model for the same number of steps with several K and writes
+the loss curves (CSV, PNG) and a summary.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import MsamilError
+from ..features.encoders import EncoderSpec, PatchEncoder, build_encoder, encoder_id
+from ..fileio import atomic_path, save_torch, torch_load, write_json
+from ..runtime import autocast, distributed, is_main_process
+from ..wsi.coords import read_patch_table
+from ..wsi.geometry import SCALES, scale_index
+from ..wsi.slide import Slide, open_slide
+from .engine import Schedule, Task, fit
+from .mil import BALANCE_CHOICES, class_weights, epoch_order
+
+log = logging.getLogger(__name__)
+
+# Encoder options that name a file only the initial weights need; the tuned state replaces it.
+_INIT_ONLY_KWARGS = ("backbone_weights",)
+
+
+@dataclass
+class E2EConfig:
+    """End-to-end training settings (the config's ``e2e`` entries map onto it)."""
+
+    model: str = "msamil.base"
+    model_args: dict = field(default_factory=dict)
+    scales: list = field(default_factory=lambda: list(SCALES))  # patches sampled from these scales
+    k: int = 200  # patches sampled per slide and step (paper: 200)
+    epochs: int = 10
+    lr: float = 1e-4  # MIL aggregator's peak learning rate
+    encoder_lr: float = 1e-5  # encoder's peak learning rate
+    min_lr: float = 1e-6  # the aggregator's floor; the encoder's is scaled by encoder_lr / lr
+    warmup_epochs: float = 1.0
+    weight_decay: float = 1e-2
+    grad_accum: int = 1  # slides per optimizer step
+    grad_clip: float = 1.0
+    balance: str = "loss"  # loss | sampling | none
+    seed: int = 0
+    bf16: bool = True  # bf16 autocast on CUDA
+    checkpointing: bool = True  # activation checkpointing of the encoder, chunk by chunk
+    chunk_size: int = 16  # patches per encoder forward
+    workers: int = 0  # DataLoader processes reading the next slides' patches
+    standardize: bool = True  # z-score features with the initial encoder's statistics on training patches
+    patience: int = 0  # epochs without a lower validation loss before stopping; 0 = never
+
+    def __post_init__(self):
+        for name, kind in (("k", int), ("epochs", int), ("lr", float), ("encoder_lr", float), ("min_lr", float),
+                           ("warmup_epochs", float), ("weight_decay", float), ("grad_accum", int),
+                           ("grad_clip", float), ("seed", int), ("chunk_size", int), ("workers", int), ("patience", int)):
+            try:
+                setattr(self, name, kind(getattr(self, name)))
+            except (TypeError, ValueError):
+                raise MsamilError(f"e2e option {name} must be a number, got {getattr(self, name)!r}") from None
+        self.scales = [SCALES[scale_index(s)] for s in self.scales]
+        checks = [
+            (bool(self.scales), "e2e needs at least one scale (20x, 10x, 5x)"),
+            (self.k >= 1 and self.chunk_size >= 1, "e2e options k and chunk_size must be at least 1"),
+            (self.epochs >= 1 and self.grad_accum >= 1, "e2e options epochs and grad_accum must be at least 1"),
+            (self.balance in BALANCE_CHOICES, f"balance must be one of {', '.join(BALANCE_CHOICES)}, got {self.balance!r}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise MsamilError(message)
+
+    def schedule(self, max_steps: int = 0) -> Schedule:
+        return Schedule(epochs=self.epochs, grad_accum=self.grad_accum, grad_clip=self.grad_clip,
+                        warmup_epochs=self.warmup_epochs, weight_decay=self.weight_decay, patience=self.patience,
+                        monitor="val_loss", bf16=self.bf16, workers=self.workers, max_steps=max_steps)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "E2EConfig":
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise MsamilError(f"unknown e2e option(s) {', '.join(unknown)}; valid: {', '.join(sorted(known))}")
+        return cls(**values)
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def sample_patches(n: int, k: int, seed: int, epoch: int, index: int) -> np.ndarray:
+    """Indices of the K patches (of ``n``) slide ``index`` uses in ``epoch``: a uniform sample
+    without replacement, sorted, a pure function of its arguments (all of them when n <= k)."""
+    if n <= k:
+        return np.arange(n)
+    rng = np.random.default_rng([seed, epoch, index, 3])
+    return np.sort(rng.choice(n, size=k, replace=False))
+
+
+@dataclass
+class SlidePatches:
+    """K patches of one slide as the joint model takes them (unbatched)."""
+
+    slide_id: str
+    patches: torch.Tensor  # uint8 [K, S, S, 3]
+    coords: torch.Tensor  # int64 [K, 2] level-0 top-left
+    scales: torch.Tensor  # int64 [K]
+    label: int
+
+
+@dataclass(frozen=True)
+class SlideSource:
+    """Where one slide's patches come from."""
+
+    slide_id: str
+    path: str
+    mpp: float | None
+    coords_paths: tuple[str, ...]
+
+
+class SlidePatchDataset(torch.utils.data.Dataset):
+    """Slides -> K sampled patches each, read at ``input_size`` px from their coordinates.
+
+    Coordinates are read (and checked) when the dataset is made, so a missing file fails
+    before training. ``epoch`` selects the sample: patches are resampled every epoch. Slides
+    open lazily in whichever process reads, and stay open there.
+    """
+
+    def __init__(self, sources: list[SlideSource], labels: list[int], k: int, input_size: int,
+                 scales: list[str], seed: int = 0):
+        self.sources, self.labels = list(sources), list(labels)
+        self.k, self.input_size, self.seed = int(k), int(input_size), seed
+        keep = [scale_index(s) for s in scales]
+        self.tables = []
+        for src in self.sources:
+            table = read_patch_table(src.coords_paths)
+            rows = np.flatnonzero(np.isin(table.scales, keep))
+            if not len(rows):
+                raise MsamilError(f"slide {src.slide_id!r}: no patch at {'/'.join(scales)} in {list(src.coords_paths)}; "
+                                  "drop the slide from the sheet or lower patches.min_fraction")
+            self.tables.append((table.coords[rows], table.scales[rows], table.patch_size_level0[rows]))
+        self.epoch = 0
+        self._open: dict[int, Slide] = {}
+
+    @property
+    def slide_ids(self) -> list[str]:
+        return [s.slide_id for s in self.sources]
+
+    def __len__(self) -> int:
+        return len(self.sources)
+
+    def __getitem__(self, i: int) -> SlidePatches:
+        coords, scales, sizes = self.tables[i]
+        idx = sample_patches(len(coords), self.k, self.seed, self.epoch, i)
+        src = self.sources[i]
+        if i not in self._open:
+            self._open[i] = open_slide(src.path, src.slide_id, src.mpp)
+        slide = self._open[i]
+        patches = np.stack([slide.read_patch(int(coords[j, 0]), int(coords[j, 1]), int(sizes[j]), self.input_size)
+                            for j in idx])
+        return SlidePatches(src.slide_id, torch.from_numpy(patches), torch.from_numpy(coords[idx]),
+                            torch.from_numpy(scales[idx]), self.labels[i])
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_open": {}}
+
+    def close(self) -> None:
+        for slide in self._open.values():
+            slide.close()
+        self._open.clear()
+
+
+# ----------------------------------------------------------------------------- model
+
+
+def freeze_norm_statistics(module: nn.Module) -> None:
+    """Put BatchNorm layers in eval mode: a patch's feature must not depend on the chunk or
+    rank it is encoded in (and recomputation under checkpointing must not update statistics twice)."""
+    for m in module.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.eval()
+
+
+class EndToEnd(nn.Module):
+    """A trainable patch encoder and a MIL aggregator, trained as one model.
+
+    ``encode`` maps uint8 patches [n, S, S, 3] to features [n, D] in chunks of ``chunk_size``;
+    with ``checkpointing`` each chunk is recomputed in the backward pass instead of keeping its
+    activations. ``aggregate`` runs the MIL model on features [K, D] of one slide.
+    """
+
+    def __init__(self, encoder: PatchEncoder, mil: nn.Module, checkpointing: bool = True, chunk_size: int = 16):
+        super().__init__()
+        self.encoder, self.mil = encoder, mil
+        self.checkpointing, self.chunk_size = checkpointing, int(chunk_size)
+        # Fixed per-dimension standardisation of the features before the aggregator (identity
+        # until fit_feature_norm): a randomly initialised encoder's features can be far from unit
+        # scale, which the frozen pipeline handles by standardising bags (train.standardize).
+        self.register_buffer("feature_mean", torch.zeros(encoder.out_dim))
+        self.register_buffer("feature_std", torch.ones(encoder.out_dim))
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        freeze_norm_statistics(self.encoder)
+        return self
+
+    def encode(self, patches: torch.Tensor) -> torch.Tensor:
+        x = patches.permute(0, 3, 1, 2)  # [n, 3, S, S], channels_last strides, no copy
+        if len(x) == 0:
+            return x.new_zeros(0, self.encoder.out_dim, dtype=self.encoder.mean.dtype)
+        if self.checkpointing and torch.is_grad_enabled():
+            from torch.utils.checkpoint import checkpoint
+
+            chunks = [checkpoint(self.encoder, x[i : i + self.chunk_size], use_reentrant=False)
+                      for i in range(0, len(x), self.chunk_size)]
+        else:
+            chunks = [self.encoder(x[i : i + self.chunk_size]) for i in range(0, len(x), self.chunk_size)]
+        features = torch.cat(chunks)
+        return features.float() if features.dtype in (torch.float16, torch.bfloat16) else features
+
+    def aggregate(self, features: torch.Tensor, coords: torch.Tensor, scales: torch.Tensor,
+                  label: torch.Tensor | None = None, loss_fn=None):
+        features = (features - self.feature_mean) / self.feature_std
+        return self.mil(features.unsqueeze(0), loss_fn=loss_fn, label=label,
+                        coords=coords.unsqueeze(0), scales=scales.unsqueeze(0))
+
+
+def step_seed(*values: int) -> int:
+    """A 31-bit seed fixed by ``values`` (seed, epoch, slide position): the same on every rank and rerun."""
+    return int(np.random.SeedSequence(list(values)).generate_state(1)[0] >> 1)
+
+
+def share(k: int, rank: int, world: int) -> tuple[int, int]:
+    """[lo, hi) of the K patches rank ``rank`` of ``world`` encodes: contiguous, ceil(K/W) each."""
+    size = math.ceil(k / world)
+    return min(k, rank * size), min(k, (rank + 1) * size)
+
+
+def gather_features(local: torch.Tensor, k: int, world: int) -> torch.Tensor:
+    """All ranks' shares [lo:hi) -> the features of all K patches [K, D], in patch order, with
+    autograd (the backward sums each rank's gradient into the share that produced it)."""
+    if world == 1:
+        return local
+    from torch.distributed.nn.functional import all_gather
+
+    size = math.ceil(k / world)
+    padded = torch.cat([local, local.new_zeros(size - len(local), local.shape[1])]) if len(local) < size else local
+    parts = all_gather(padded)
+    return torch.cat([p[: hi - lo] for p, (lo, hi) in zip(parts, (share(k, r, world) for r in range(world)))])
+
+
+def slide_forward(model: EndToEnd, item: SlidePatches, device: torch.device, rank: int = 0, world: int = 1,
+                  loss_fn=None, bf16: bool = True, dropout_seed: int | None = None):
+    """One slide through the joint model, its patches split over ``world`` ranks:
+    (results_dict, log_dict) of the MIL model on all K features."""
+    k = len(item.patches)
+    lo, hi = share(k, rank, world)
+    with autocast(device, bf16):
+        local = model.encode(item.patches[lo:hi].to(device, non_blocking=True))
+    features = gather_features(local, k, world)
+    label = torch.tensor([item.label], device=device)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else [], enabled=dropout_seed is not None):
+        if dropout_seed is not None:  # the aggregator's dropout masks: the same on every rank
+            torch.manual_seed(dropout_seed)
+        with autocast(device, bf16):
+            return model.aggregate(features, item.coords.to(device), item.scales.to(device), label, loss_fn)
+
+
+def build_joint_model(cfg: E2EConfig, spec: EncoderSpec, num_classes: int) -> EndToEnd:
+    """The encoder of ``spec`` (its seeded initialisation or weights) and a fresh MIL model
+    (seeded by ``cfg.seed``), identical on every rank."""
+    from ..mil import create_model
+
+    encoder, dim = build_encoder(spec)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        mil = create_model(cfg.model, in_dim=dim, num_classes=num_classes, **cfg.model_args)
+    encoder.to(memory_format=torch.channels_last)  # as msamil extract: faster convolutions, on the CPU too
+    return EndToEnd(encoder, mil, cfg.checkpointing, cfg.chunk_size)
+
+
+@torch.no_grad()
+def fit_feature_norm(model: EndToEnd, dataset: "SlidePatchDataset", device: torch.device, bf16: bool = True,
+                     max_slides: int = 8) -> dict:
+    """Set the model's feature standardisation from the current encoder on the epoch-0 patches
+    of the first ``max_slides`` slides; returns {"mean": [D], "std": [D]} (std floored as in
+    training, so constant dimensions stay finite)."""
+    was_training = model.training
+    model.eval()
+    feats = []
+    for i in range(min(max_slides, len(dataset))):
+        with autocast(device, bf16):
+            feats.append(model.encode(dataset[i].patches.to(device)).double())
+    model.train(was_training)
+    feats = torch.cat(feats)
+    std = feats.std(0, unbiased=False)
+    norm = {"mean": feats.mean(0).float(), "std": std.clamp_min(1e-6 + 1e-3 * float(std.mean())).float()}
+    model.feature_mean.copy_(norm["mean"])
+    model.feature_std.copy_(norm["std"])
+    return {k: v.cpu() for k, v in norm.items()}
+
+
+def spec_dict(spec: EncoderSpec) -> dict:
+    """The encoder spec as stored in an e2e checkpoint (plain types; init-only files dropped)."""
+    return {"name": spec.name, "input_size": spec.input_size, "mean": list(spec.mean), "std": list(spec.std),
+            "kwargs": {k: v for k, v in spec.kwargs.items() if k not in _INIT_ONLY_KWARGS}, "seed": spec.seed}
+
+
+def encoder_spec_from_checkpoint(path: str | os.PathLike) -> EncoderSpec:
+    """The tuned encoder of an e2e checkpoint as an :class:`EncoderSpec` whose weights are the
+    checkpoint itself (its ``encoder_state_dict``); fails naming the file if it is not one."""
+    ckpt = torch_load(path, "e2e checkpoint")
+    if not isinstance(ckpt, dict) or "encoder_spec" not in ckpt or "encoder_state_dict" not in ckpt:
+        raise MsamilError(f"{path}: not an e2e checkpoint (no encoder_spec / encoder_state_dict); "
+                          "give results/e2e/<name>/fold<k>/checkpoint.pt from `msamil e2e`")
+    s = ckpt["encoder_spec"]
+    return EncoderSpec(name=s["name"], weights=str(path), input_size=s["input_size"], mean=tuple(s["mean"]),
+                       std=tuple(s["std"]), kwargs=dict(s["kwargs"]), seed=s["seed"])
+
+
+@torch.no_grad()
+def predict_slides(model: EndToEnd, dataset: SlidePatchDataset, device, rank: int = 0, world: int = 1,
+                   bf16: bool = True) -> tuple[np.ndarray, float]:
+    """Class probabilities [N, C] of every slide from its K sampled patches, and the mean loss."""
+    was_training = model.training
+    model.eval()
+    probs, losses = [], []
+    for i in range(len(dataset)):
+        item = dataset[i]
+        results, _ = slide_forward(model, item, device, rank, world, bf16=bf16)
+        logits = results["logits"].float()
+        probs.append(logits.softmax(-1)[0].cpu().numpy())
+        losses.append(F.cross_entropy(logits, torch.tensor([item.label], device=device)).item())
+    model.train(was_training)
+    return np.stack(probs) if probs else np.zeros((0, 0)), float(np.mean(losses)) if losses else float("nan")
+
+
+# ----------------------------------------------------------------------------- training
+
+
+class E2ETask(Task):
+    """End-to-end training for :func:`~msamil_core.training.engine.fit`: a slide's K sampled patches
+    per item, encoded (split across ranks) and aggregated; cross-entropy on the slide label."""
+
+    shard_items = False  # every rank runs every slide; the slide's patches are what is split
+
+    def __init__(self, cfg: E2EConfig, spec: EncoderSpec, train_set: SlidePatchDataset, val_set: SlidePatchDataset | None,
+                 classes: list[str], device: torch.device, norm_k: int | None = None):
+        self.cfg, self.spec, self.train_set, self.val_set, self.classes = cfg, spec, train_set, val_set, classes
+        self.device = device
+        self.rank, self.world = distributed()
+        self.model = build_joint_model(cfg, spec, len(classes)).to(device).train()
+        self.labels = np.asarray(train_set.labels)
+        weights = class_weights(self.labels, len(classes)).to(device) if cfg.balance == "loss" else None
+
+        def loss_fn(logits, target):
+            return F.cross_entropy(logits.float(), target, weight=weights)
+
+        self.loss_fn = loss_fn
+        self.norm = None
+        if cfg.standardize:  # with `norm_k` patches per slide (the K study's largest K), else the run's K
+            k = train_set.k
+            train_set.k, train_set.epoch = norm_k or k, 0
+            self.norm = fit_feature_norm(self.model, train_set, device, cfg.bf16)
+            train_set.k = k
+
+    def param_groups(self) -> list[dict]:
+        ratio = self.cfg.min_lr / self.cfg.lr  # the encoder's floor scales with its peak
+        groups = [{"params": [p for p in self.model.encoder.parameters() if p.requires_grad], "lr": self.cfg.encoder_lr,
+                   "min_lr": self.cfg.encoder_lr * ratio},
+                  {"params": [p for p in self.model.mil.parameters() if p.requires_grad], "lr": self.cfg.lr,
+                   "min_lr": self.cfg.min_lr}]
+        return [g for g in groups if g["params"]]
+
+    def dataset(self):
+        return self.train_set
+
+    def epoch_order(self, epoch: int):
+        return epoch_order(self.labels, epoch, self.cfg.seed, self.cfg.balance).tolist()
+
+    def set_epoch(self, epoch: int) -> None:
+        self.train_set.epoch = epoch
+
+    def loss(self, item: SlidePatches, epoch: int, position: int) -> torch.Tensor:
+        results, _ = slide_forward(self.model, item, self.device, self.rank, self.world, self.loss_fn, self.cfg.bf16,
+                                   dropout_seed=step_seed(self.cfg.seed, epoch, position))
+        return results["loss"]
+
+    def evaluate(self) -> dict | None:
+        from .metrics import classification_metrics
+
+        if self.val_set is None or not len(self.val_set):
+            return None
+        probs, val_loss = predict_slides(self.model, self.val_set, self.device, self.rank, self.world, self.cfg.bf16)
+        return {"loss": val_loss, **classification_metrics(np.asarray(self.val_set.labels), probs, self.classes)}
+
+    def fingerprint(self) -> dict:
+        return {"config": {**asdict(self.cfg), "encoder_spec": spec_dict(self.spec)}, "classes": list(self.classes),
+                "train": [[s, int(y)] for s, y in zip(self.train_set.slide_ids, self.train_set.labels)]}
+
+
+def train_e2e(cfg: E2EConfig, spec: EncoderSpec, train_set: SlidePatchDataset, val_set: SlidePatchDataset,
+              classes: list[str], out_dir: str | os.PathLike, device: torch.device, run_config: dict | None = None) -> dict:
+    """Train encoder + aggregator on one fold; writes ``checkpoint.pt`` and ``history.json``,
+    returns the best epoch's validation metrics. Resumes from ``out_dir/resume.pt`` (same
+    config, classes and slides), mid-epoch if need be."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    task = E2ETask(cfg, spec, train_set, val_set, classes, device)
+    try:
+        result = fit(task, cfg.schedule(), out_dir / "resume.pt")
+    finally:
+        train_set.close()
+        val_set.close()
+    if result.rank == 0:
+        mil_state = {k.removeprefix("mil."): v for k, v in result.best_state.items() if k.startswith("mil.")}
+        encoder_state = {k.removeprefix("encoder.model."): v for k, v in result.best_state.items()
+                         if k.startswith("encoder.model.")}
+        save_torch(out_dir / "checkpoint.pt", {
+            "model_name": cfg.model, "model_args": dict(task.model.mil.model_args), "state_dict": mil_state,
+            "classes": classes, "encoder": f"{encoder_id(spec)}+e2e", "config": run_config or asdict(cfg),
+            "epoch": result.best_epoch, "metrics": result.best_metrics, "encoder_spec": spec_dict(spec),
+            "encoder_state_dict": encoder_state,
+            "feature_norm": {"mean": result.best_state["feature_mean"], "std": result.best_state["feature_std"]},
+            "history": result.history})
+        write_json(out_dir / "history.json", result.history)
+        (out_dir / "resume.pt").unlink(missing_ok=True)
+    return result.best_metrics
+
+
+# ----------------------------------------------------------------------------- K study
+
+
+# the patch draws that score every K's trained model (epochs no training run reaches)
+END_DRAWS = (1_000_000, 1_000_001)
+
+
+@torch.no_grad()
+def end_loss(model: EndToEnd, train_set: SlidePatchDataset, k: int, device: torch.device, bf16: bool,
+             loss_fn) -> float:
+    """The trained model's loss on every slide of ``train_set`` with ``k`` patches each, in eval
+    mode, averaged over the slides and the draws of :data:`END_DRAWS` (the same patches for
+    every model scored at this ``k``)."""
+    was_training = model.training
+    model.eval()
+    saved = train_set.k, train_set.epoch
+    train_set.k, losses = k, []
+    for draw in END_DRAWS:
+        train_set.epoch = draw
+        for i in range(len(train_set)):
+            results, _ = slide_forward(model, train_set[i], device, loss_fn=loss_fn, bf16=bf16)
+            losses.append(results["loss"].item())
+    train_set.k, train_set.epoch = saved
+    model.train(was_training)
+    return float(np.mean(losses))
+
+
+def k_study(cfg: E2EConfig, spec: EncoderSpec, train_set: SlidePatchDataset, classes: list[str], ks: list[int],
+            steps: int, device: torch.device) -> tuple[list[dict], list[dict]]:
+    """Train the same initial model for ``steps`` optimizer steps with each K (same slide order,
+    same learning-rate schedule, features standardised with the study's largest K).
+
+    Returns:
+        ``(rows, ends)``: ``rows`` [{"k", "step", "loss"}], a step's loss being the mean over its
+        ``grad_accum`` slides; ``ends`` [{"k", "end_loss", "end_loss_kmax"}], each trained model's
+        loss on all training slides (:func:`end_loss`) at its own K and at the study's largest K.
+    """
+    rows, ends = [], []
+    steps_per_epoch = math.ceil(len(train_set) / cfg.grad_accum)
+    for k in ks:
+        kcfg = E2EConfig.from_dict({**asdict(cfg), "k": k, "epochs": math.ceil(steps / steps_per_epoch)})
+        train_set.k = k
+        task = E2ETask(kcfg, spec, train_set, None, classes, device, norm_k=max(ks))
+        fit(task, kcfg.schedule(max_steps=steps),
+            on_step=lambda step, losses, k=k: rows.append({"k": k, "step": step, "loss": float(np.mean(losses))}))
+        ends.append({"k": k, "end_loss": end_loss(task.model, train_set, k, device, cfg.bf16, task.loss_fn),
+                     "end_loss_kmax": end_loss(task.model, train_set, max(ks), device, cfg.bf16, task.loss_fn)})
+        log.info("K study: K=%d trained for %d steps", k, steps)
+    train_set.close()
+    return rows, ends
+
+
+def k_study_summary(rows: list[dict], ends: list[dict] = (), tail: float = 0.25) -> list[dict]:
+    """Per K: the mean training loss over the last ``tail`` share of the steps and over all, and
+    the trained model's loss on all training slides (``end_loss``, ``end_loss_kmax``, from
+    ``ends``) when known."""
+    end_of = {e["k"]: {"end_loss": e["end_loss"], "end_loss_kmax": e["end_loss_kmax"]} for e in ends}
+    out = []
+    for k in sorted({r["k"] for r in rows}):
+        losses = [r["loss"] for r in sorted((r for r in rows if r["k"] == k), key=lambda r: r["step"])]
+        n_tail = max(1, round(tail * len(losses)))
+        out.append({"k": k, "steps": len(losses), "final_loss": float(np.mean(losses[-n_tail:])),
+                    "mean_loss": float(np.mean(losses)), **end_of.get(k, {})})
+    return out
+
+
+def write_k_study(out_dir: str | os.PathLike, rows: list[dict], ends: list[dict] = ()) -> list[dict]:
+    """``k_study.csv`` (k, step, loss), ``k_study_summary.csv`` and ``k_study.png`` (loss against
+    step per K, smoothed over a window of a tenth of the steps) in ``out_dir``."""
+    import pandas as pd
+
+    from .plots import plot_curves
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out_dir / "k_study.csv") as tmp:
+        pd.DataFrame(rows, columns=["k", "step", "loss"]).to_csv(tmp, index=False)
+    summary = k_study_summary(rows, ends)
+    with atomic_path(out_dir / "k_study_summary.csv") as tmp:
+        pd.DataFrame(summary).to_csv(tmp, index=False)
+    curves = {}
+    for k in sorted({r["k"] for r in rows}):
+        losses = np.array([r["loss"] for r in sorted((r for r in rows if r["k"] == k), key=lambda r: r["step"])])
+        window = max(1, len(losses) // 10)
+        smooth = np.convolve(losses, np.ones(window) / window, mode="valid")
+        curves[f"K = {k}"] = (np.arange(len(smooth)) + window - 1, smooth)
+    plot_curves(out_dir / "k_study.png", curves, xlabel="optimizer step",
+                ylabel="training loss (moving average)", title="End-to-end training loss against K")
+    return summary
+
+
+def run_e2e(options: dict, spec: EncoderSpec, sheet, folds, fold_list: list[int], coords_dir: str | os.PathLike,
+            out: str | os.PathLike, device: torch.device, classes: list[str] | None = None, val_fraction: float = 0.2,
+            split_seed: int = 0, k_study_ks: list[int] | None = None, k_study_steps: int = 60) -> None:
+    """``msamil e2e``: train each fold of ``fold_list`` into ``out/fold<k>/``, or with
+    ``k_study_ks`` run the K study on the first fold's training slides into ``out/``.
+
+    ``options`` are the keys of a config ``e2e`` entry; the workflow's own keys (encoder,
+    experiments, folds, k_study, k_study_steps) are ignored here. Coordinates are read from
+    ``coords_dir/<scale>/<slide_id>.h5``.
+    """
+    from ..cohort.sheet import slide_mpp
+    from ..cohort.tasks import select_slides, task_classes
+    from .splits import fold_parts
+
+    options = dict(options)
+    task = options.pop("task", None)
+    name = options.pop("name", Path(out).name)
+    for key in ("encoder", "experiments", "folds", "k_study", "k_study_steps"):
+        options.pop(key, None)
+    cfg = E2EConfig.from_dict(options)
+    classes, mapping = task_classes(sheet, task, classes)
+    out, coords_dir = Path(out), Path(coords_dir)
+
+    def dataset(part: str, k: int) -> SlidePatchDataset:
+        ids, labels = select_slides(fold_parts(folds, k, val_fraction=val_fraction, seed=split_seed)[part], sheet, mapping)
+        sources = [SlideSource(s, sheet.loc[s, "path"], slide_mpp(sheet.loc[s]),
+                               tuple(str(coords_dir / scale / f"{s}.h5") for scale in SCALES)) for s in ids]
+        return SlidePatchDataset(sources, labels, cfg.k, spec.input_size, cfg.scales, cfg.seed)
+
+    if k_study_ks:
+        if any(k < 1 for k in k_study_ks) or k_study_steps < 1:
+            raise MsamilError("--k-study values and --k-study-steps must be at least 1")
+        ks = sorted(k_study_ks)
+        rows, ends = k_study(cfg, spec, dataset("train", fold_list[0]), classes, ks, k_study_steps, device)
+        if is_main_process():
+            for r in write_k_study(out, rows, ends):
+                log.info("K study: K=%d, after %d steps: running loss (last quarter) %.4f, loss on all training "
+                         "slides %.4f (K=%d) and %.4f (K=%d)", r["k"], r["steps"], r["final_loss"], r["end_loss"],
+                         r["k"], r["end_loss_kmax"], max(ks))
+        return
+    for k in fold_list:
+        train_set, val_set = dataset("train", k), dataset("val", k)
+        if not len(train_set):
+            raise MsamilError(f"fold {k} has no training slides for classes {classes}; check folds.csv and the task")
+        log.info("%s fold %d: %d train / %d val slides, encoder %s -> %s, K=%d", name, k, len(train_set), len(val_set),
+                 spec.name, cfg.model, cfg.k)
+        metrics = train_e2e(cfg, spec, train_set, val_set, classes, out / f"fold{k}", device,
+                            {"name": name, "task": task, **options})
+        log.info("%s fold %d: best validation %s", name, k,
+                 {m: round(v, 4) for m, v in metrics.items() if isinstance(v, float)})

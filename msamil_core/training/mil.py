@@ -1,0 +1,451 @@
+"""MIL models on feature bags: one fold's training (on :mod:`.engine`), evaluation and checkpoints.
+
+Everything random is a pure function of (seed, epoch, bag): the epoch's bag order, the
+class-balanced sample and each bag's instance subsample; dropout draws from torch's RNG, whose
+state resume.pt keeps, so a run that is killed and resumed continues exactly where it stopped.
+
+Files of one fold (``out_dir``):
+
+* ``checkpoint.pt``: the best epoch's model (SPEC "Checkpoint"), written once training ends,
+  with the training bags' feature standardisation (``feature_norm``);
+* ``resume.pt``: model, optimizer, loop and random state, written after every epoch and on
+  SIGTERM; a rerun continues from it; removed when ``checkpoint.pt`` is written;
+* ``history.json``: per-epoch training loss and validation metrics;
+* with evaluation, ``metrics.json`` and ``predictions.csv`` of the best model on the fold's test part.
+
+Under ``torchrun --nproc-per-node N`` (DDP) each optimizer step covers ``N x grad_accum`` bags,
+each process taking its share: N processes take exactly the steps one process would take with
+N times the accumulation.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..errors import MsamilError
+from ..features.bags import find_bag, load_bag
+from ..fileio import save_torch, torch_load, write_json
+from ..runtime import autocast, is_main_process
+from ..wsi.geometry import SCALES, scale_index
+from .engine import Schedule, Task, fit
+
+log = logging.getLogger(__name__)
+
+FREEZE_CHOICES = ("none", "all_but_head")
+BALANCE_CHOICES = ("loss", "sampling", "none")
+MONITOR_CHOICES = ("val_loss", "val_auc", "val_balanced_accuracy")
+
+
+@dataclass
+class TrainConfig:
+    """One experiment's training settings (the config's ``experiments`` entries map onto it)."""
+
+    model: str = "abmil.base"
+    model_args: dict = field(default_factory=dict)  # overrides of the registered defaults
+    scales: list = field(default_factory=lambda: list(SCALES))  # instances kept, by scale
+    epochs: int = 20
+    lr: float = 2e-4
+    min_lr: float = 1e-6
+    warmup_epochs: float = 1.0
+    weight_decay: float = 1e-2
+    grad_accum: int = 4  # bags per optimizer step
+    grad_clip: float = 1.0  # max gradient norm; 0 = off
+    max_instances: int = 4096  # random subsample of larger bags in training; 0 = all
+    balance: str = "loss"  # class balance by weighted loss, by sampling, or none
+    patience: int = 5  # epochs without improvement of `monitor` before stopping; 0 = never
+    monitor: str = "val_loss"
+    seed: int = 0
+    init_from: str | None = None  # our checkpoint or a MIL-Lab / FEATHER weights file
+    freeze: str = "none"  # none | all_but_head (train the classifier only)
+    bf16: bool = True  # bf16 autocast on CUDA
+    workers: int = 0  # DataLoader workers that load bags
+    standardize: bool = True  # z-score features per dimension with the training bags' statistics
+
+    def __post_init__(self):
+        # YAML 1.1 reads 1e-6 as a string: coerce numbers to the declared types, naming the key.
+        for name, kind in (("epochs", int), ("lr", float), ("min_lr", float), ("warmup_epochs", float),
+                           ("weight_decay", float), ("grad_accum", int), ("grad_clip", float),
+                           ("max_instances", int), ("patience", int), ("seed", int), ("workers", int)):
+            try:
+                setattr(self, name, kind(getattr(self, name)))
+            except (TypeError, ValueError):
+                raise MsamilError(f"training option {name} must be a number, got {getattr(self, name)!r}") from None
+        self.scales = [SCALES[scale_index(s)] for s in self.scales]
+        if not self.scales:
+            raise MsamilError("an experiment needs at least one scale (20x, 10x, 5x)")
+        checks = [
+            (self.freeze in FREEZE_CHOICES, f"freeze must be one of {', '.join(FREEZE_CHOICES)}, got {self.freeze!r}"),
+            (self.balance in BALANCE_CHOICES, f"balance must be one of {', '.join(BALANCE_CHOICES)}, got {self.balance!r}"),
+            (self.monitor in MONITOR_CHOICES, f"monitor must be one of {', '.join(MONITOR_CHOICES)}, got {self.monitor!r}"),
+            (self.epochs >= 1 and self.grad_accum >= 1, "epochs and grad_accum must be at least 1"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise MsamilError(message)
+
+    def schedule(self) -> Schedule:
+        return Schedule(epochs=self.epochs, grad_accum=self.grad_accum, grad_clip=self.grad_clip,
+                        warmup_epochs=self.warmup_epochs, weight_decay=self.weight_decay, patience=self.patience,
+                        monitor=self.monitor, bf16=self.bf16, workers=self.workers)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "TrainConfig":
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise MsamilError(f"unknown training option(s) {', '.join(unknown)}; valid: {', '.join(sorted(known))}")
+        return cls(**values)
+
+
+
+
+def epoch_order(labels: np.ndarray, epoch: int, seed: int, balance: str) -> np.ndarray:
+    """Indices of the bags to visit in ``epoch``: a permutation, or a class-balanced sample
+    with replacement of the same length when ``balance == "sampling"``."""
+    rng = np.random.default_rng([seed, epoch, 1])
+    n = len(labels)
+    if balance != "sampling":
+        return rng.permutation(n)
+    counts = np.bincount(labels)
+    weights = 1.0 / counts[labels]
+    return rng.choice(n, size=n, replace=True, p=weights / weights.sum())
+
+
+def class_weights(labels: np.ndarray, num_classes: int) -> torch.Tensor:
+    """Inverse-frequency weights n / (C * n_c), so every class weighs the same in the loss."""
+    counts = np.bincount(labels, minlength=num_classes).astype(np.float64)
+    weights = np.where(counts > 0, len(labels) / (num_classes * np.maximum(counts, 1)), 0.0)
+    return torch.tensor(weights, dtype=torch.float32)
+
+
+
+
+# ----------------------------------------------------------------------------- data
+
+
+@dataclass
+class BagItem:
+    """One bag as the model takes it (unbatched)."""
+
+    slide_id: str
+    features: torch.Tensor  # float [M, D]
+    coords: torch.Tensor  # int64 [M, 2] level-0 top-left
+    scales: torch.Tensor  # int64 [M]
+    label: int
+
+
+class BagDataset(torch.utils.data.Dataset):
+    """Bags of some slides, restricted to the configured scales; in training a bag larger than
+    ``max_instances`` is subsampled at random (seeded by seed, epoch and bag)."""
+
+    def __init__(self, paths: list[Path], slide_ids: list[str], labels: list[int], scales: list[str],
+                 max_instances: int = 0, seed: int = 0, train: bool = False, norm: dict | None = None):
+        self.paths, self.slide_ids, self.labels = list(paths), list(slide_ids), list(labels)
+        self.keep = torch.tensor([scale_index(s) for s in scales])
+        self.max_instances, self.seed, self.train = max_instances, seed, train
+        self.norm = norm  # {"mean": [D], "std": [D]} or None
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> BagItem:
+        bag = load_bag(self.paths[i], require_coords=False)
+        keep = torch.isin(bag.scales, self.keep)
+        feats, coords, scales = bag.features[keep], bag.coords[keep], bag.scales[keep]
+        if self.train and self.max_instances and len(feats) > self.max_instances:
+            rng = np.random.default_rng([self.seed, self.epoch, i, 2])
+            idx = torch.from_numpy(np.sort(rng.permutation(len(feats))[: self.max_instances]))
+            feats, coords, scales = feats[idx], coords[idx], scales[idx]
+        feats = feats.float()
+        if self.norm is not None:
+            feats = (feats - self.norm["mean"]) / self.norm["std"]
+        return BagItem(self.slide_ids[i], feats, coords, scales, self.labels[i])
+
+    def feature_statistics(self) -> dict:
+        """Per-dimension mean and std of every instance of these bags (the kept scales):
+        {"mean": float [D], "std": float [D]}, std floored so constant dimensions stay finite."""
+        total, sq, count = None, None, 0
+        for path in self.paths:
+            bag = load_bag(path, require_coords=False)
+            feats = bag.features[torch.isin(bag.scales, self.keep)].double()
+            if total is None:
+                total, sq = feats.new_zeros(feats.shape[1]), feats.new_zeros(feats.shape[1])
+            total += feats.sum(0)
+            sq += (feats * feats).sum(0)
+            count += len(feats)
+        if not count:
+            raise MsamilError("the training bags hold no instance of the experiment's scales")
+        mean = total / count
+        std = (sq / count - mean * mean).clamp_min(0).sqrt()
+        return {"mean": mean.float(), "std": std.clamp_min(1e-6 + 1e-3 * float(std.mean())).float()}
+
+
+def locate_bags(feature_dir: str | os.PathLike, slide_ids: list[str]) -> list[Path]:
+    """The bag file of each slide in ``feature_dir`` (.pt, or TRIDENT/CLAM .h5); fails naming
+    the first missing slide."""
+    return [find_bag(feature_dir, s) for s in slide_ids]
+
+
+def check_feature_dim(paths: list[Path], in_dim: int, where: str) -> None:
+    """Every bag has ``in_dim`` features, else an error naming the bag and the fix."""
+    for p in paths:
+        bag = load_bag(p, require_coords=False)
+        if bag.features.shape[1] != in_dim:
+            raise MsamilError(
+                f"{p}: bags have {bag.features.shape[1]} features but {where} expects {in_dim}; "
+                "use bags of the same encoder (or the model and weights made for these features)"
+            )
+
+
+
+
+# ----------------------------------------------------------------------------- model
+
+
+def build_model(cfg: TrainConfig, in_dim: int, num_classes: int) -> torch.nn.Module:
+    """Create the experiment's model; load ``init_from`` and freeze as configured."""
+    from ..mil import create_model, load_pretrained
+
+    model = create_model(cfg.model, in_dim=in_dim, num_classes=num_classes, **cfg.model_args)
+    if cfg.init_from:
+        load_pretrained(model, cfg.init_from)
+    if cfg.freeze == "all_but_head":
+        head = tuple(model.head_prefixes)
+        for name, p in model.named_parameters():
+            p.requires_grad_(name.startswith(head))
+    return model
+
+
+def forward_bag(model, item: BagItem, device, loss_fn=None, return_attention=False):
+    """Run one bag through a model: (results_dict, log_dict) of the SPEC's API."""
+    h = item.features.to(device, non_blocking=True).unsqueeze(0)
+    label = torch.tensor([item.label], device=device)
+    return model(
+        h,
+        loss_fn=loss_fn,
+        label=label,
+        coords=item.coords.to(device).unsqueeze(0),
+        scales=item.scales.to(device).unsqueeze(0),
+        return_attention=return_attention,
+    )
+
+
+@torch.no_grad()
+def predict(model, dataset: BagDataset, device, bf16: bool = True) -> tuple[np.ndarray, float]:
+    """Class probabilities [N, C] of every bag and the mean unweighted cross-entropy."""
+    was_training = model.training
+    model.eval()
+    probs, losses = [], []
+    for i in range(len(dataset)):
+        item = dataset[i]
+        with autocast(device, bf16):
+            results, _ = forward_bag(model, item, device)
+        logits = results["logits"].float()
+        probs.append(logits.softmax(-1)[0].cpu().numpy())
+        losses.append(F.cross_entropy(logits, torch.tensor([item.label], device=device)).item())
+    model.train(was_training)
+    return np.stack(probs) if probs else np.zeros((0, 0)), float(np.mean(losses)) if losses else float("nan")
+
+
+
+
+def load_checkpoint(path: str | os.PathLike, device: torch.device | str = "cpu"):
+    """Rebuild a model from our checkpoint; returns (model in eval mode, checkpoint dict)."""
+    from ..mil import create_model
+
+    path = Path(path)
+    if not path.exists():
+        raise MsamilError(f"checkpoint not found: {path}; train the experiment first")
+    ckpt = torch_load(path, "checkpoint", allow_numpy=True)
+    if not isinstance(ckpt, dict):
+        raise MsamilError(f"checkpoint {path}: holds a {type(ckpt).__name__}, not an msamil checkpoint")
+    for key in ("model_name", "model_args", "state_dict", "classes"):
+        if key not in ckpt:
+            raise MsamilError(f"{path}: checkpoint lacks `{key}`; is it an msamil checkpoint?")
+    model = create_model(ckpt["model_name"], **ckpt["model_args"])
+    model.load_state_dict(ckpt["state_dict"])
+    return model.to(device).eval(), ckpt
+
+
+class MILTask(Task):
+    """One fold's MIL training for :func:`~msamil_core.training.engine.fit`: a bag per item,
+    cross-entropy (class-weighted with ``balance: loss``) plus the model's own instance losses."""
+
+    def __init__(self, cfg: TrainConfig, train_set: BagDataset, val_set: BagDataset, classes: list[str],
+                 in_dim: int, device: torch.device):
+        self.cfg, self.train_set, self.val_set, self.classes, self.device = cfg, train_set, val_set, classes, device
+        torch.manual_seed(cfg.seed)
+        self.model = build_model(cfg, in_dim, len(classes)).to(device)
+        self.labels = np.asarray(train_set.labels)
+        weights = class_weights(self.labels, len(classes)).to(device) if cfg.balance == "loss" else None
+
+        def loss_fn(logits, target):
+            return F.cross_entropy(logits.float(), target, weight=weights)
+
+        self.loss_fn = loss_fn
+
+    def param_groups(self) -> list[dict]:
+        return [{"params": [p for p in self.model.parameters() if p.requires_grad], "lr": self.cfg.lr,
+                 "min_lr": self.cfg.min_lr}]
+
+    def dataset(self):
+        return self.train_set
+
+    def epoch_order(self, epoch: int):
+        return epoch_order(self.labels, epoch, self.cfg.seed, self.cfg.balance).tolist()
+
+    def set_epoch(self, epoch: int) -> None:
+        self.train_set.epoch = epoch
+
+    def loss(self, item: BagItem, epoch: int, position: int) -> torch.Tensor:
+        results, _ = forward_bag(self.model, item, self.device, loss_fn=self.loss_fn)
+        return results["loss"]
+
+    def evaluate(self) -> dict | None:
+        from .metrics import classification_metrics
+
+        if not len(self.val_set):
+            return None
+        probs, val_loss = predict(self.model, self.val_set, self.device, self.cfg.bf16)
+        return {"loss": val_loss, **classification_metrics(np.asarray(self.val_set.labels), probs, self.classes)}
+
+    def fingerprint(self) -> dict:
+        return {"config": asdict(self.cfg), "classes": list(self.classes),
+                "train": [[s, int(y)] for s, y in zip(self.train_set.slide_ids, self.train_set.labels)]}
+
+
+def train_fold(cfg: TrainConfig, train_set: BagDataset, val_set: BagDataset, classes: list[str], in_dim: int,
+               out_dir: str | os.PathLike, device: torch.device, encoder: str = "", run_config: dict | None = None) -> dict:
+    """Train one fold and write ``checkpoint.pt`` and ``history.json``; returns the best epoch's
+    validation metrics. Resumes from ``out_dir/resume.pt`` when it was written for the same
+    config, classes and training slides."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    norm = train_set.feature_statistics() if cfg.standardize else None
+    train_set.norm = val_set.norm = norm
+    task = MILTask(cfg, train_set, val_set, classes, in_dim, device)
+    result = fit(task, cfg.schedule(), out_dir / "resume.pt")
+    if result.rank == 0:
+        save_torch(out_dir / "checkpoint.pt", {
+            "model_name": cfg.model, "model_args": dict(task.model.model_args), "state_dict": result.best_state,
+            "classes": classes, "encoder": encoder, "config": run_config or asdict(cfg), "epoch": result.best_epoch,
+            "metrics": result.best_metrics, "feature_norm": norm,
+        })
+        write_json(out_dir / "history.json", result.history)
+        (out_dir / "resume.pt").unlink(missing_ok=True)
+    return result.best_metrics
+
+
+def checkpoint_scales(ckpt: dict) -> list[str]:
+    """The scales an experiment's model reads (its training config; all three by default)."""
+    config = ckpt.get("config") or {}
+    return TrainConfig.from_dict({k: v for k, v in config.items() if k in TrainConfig.__dataclass_fields__}).scales
+
+
+def evaluate_fold(fold_dir: str | os.PathLike, k: int, sheet, folds, features: str | os.PathLike, device,
+                  val_fraction: float = 0.2, split_seed: int = 0) -> dict:
+    """Run ``fold_dir/checkpoint.pt`` on fold ``k``'s test part; write predictions.csv and
+    metrics.json there (``inference_seconds``: loading the test bags and running the model)."""
+    from ..cohort.tasks import select_slides, task_classes
+    from .metrics import classification_metrics, write_predictions
+    from .splits import fold_parts
+
+    fold_dir = Path(fold_dir)
+    started = time.perf_counter()
+    model, ckpt = load_checkpoint(fold_dir / "checkpoint.pt", device)
+    task = (ckpt.get("config") or {}).get("task")
+    classes, mapping = task_classes(sheet, task, ckpt["classes"] if task is None else None)
+    if classes != list(ckpt["classes"]):
+        raise MsamilError(
+            f"{fold_dir / 'checkpoint.pt'}: the model's classes {ckpt['classes']} differ from this sheet's {classes}; "
+            "evaluate with the sheet and task it was trained on"
+        )
+    parts = fold_parts(folds, k, val_fraction=val_fraction, seed=split_seed)
+    test_ids, test_y = select_slides(parts["test"], sheet, mapping)
+    if not test_ids:
+        raise MsamilError(f"fold {k} has no test slides for classes {classes}; check folds.csv and the task")
+    paths = locate_bags(features, test_ids)
+    check_feature_dim(paths, int(ckpt["model_args"]["in_dim"]), f"the model {fold_dir / 'checkpoint.pt'}")
+    dataset = BagDataset(paths, test_ids, test_y, checkpoint_scales(ckpt), norm=ckpt.get("feature_norm"))
+    probs, loss = predict(model, dataset, device)
+    y = np.asarray(test_y)
+    metrics = classification_metrics(y, probs, classes)
+    metrics["loss"] = loss
+    metrics["n_slides"] = len(test_ids)
+    metrics["inference_seconds"] = round(time.perf_counter() - started, 3)
+    write_predictions(fold_dir / "predictions.csv", test_ids, y, probs, classes)
+    write_json(fold_dir / "metrics.json", metrics)
+    log.info("fold %d: %d test slides, auc %s, balanced accuracy %.4f", k, len(test_ids),
+             "n/a" if metrics["auc"] is None else f"{metrics['auc']:.4f}", metrics["balanced_accuracy"])
+    return metrics
+
+
+@dataclass
+class FoldData:
+    """Where an experiment's folds come from: bags, sheet, folds table and how folds are split."""
+
+    features: str | os.PathLike
+    sheet: object  # the slide sheet (cohort.sheet.load_sheet)
+    folds: object  # the folds table (splits.read_folds / make_folds)
+    val_fraction: float = 0.2
+    split_seed: int = 0
+    classes: list[str] | None = None  # class order without a task
+
+
+def train_experiment(options: dict, data: FoldData, folds: list[int], out: str | os.PathLike, device,
+                     evaluate: bool = False) -> None:
+    """Train an experiment (the keys of a config ``experiments`` entry) on the given folds, each
+    into ``out/fold<k>/``; with ``evaluate`` run each fold's best model on its test part too."""
+    from ..cohort.tasks import select_slides, task_classes
+    from .splits import fold_parts
+
+    options = dict(options)
+    task = options.pop("task", None)
+    name = options.pop("name", Path(out).name)
+    options.pop("encoder", None)  # the workflow's feature set; the bags say which encoder made them
+    extra = {key: options.pop(key) for key in ("strategy", "e2e") if options.get(key)}  # for the report
+    cfg = TrainConfig.from_dict(options)
+    classes, mapping = task_classes(data.sheet, task, data.classes)
+    out = Path(out)
+    for k in folds:
+        parts = fold_parts(data.folds, k, val_fraction=data.val_fraction, seed=data.split_seed)
+        (train_ids, train_y), (val_ids, val_y), (test_ids, _) = (
+            select_slides(parts[p], data.sheet, mapping) for p in ("train", "val", "test"))
+        if not train_ids:
+            raise MsamilError(f"fold {k} has no training slides for classes {classes}; check folds.csv and the task")
+        train_paths, val_paths = locate_bags(data.features, train_ids), locate_bags(data.features, val_ids)
+        first = load_bag(train_paths[0], require_coords=False)
+        in_dim = first.features.shape[1]
+        # every bag the fold will touch, test part included, before any training starts
+        check_feature_dim(train_paths + val_paths + locate_bags(data.features, test_ids), in_dim,
+                          f"the bags of fold {k} (first: {train_paths[0]})")
+        train_set = BagDataset(train_paths, train_ids, train_y, cfg.scales, cfg.max_instances, cfg.seed, train=True)
+        val_set = BagDataset(val_paths, val_ids, val_y, cfg.scales)
+        log.info("%s fold %d: %d train / %d val slides, classes %s, model %s on %s", name, k, len(train_ids),
+                 len(val_ids), classes, cfg.model, "+".join(cfg.scales))
+        run_config = {"name": name, "task": task, **options, **extra}
+        metrics = train_fold(cfg, train_set, val_set, classes, in_dim, out / f"fold{k}", device,
+                             encoder=first.encoder, run_config=run_config)
+        log.info("%s fold %d: best validation %s", name, k,
+                 {m: round(v, 4) for m, v in metrics.items() if isinstance(v, float)})
+        if evaluate and is_main_process():
+            evaluate_fold(out / f"fold{k}", k, data.sheet, data.folds, data.features, device,
+                          val_fraction=data.val_fraction, split_seed=data.split_seed)
+
+
+def evaluate_experiment(models: str | os.PathLike, sheet, folds, fold_list: list[int], features: str | os.PathLike,
+                        device, val_fraction: float = 0.2, split_seed: int = 0) -> list[dict]:
+    """``msamil evaluate``: :func:`evaluate_fold` for each fold of ``fold_list`` of the experiment
+    folder ``models``."""
+    return [evaluate_fold(Path(models) / f"fold{k}", k, sheet, folds, features, device, val_fraction, split_seed)
+            for k in fold_list]

@@ -1,0 +1,148 @@
+"""Tissue masks on thumbnails, and the PNG mask files.
+
+Brightfield (H&E and the like): tissue is what is more saturated than the glass. The saturation
+threshold is Otsu's on the thumbnail, never below ``min_saturation``, so a nearly empty slide
+does not turn its glass noise into tissue. Pen marks (blue, green, black ink) and dark artefacts
+(dust, bubbles' rims, the slide edge) are removed by colour, then morphology closes small gaps,
+fills small holes and drops specks.
+
+Fluorescence slides (dark background) are detected from the thumbnail's border and thresholded
+on brightness instead, with a wider closing because nuclei stains leave gaps between cells.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+from scipy import ndimage as ndi
+
+from ..errors import MsamilError
+
+
+@dataclass
+class TissueParams:
+    """Parameters of :func:`tissue_mask`; the config's ``tissue`` section maps onto them."""
+
+    mode: str = "auto"  # auto | brightfield | fluorescence
+    min_saturation: float = 0.05  # floor of the Otsu saturation threshold, 0..1
+    remove_pen: bool = True
+    dark_threshold: float = 0.25  # pixels whose brightest channel is below this (0..1) are artefacts
+    close_radius: int = 2  # thumbnail px
+    min_object_fraction: float = 2e-4  # specks smaller than this fraction of the thumbnail are dropped
+    max_hole_fraction: float = 1e-3  # holes up to this fraction of the thumbnail are filled
+
+    def __post_init__(self):
+        if self.mode not in ("auto", "brightfield", "fluorescence"):
+            raise MsamilError(f"tissue.mode must be auto, brightfield or fluorescence, got {self.mode!r}")
+
+
+def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
+    """Otsu's threshold of values in [0, 1] (maximises the between-class variance)."""
+    hist, edges = np.histogram(values, bins=bins, range=(0.0, 1.0))
+    hist = hist.astype(np.float64)
+    centers = (edges[:-1] + edges[1:]) / 2
+    w0 = np.cumsum(hist)
+    w1 = w0[-1] - w0
+    m0 = np.cumsum(hist * centers)
+    mu0 = m0 / np.maximum(w0, 1e-12)
+    mu1 = (m0[-1] - m0) / np.maximum(w1, 1e-12)
+    between = w0 * w1 * (mu0 - mu1) ** 2
+    return float(edges[int(np.argmax(between)) + 1])
+
+
+def is_fluorescence(rgb: np.ndarray) -> bool:
+    """True when the thumbnail's border (mostly background) is dark, as in fluorescence scans."""
+    v = rgb.max(axis=2)
+    border = np.concatenate([v[:4].ravel(), v[-4:].ravel(), v[:, :4].ravel(), v[:, -4:].ravel()])
+    return float(np.median(border)) < 0.3 * 255
+
+
+def pen_and_artefact_mask(rgb: np.ndarray, dark_threshold: float = 0.25, remove_pen: bool = True) -> np.ndarray:
+    """Pixels that are ink or dark artefacts rather than stained tissue, bool [h, w].
+
+    Eosin is pink-red and haematoxylin blue-purple, so at thumbnail scale tissue has red at least
+    close to blue and more red than green. Blue ink has far less red than blue, green ink more
+    green than red, black ink and dust are dark in every channel.
+    """
+    r, g, b = (rgb[..., i].astype(np.int16) for i in range(3))
+    dark = rgb.max(axis=2) < dark_threshold * 255
+    if not remove_pen:
+        return dark
+    blue = (b > r + 60) & (b > g + 30)
+    green = (g > r + 15) & (g >= b - 10)
+    return dark | blue | green
+
+
+def clean_mask(mask: np.ndarray, close_radius: int, min_object_fraction: float, max_hole_fraction: float) -> np.ndarray:
+    """Morphological clean-up of a bool mask: closing (``close_radius`` px, 0 = none) and a
+    1-px opening, filling of holes up to ``max_hole_fraction`` of the image, removal of pieces
+    smaller than ``min_object_fraction`` of it."""
+    if close_radius > 0:
+        structure = _disk(close_radius)
+        mask = ndi.binary_closing(mask, structure=structure, border_value=0)
+        mask = ndi.binary_opening(mask, structure=_disk(1))
+    area = mask.size
+    # Fill holes up to a size: lumens and cracks are tissue, large glass gaps are not.
+    holes = ndi.binary_fill_holes(mask) & ~mask
+    labels, n = ndi.label(holes)
+    if n:
+        sizes = np.bincount(labels.ravel())
+        small = sizes <= max_hole_fraction * area
+        small[0] = False
+        mask = mask | small[labels]
+    labels, n = ndi.label(mask)
+    if n:
+        sizes = np.bincount(labels.ravel())
+        keep = sizes >= max(1.0, min_object_fraction * area)
+        keep[0] = False
+        mask = keep[labels]
+    return mask
+
+
+def _disk(radius: int) -> np.ndarray:
+    y, x = np.ogrid[-radius : radius + 1, -radius : radius + 1]
+    return x * x + y * y <= radius * radius
+
+
+def tissue_mask(rgb: np.ndarray, params: TissueParams | None = None) -> np.ndarray:
+    """Tissue mask of an RGB uint8 thumbnail [h, w, 3]; bool [h, w]."""
+    params = params or TissueParams()
+    mode = params.mode
+    if mode == "auto":
+        mode = "fluorescence" if is_fluorescence(rgb) else "brightfield"
+    if mode == "fluorescence":
+        # Nuclear stains light nuclei, not the cytoplasm between them: threshold the local
+        # density of signal (brightness smoothed over ~1.5 % of the long side), on a log scale
+        # because background and dim tissue differ by a few grey levels only.
+        value = rgb.max(axis=2).astype(np.float32)
+        window = max(3, round(0.015 * max(rgb.shape[:2])))
+        density = np.log1p(ndi.uniform_filter(value, window)) / np.log(256.0)
+        mask = density > otsu_threshold(density)
+        return clean_mask(mask, max(params.close_radius, 4), params.min_object_fraction, 0.02)
+    hsv = np.asarray(Image.fromarray(rgb).convert("HSV"))
+    sat = hsv[..., 1].astype(np.float32) / 255.0
+    artefacts = pen_and_artefact_mask(rgb, params.dark_threshold, params.remove_pen)
+    candidates = sat[~artefacts]
+    thr = otsu_threshold(candidates) if candidates.size else 1.0
+    thr = max(thr, params.min_saturation)
+    mask = (sat > thr) & ~artefacts
+    mask = clean_mask(mask, params.close_radius, params.min_object_fraction, params.max_hole_fraction)
+    # Ink often has a halo after closing; take the dilated ink out again.
+    if artefacts.any():
+        mask &= ~ndi.binary_dilation(artefacts, structure=_disk(1))
+    return mask
+
+
+def slide_tissue_mask(rgb: np.ndarray, params: TissueParams, min_tissue_fraction: float, slide_id: str) -> np.ndarray:
+    """:func:`tissue_mask` of a slide's thumbnail; fails naming the slide when less than
+    ``min_tissue_fraction`` of the thumbnail is tissue."""
+    mask = tissue_mask(rgb, params)
+    fraction = float(mask.mean())
+    if fraction < min_tissue_fraction:
+        raise MsamilError(
+            f"slide {slide_id!r}: no tissue found ({fraction:.2%} of the thumbnail); check the slide, "
+            "or lower tissue.min_saturation in the config, or remove the slide from the sheet"
+        )
+    return mask
