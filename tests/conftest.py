@@ -33,7 +33,7 @@ def ndpi_slide() -> Path:
 def write_pyramid_tiff(path: Path, image: np.ndarray, mpp: float = 0.5, levels: int = 3) -> Path:
     """A pyramidal JPEG-tiled TIFF (downsamples 1, 2, 4, ...) that OpenSlide opens as
     generic-tiff with the given µm/px; the demo cohort's writer."""
-    from msamil_core.demo import write_pyramid_tiff as write
+    from msamil_core.cohort.demo import write_pyramid_tiff as write
 
     path.parent.mkdir(parents=True, exist_ok=True)
     write(path, image, mpp=mpp, downsamples=tuple(2**i for i in range(levels)))

@@ -15,14 +15,15 @@ import sys
 
 import torch
 
-from msamil_core.e2e import E2EConfig, EndToEnd, SlidePatches, build_joint_model, slide_forward, step_seed, sync_gradients
-from msamil_core.encoders import EncoderSpec
-from msamil_core.train import _distributed
+from msamil_core.training.e2e import E2EConfig, EndToEnd, SlidePatches, build_joint_model, slide_forward, step_seed
+from msamil_core.training.engine import sync_gradients
+from msamil_core.features.encoders import EncoderSpec
+from msamil_core.runtime import distributed
 
 
 def main(out: str, dtype: str) -> None:
     torch.set_num_threads(1)
-    rank, world = _distributed()
+    rank, world = distributed()
     spec = EncoderSpec("msfem", input_size=64, seed=3,
                        kwargs={"backbone": "resnet18", "dim": 64, "depth": 1, "heads": 4, "grid_size": 2})
     cfg = E2EConfig(model="msamil.base", model_args={"dropout": 0.25}, k=11, chunk_size=4, seed=5)

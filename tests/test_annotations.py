@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from msamil_core.annotations import (
+from msamil_core.wsi.annotations import (
     ClassRules,
     annotation_format,
     annotation_mask,

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from msamil_core.bags import Bag, find_bag, load_bag, merge_bags, save_bag
+from msamil_core.features.bags import Bag, find_bag, load_bag, merge_bags, save_bag
 from msamil_core.errors import MsamilError
 
 

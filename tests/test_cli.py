@@ -61,9 +61,10 @@ def test_preprocessing_chain_on_cmu(tmp_path, cmu_slide):
     Image.fromarray((lesion * 255).astype(np.uint8)).save(d / "lesion_mask.png")
     common = ["coords", "--meta", str(d / "meta.json"), "--tissue-mask", str(d / "tissue_mask.png"), "--patch-size", "256",
               "--min-fraction", "0.4"]
-    files = {s: [str(tmp_path / "multi" / s / f"{m}.h5") for m in ("20x", "10x", "5x")] for s in ("lesion", "tissue", "random")}
+    scales = ("20x", "10x", "5x")
+    files = {s: [str(tmp_path / "multi" / s / f"{m}.h5") for m in scales] for s in ("lesion", "tissue", "random")}
     assert main([*common, "--lesion-mask", str(d / "lesion_mask.png"), "--random", "5", "--random-seed", "3",
-                 *[a for s, f in files.items() for a in ("--strategy", s, *f)]]) == 0
+                 *[a for s, f in files.items() for m, p in zip(scales, f) for a in ("--strategy-out", f"{s}:{m}={p}")]]) == 0
     single = {
         "lesion": ["--lesion-mask", str(d / "lesion_mask.png")],
         "tissue": [],
@@ -81,9 +82,10 @@ def test_preprocessing_chain_on_cmu(tmp_path, cmu_slide):
         assert f["coords"].shape[0] == 5
     with h5py.File(files["lesion"][0]) as fl, h5py.File(files["tissue"][0]) as ft:
         assert 0 < fl["coords"].shape[0] < ft["coords"].shape[0]
-    # lesion without its mask, or random without N: a one-line error naming the fix
-    assert main([*common, "--strategy", "lesion", *files["lesion"]]) == 1
-    assert main([*common, "--strategy", "random", *files["random"]]) == 1
+    # lesion without its mask, random without N, a strategy without all three scales: a one-line error
+    for strategy, names in (("lesion", scales), ("random", scales), ("tissue", scales[:2])):
+        named = [a for m, p in zip(names, files[strategy]) for a in ("--strategy-out", f"{strategy}:{m}={p}")]
+        assert main([*common, *named]) == 1
 
 
 @pytest.mark.parametrize(

@@ -6,9 +6,10 @@ import h5py
 import numpy as np
 import pytest
 
-from msamil_core.coords import area_fractions, make_grid, make_grids, read_coords, write_coords
-from msamil_core.slide import open_slide
-from msamil_core.tissue import tissue_mask
+from msamil_core.wsi.coords import make_grid, make_grids, read_coords, write_coords
+from msamil_core.wsi.geometry import area_fractions
+from msamil_core.wsi.slide import open_slide
+from msamil_core.wsi.tissue import tissue_mask
 
 
 def test_area_fractions_match_brute_force():

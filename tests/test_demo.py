@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from msamil_core import demo
+from msamil_core.cohort import demo
 from msamil_core.cli import main
 from msamil_core.errors import MsamilError
 

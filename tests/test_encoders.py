@@ -10,7 +10,7 @@ import timm
 import torch
 from safetensors.torch import save_file
 
-from msamil_core.encoders import MSFEM, EncoderSpec, build_encoder, encoder_id, list_encoders
+from msamil_core.features.encoders import MSFEM, EncoderSpec, build_encoder, encoder_id, list_encoders
 from msamil_core.errors import MsamilError
 
 

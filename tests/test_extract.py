@@ -6,11 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from msamil_core.bags import load_bag
+from msamil_core.features.bags import load_bag
 from msamil_core.cli import main
-from msamil_core.coords import make_grids, read_coords, write_coords
-from msamil_core.encoders import EncoderSpec, build_encoder, encoder_id
-from msamil_core.slide import SCALES, open_slide
+from msamil_core.wsi.coords import make_grids, read_coords, write_coords
+from msamil_core.features.encoders import EncoderSpec, build_encoder, encoder_id
+from msamil_core.wsi.geometry import SCALES
+from msamil_core.wsi.slide import open_slide
 
 ENCODER = ["--encoder", "resnet18", "--input-size", "64"]
 
@@ -136,9 +137,9 @@ def test_several_bags_from_one_pass_share_their_patches(tmp_path, cmu_slide, cmu
         subset[scale] = tmp_path / "subset" / f"{scale}.h5"
         write_coords(subset[scale], (coords[::2] if scale == "20x" else coords)[::-1].copy(), attrs)
     full, part = tmp_path / "full.pt", tmp_path / "part.pt"
-    argv = ["extract", "--slide", str(cmu_slide), *ENCODER, "--batch-size", "16",
-            "--coords", *map(str, cmu_coords.values()), "--out", str(full),
-            "--coords", *map(str, subset.values()), "--out", str(part)]
+    argv = ["extract", "--slide", str(cmu_slide), *ENCODER, "--batch-size", "16", "--bag", f"full={full}",
+            "--bag", f"part={part}", *[a for p in cmu_coords.values() for a in ("--bag-coords", f"full={p}")],
+            *[a for p in subset.values() for a in ("--bag-coords", f"part={p}")]]
     assert main(argv) == 0
     alone = tmp_path / "alone.pt"
     assert _extract(cmu_slide, list(subset.values()), alone, "--batch-size", "16") == 0
@@ -153,9 +154,13 @@ def test_several_bags_from_one_pass_share_their_patches(tmp_path, cmu_slide, cmu
     assert c.patches_encoded is None
 
 
-def test_coords_and_out_must_pair(tmp_path, cmu_slide, cmu_coords, capsys):
-    argv = ["extract", "--slide", str(cmu_slide), *ENCODER, "--coords", *map(str, cmu_coords.values()),
-            "--coords", str(cmu_coords["20x"]), "--out", str(tmp_path / "a.pt")]
-    assert main(argv) == 1
-    assert "give one --out per --coords" in capsys.readouterr().err
-    assert not (tmp_path / "a.pt").exists()
+def test_named_bags_must_pair_with_their_coordinates(tmp_path, cmu_slide, cmu_coords, capsys):
+    unpaired = ["--bag", f"a={tmp_path / 'a.pt'}", "--bag-coords", f"b={cmu_coords['20x']}"]
+    no_coords = ["--bag", f"a={tmp_path / 'a.pt'}"]
+    mixed = ["--bag", f"a={tmp_path / 'a.pt'}", "--bag-coords", f"a={cmu_coords['20x']}", "--coords",
+             str(cmu_coords["20x"]), "--out", str(tmp_path / "b.pt")]
+    for extra, words in ((unpaired, "no --bag b="), (no_coords, "no --bag-coords a="), (mixed, "not both")):
+        assert main(["extract", "--slide", str(cmu_slide), *ENCODER, *extra]) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and words in err[0], err
+    assert not (tmp_path / "a.pt").exists() and not (tmp_path / "b.pt").exists()

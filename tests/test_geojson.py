@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 from scipy import ndimage as ndi
 
-from msamil_core.annotations import annotation_mask, fill_polygons, read_geojson, shapes_to_thumbnail
-from msamil_core.coords import write_coords
+from msamil_core.wsi.annotations import annotation_mask, fill_polygons, read_geojson, shapes_to_thumbnail
+from msamil_core.wsi.coords import write_coords
 from msamil_core.errors import MsamilError
 from msamil_core.fileio import write_json
-from msamil_core.geojson import coords_features, grid_features, mask_features, mask_polygons, ring_area
-from msamil_core.tissue import save_mask
+from msamil_core.wsi.geojson import coords_features, grid_features, mask_features, mask_polygons, ring_area
+from msamil_core.wsi.masks import save_mask
 
 LEVEL0 = (9000, 6600)  # level-0 px; 30 x 30 level-0 px per thumbnail pixel below
 THUMB = (300, 220)
@@ -111,7 +111,7 @@ def test_coords_file_to_features_and_missing_attributes(tmp_path):
 
 
 def _run_export(argv):
-    from msamil_core.commands import export_geojson
+    from msamil_core.cli import export_geojson
 
     parser = argparse.ArgumentParser()
     export_geojson.add_arguments(parser)

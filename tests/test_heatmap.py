@@ -22,7 +22,7 @@ def _heatmap(exp, out, *extra) -> int:
 
 
 def test_heatmaps_of_a_slide(tiny_experiment, tmp_path):
-    from msamil_core.heatmap import _MARGIN_RIGHT, _TITLE_H, report_section
+    from msamil_core.reporting.heatmaps import _MARGIN_RIGHT, _TITLE_H, report_section
 
     exp = tiny_experiment
     out = tmp_path / "hm"
@@ -111,7 +111,7 @@ def test_a_model_without_attention_gets_a_clear_message(tiny_experiment, tmp_pat
 
 
 def test_lesion_attention_and_colormap():
-    from msamil_core.heatmap import SlideAttention, colormap, lesion_attention, paint
+    from msamil_core.reporting.heatmaps import SlideAttention, colormap, lesion_attention, paint
 
     att = SlideAttention("x", np.zeros((4, 2), np.int64), np.array([0, 0, 0, 1]), np.array([8, 8, 8, 16]),
                          np.array([0.4, 0.4, 0.1, 0.1]), np.array([0.3, 0.7]), ["a", "b"])

@@ -17,8 +17,8 @@ from sklearn.metrics import (
     roc_curve,
 )
 
-from msamil_core.metrics import classification_metrics, read_predictions, summarize, write_predictions
-from msamil_core.plots import plot_confusion_matrices, plot_roc_curves, roc_points, summed_confusion
+from msamil_core.training.metrics import classification_metrics, read_predictions, summarize, write_predictions
+from msamil_core.reporting.plots import plot_confusion_matrices, plot_roc_curves, roc_points, summed_confusion
 
 
 def softmax_fold(n: int, n_classes: int, separation: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

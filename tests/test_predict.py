@@ -23,7 +23,7 @@ LABELS = ["bland_zonal", "atypical_alternating", "bland_zonal", "atypical_altern
 
 def demo_slide(directory: Path, index: int, label: str) -> tuple[Path, Path]:
     """A demo slide (pyramid TIFF) and its lesion annotation (GeoJSON)."""
-    from msamil_core.demo import lesion_geojson, render_slide
+    from msamil_core.cohort.demo import lesion_geojson, render_slide
 
     slide = render_slide(index, label, seed=0, patch_size=PATCH)
     tiff = write_pyramid_tiff(directory / f"s{index}.tiff", slide.rgb)
@@ -44,9 +44,9 @@ def write_sheet(path: Path, rows: list[dict]) -> Path:
 def tiny_experiment(tmp_path_factory):
     """Four demo slides taken through the chain by `msamil_core.inference.prepare_slide`, and an
     ABMIL experiment of two folds trained for two epochs on their bags."""
-    from msamil_core.encoders import EncoderSpec, encoder_id
+    from msamil_core.features.encoders import EncoderSpec, encoder_id
     from msamil_core.inference import Preprocess, SlideFiles, prepare_slide
-    from msamil_core.train import BagDataset, TrainConfig, train_fold
+    from msamil_core.training.mil import BagDataset, TrainConfig, train_fold
 
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("tiny")
@@ -88,7 +88,7 @@ def _files(directory: Path) -> dict[Path, float]:
 
 
 def test_predict_reuses_outputs_and_ensembles_the_folds(tiny_experiment, tmp_path):
-    from msamil_core.train import BagDataset, load_checkpoint, predict
+    from msamil_core.training.mil import BagDataset, load_checkpoint, predict
 
     exp = tiny_experiment
     sheet = write_sheet(tmp_path / "new.csv", [{"slide_id": r["slide_id"], "path": r["path"]} for r in exp["rows"][:2]])

@@ -10,21 +10,13 @@ import pytest
 import torch
 from PIL import Image
 
-from msamil_core.annotations import fill_polygons
+from msamil_core.wsi.annotations import fill_polygons
 from msamil_core.errors import MsamilError
 from msamil_core.fileio import write_json
-from msamil_core.segmentation import (
-    PostProcess,
-    SegmentationConfig,
-    build_model,
-    dice_bce_loss,
-    load_encoder_weights,
-    load_segmentation_checkpoint,
-    mask_scores,
-    postprocess,
-    split_patients,
-)
-from msamil_core.tissue import load_mask, save_mask, save_rgb_png
+from msamil_core.segmentation.model import build_model, load_encoder_weights, load_segmentation_checkpoint
+from msamil_core.segmentation.postprocess import PostProcess, postprocess
+from msamil_core.segmentation.training import SegmentationConfig, dice_bce_loss, mask_scores, split_patients
+from msamil_core.wsi.masks import load_mask, save_mask, save_rgb_png
 
 DS = 32  # level-0 px per thumbnail px
 W, H = 64, 48  # thumbnail px, also the network input: no resampling blur on these small lesions
@@ -108,7 +100,7 @@ def run_command(name, argv):
     if name == "segment":
         argv = [*argv, "--threads", "1"]
 
-    module = importlib.import_module(f"msamil_core.commands.{name}")
+    module = importlib.import_module(f"msamil_core.cli.{name}")
     parser = argparse.ArgumentParser()
     module.add_arguments(parser)
     module.run(parser.parse_args(argv))

@@ -7,7 +7,7 @@ import math
 import pytest
 
 from msamil_core.errors import MsamilError
-from msamil_core.sheet import load_sheet, slide_mpp
+from msamil_core.cohort.sheet import load_sheet, slide_mpp
 
 HEADER = "slide_id,path,label,patient_id,mpp\n"
 

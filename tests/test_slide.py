@@ -7,13 +7,8 @@ import pytest
 
 from conftest import shared_slide
 from msamil_core.errors import MsamilError
-from msamil_core.slide import (
-    MAGNIFICATIONS,
-    magnification_mpp,
-    open_slide,
-    patch_size_level0,
-    scale_index,
-)
+from msamil_core.wsi.geometry import MAGNIFICATIONS, magnification_mpp, patch_size_level0, scale_index
+from msamil_core.wsi.slide import open_slide
 
 
 def test_mpp_from_file_and_sheet_override(cmu_slide):

@@ -175,7 +175,7 @@ def cluster(tmp_path_factory):
 def _demo_cohort(root: Path) -> Path:
     """Four demo slides of four patients written with the demo's writer, labelled by the demo's
     architecture (two per class: the fewest that two label-stratified folds accept)."""
-    from msamil_core import demo
+    from msamil_core.cohort import demo
 
     table = demo.cohort_table(12, seed=0, out_dir=root / "demo_data").drop_duplicates("patient_id")
     table["label"] = table["label"].str.split("_").str[1]

@@ -9,7 +9,7 @@ import pytest
 
 from msamil_core.cli import build_parser
 from msamil_core.errors import MsamilError
-from msamil_core.splits import (
+from msamil_core.training.splits import (
     FOLDS_COLUMNS,
     fold_counts,
     fold_parts,

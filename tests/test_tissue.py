@@ -6,15 +6,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from msamil_core.slide import open_slide
-from msamil_core.tissue import (
-    TissueParams,
-    is_fluorescence,
-    load_mask,
-    otsu_threshold,
-    save_mask,
-    tissue_mask,
-)
+from msamil_core.wsi.slide import open_slide
+from msamil_core.wsi.masks import load_mask, save_mask
+from msamil_core.wsi.tissue import TissueParams, is_fluorescence, otsu_threshold, tissue_mask
 
 
 def test_cmu_mask_covers_tissue_not_glass(cmu_slide):

@@ -75,7 +75,7 @@ def test_every_stage_ran_and_the_report_compares_strategies(cohort):
         for k in (0, 1):
             assert json.loads((results / "models" / name / f"fold{k}" / "metrics.json").read_text())["inference_seconds"] > 0
     # the strategy table's times: each slide's extraction job measured, split by patches
-    from msamil_core.selection import bag_counts, extraction_seconds
+    from msamil_core.reporting.tables import bag_counts, extraction_seconds
 
     folders = {p.name.rsplit("-", 1)[1]: p for p in (results / "features").iterdir()}
     job = wd / "benchmarks" / "extract_features" / folders["lesion"].name.rsplit("-", 1)[0]

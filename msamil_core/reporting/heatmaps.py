@@ -7,7 +7,7 @@ writes into one folder, all files or none (:func:`~msamil_core.fileio.atomic_dir
 * ``attention_<scale>.png`` for each scale the model reads (20x, 10x, 5x) and
   ``attention_combined.png``: the thumbnail with each patch painted by its attention (the
   combined map sums, at each point, the attention of the patches of every scale that cover
-  it), with a colour bar in attention units;
+  it), with a colour bar in attention units (matplotlib's viridis);
 * ``top_bottom.png``: the ``k`` patches with the highest and the lowest attention, read from
   the slide, each captioned with its scale and score;
 * ``attention.geojson``: one square per patch in level-0 px, for QuPath (*File > Import objects
@@ -15,7 +15,9 @@ writes into one folder, all files or none (:func:`~msamil_core.fileio.atomic_dir
   ``lesion fraction`` when the slide is annotated), so *Measure > Show measurement maps* draws
   the heatmap on the full-resolution slide;
 * ``attention.csv``: the same numbers as a table;
-* ``slide.json``: the prediction and the attention inside against outside the annotated lesion.
+* ``slide.json``: the prediction and the attention inside against outside the annotated lesion;
+* ``index.html``: a page showing all of the above (jinja2 template ``heatmap.html.j2``); it opens
+  offline from the folder.
 
 ``attention x N`` is the weight times the bag size: 1 is what every patch gets under uniform
 attention, so values compare across slides of different sizes.
@@ -24,11 +26,10 @@ The inside/outside figures answer whether the model attends to the lesion: a pat
 when at least half of it lies in the annotation, else outside.
 """
 
+
 from __future__ import annotations
 
 import csv
-import html
-import io
 import json
 import logging
 import math
@@ -37,21 +38,21 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
+import pandas as pd
 
 from ..errors import MsamilError
-from .slide import SCALES
+from ..fileio import atomic_dir, atomic_path
+from ..wsi.geojson import grid_features, write_geojson
+from ..wsi.geometry import SCALES, area_fractions
+from .plots import pyplot, save_figure
 
 log = logging.getLogger(__name__)
 
-# matplotlib's viridis at 0, 1/4, 1/2, 3/4 and 1: perceptually even, readable in grey.
-_VIRIDIS = np.array([(68, 1, 84), (59, 82, 139), (33, 145, 140), (94, 201, 98), (253, 231, 37)], dtype=np.float64)
-_OPACITY = 0.65  # share of the colour over the thumbnail on patches
-_TITLE_H, _BAR_W, _BAR_GAP = 30, 16, 10  # figure layout, output px
-_MARGIN_RIGHT = _BAR_GAP + _BAR_W + 70  # colour bar and its tick labels
+OPACITY = 0.65  # share of the colour over the thumbnail on patches
+TITLE_H, MARGIN_RIGHT = 30, 110  # px above the thumbnail (title) and right of it (colour bar and its labels)
 INSIDE_FRACTION = 0.5  # a patch is inside the lesion when at least this share of it is annotated
 SCOPES = ("all", *SCALES)
-_PNG = {"format": "PNG", "compress_level": 1}  # noisy thumbnails: level 6 takes 5x longer for 20 % less
+_PNG = {"compress_level": 1}  # noisy thumbnails: level 6 takes 5x longer for 20 % less
 
 
 @dataclass
@@ -85,10 +86,10 @@ class SlideAttention:
 
 def colormap(values: np.ndarray) -> np.ndarray:
     """Viridis colours (uint8 [..., 3]) of values in [0, 1] (clipped)."""
-    v = np.clip(np.nan_to_num(np.asarray(values, dtype=np.float64)), 0.0, 1.0) * (len(_VIRIDIS) - 1)
-    i = np.minimum(v.astype(np.int64), len(_VIRIDIS) - 2)
-    t = (v - i)[..., None]
-    return np.rint(_VIRIDIS[i] * (1 - t) + _VIRIDIS[i + 1] * t).astype(np.uint8)
+    import matplotlib
+
+    rgba = matplotlib.colormaps["viridis"](np.clip(np.nan_to_num(np.asarray(values, dtype=np.float64)), 0.0, 1.0))
+    return np.rint(rgba[..., :3] * 255).astype(np.uint8)
 
 
 def thumbnail_boxes(meta: dict, coords: np.ndarray, sizes: np.ndarray) -> np.ndarray:
@@ -113,72 +114,55 @@ def paint(shape: tuple[int, int], boxes: np.ndarray, values: np.ndarray) -> tupl
     return canvas, covered
 
 
-def _tick(value: float) -> str:
-    return "0" if value == 0 else f"{value:.3g}"
+def heatmap_figure(path: str | os.PathLike, thumb: np.ndarray, values: np.ndarray, covered: np.ndarray, title: str,
+                   bar_label: str) -> None:
+    """Write the thumbnail with ``values`` (float [h, w]) in colour where ``covered``, a title above
+    and a colour bar from 0 to the map's maximum on the right: a PNG of (w + :data:`MARGIN_RIGHT`)
+    x (h + :data:`TITLE_H`) px, the thumbnail drawn pixel for pixel."""
+    import matplotlib
 
-
-def heatmap_figure(thumb: np.ndarray, values: np.ndarray, covered: np.ndarray, title: str, bar_label: str):
-    """The thumbnail with ``values`` (float [h, w]) in colour where ``covered``, a title above and
-    a colour bar from 0 to the map's maximum on the right; a PIL image of
-    (w + :data:`_MARGIN_RIGHT`) x (h + :data:`_TITLE_H`) px."""
-    from PIL import Image
-
-    from .plots import _SS, _Canvas
-
+    plt = pyplot()
     h, w = thumb.shape[:2]
     vmax = float(values[covered].max()) if covered.any() else 0.0
-    scale = vmax if vmax > 0 else 1.0
     blended = thumb.copy()
-    colours = colormap(values[covered] / scale).astype(np.float64)
-    blended[covered] = np.rint((1 - _OPACITY) * thumb[covered] + _OPACITY * colours).astype(np.uint8)
-    image = Image.new("RGB", (w + _MARGIN_RIGHT, h + _TITLE_H), "white")
-    # text is drawn on two small strips only: supersampling the whole figure costs a second
-    head = _Canvas(w + _MARGIN_RIGHT, _TITLE_H)
-    head.text((4, _TITLE_H / 2), title, size=12, valign="middle")
-    side = _Canvas(_MARGIN_RIGHT - _BAR_GAP - _BAR_W, h)
-    for frac in (0.0, 0.5, 1.0):
-        y = min(max((1 - frac) * (h - 1), 6), h - 6)
-        side.line([(0, y), (4, y)])
-        side.text((6, y), _tick(frac * vmax), size=10, valign="middle")
-    side.text((side.width - 12, h / 2), bar_label, size=10, align="center", valign="middle", vertical=True)
-    for strip, xy in ((head, (0, 0)), (side, (w + _BAR_GAP + _BAR_W, _TITLE_H))):
-        image.paste(strip.image.resize((strip.width, strip.height), Image.Resampling.LANCZOS) if _SS != 1 else strip.image, xy)
-    image.paste(Image.fromarray(blended), (0, _TITLE_H))
-    ramp = colormap(np.linspace(1.0, 0.0, h))[:, None, :].repeat(_BAR_W, axis=1)
-    image.paste(Image.fromarray(ramp), (w + _BAR_GAP, _TITLE_H))
-    return image
+    colours = colormap(values[covered] / (vmax if vmax > 0 else 1.0)).astype(np.float64)
+    blended[covered] = np.rint((1 - OPACITY) * thumb[covered] + OPACITY * colours).astype(np.uint8)
+    width, height = w + MARGIN_RIGHT, h + TITLE_H
+    fig = plt.figure(figsize=(width / 100, height / 100), dpi=100)
+    image = fig.add_axes((0, 0, w / width, h / height))
+    image.imshow(blended, interpolation="nearest", aspect="auto")
+    image.set_axis_off()
+    bar = fig.add_axes(((w + 10) / width, 0.02, 16 / width, h / height - 0.04))
+    fig.colorbar(matplotlib.cm.ScalarMappable(matplotlib.colors.Normalize(0, vmax or 1.0), "viridis"), cax=bar)
+    bar.set_ylabel(bar_label, fontsize=8)
+    bar.tick_params(labelsize=7)
+    fig.text(4 / width, 1 - (TITLE_H / 2) / height, title, fontsize=9, va="center")
+    save_figure(fig, path, dpi=100, **{"pil_kwargs": _PNG})
 
 
-def montage(slide, att: SlideAttention, k: int = 8, tile: int = 128):
-    """The ``k`` patches with the highest attention (top row) and the lowest (bottom row), read
-    from ``slide`` (an open :class:`~msamil_core.slide.Slide`) and captioned; a PIL image."""
-    from PIL import Image
-
-    from .plots import _SS, _Canvas
-
+def montage(path: str | os.PathLike, slide, att: SlideAttention, k: int = 8, tile: int = 128) -> None:
+    """Write the ``k`` patches with the highest attention (top row) and the lowest (bottom row),
+    read from ``slide`` (an open :class:`~msamil_core.wsi.slide.Slide`), each captioned with its
+    scale, weight and weight x N."""
+    plt = pyplot()
     n = len(att.attention)
     k = max(1, min(k, n))
     order = np.argsort(-att.attention, kind="stable")
     rows = [("highest attention", order[:k]), ("lowest attention", order[::-1][:k])]
-    gap, head, caption = 8, 22, 30
-    width = gap + k * (tile + gap)
-    row_h = head + tile + caption
-    frame = _Canvas(width, len(rows) * row_h + gap)
+    side = tile / 100 + 0.15
+    fig, axes = plt.subplots(2, k, figsize=(side * k, 2 * (side + 0.55)), dpi=100, squeeze=False)
     for r, (name, picks) in enumerate(rows):
-        top = r * row_h + gap
-        frame.text((gap, top + head / 2), f"{att.slide_id}: {name}", size=12, valign="middle")
-        for c, i in enumerate(picks.tolist()):
-            x = gap + c * (tile + gap)
-            frame.text((x + tile / 2, top + head + tile + 2), f"{SCALES[att.scales[i]]}  a={att.attention[i]:.3g}",
-                       size=10, align="center")
-            frame.text((x + tile / 2, top + head + tile + 15), f"x N = {att.attention[i] * n:.2f}", size=10, align="center")
-    image = frame.image.resize((frame.width, frame.height), Image.Resampling.LANCZOS) if _SS != 1 else frame.image
-    for r, (_, picks) in enumerate(rows):
+        axes[r][0].set_title(f"{att.slide_id}: {name}", fontsize=8, loc="left")
         for c, i in enumerate(picks.tolist()):
             x0, y0 = (int(v) for v in att.coords[i])
-            patch = slide.read_patch(x0, y0, int(att.sizes[i]), tile)
-            image.paste(Image.fromarray(patch), (gap + c * (tile + gap), r * row_h + gap + head))
-    return image
+            ax = axes[r][c]
+            ax.imshow(slide.read_patch(x0, y0, int(att.sizes[i]), tile))
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.set_xlabel(f"{SCALES[att.scales[i]]}  a={att.attention[i]:.3g}\nx N = {att.attention[i] * n:.2f}",
+                          fontsize=7)
+    fig.tight_layout()
+    save_figure(fig, path, pil_kwargs=_PNG)
 
 
 # ----------------------------------------------------------------------------- numbers
@@ -186,8 +170,6 @@ def montage(slide, att: SlideAttention, k: int = 8, tile: int = 128):
 
 def lesion_fractions(mask: np.ndarray, meta: dict, coords: np.ndarray, sizes: np.ndarray) -> np.ndarray:
     """Share of each patch inside a thumbnail-size lesion mask, float [N] in [0, 1]."""
-    from .coords import area_fractions
-
     return area_fractions(mask, thumbnail_boxes(meta, coords, sizes))
 
 
@@ -222,8 +204,6 @@ def lesion_attention(att: SlideAttention, fractions: np.ndarray) -> list[dict]:
 
 def attention_features(att: SlideAttention, fractions: np.ndarray | None = None) -> list[dict]:
     """QuPath GeoJSON detections, one square per patch (level-0 px), scores as measurements."""
-    from .geojson import grid_features
-
     n = len(att.attention)
     features = []
     for s, size in sorted({(int(a), int(b)) for a, b in zip(att.scales, att.sizes)}):
@@ -254,19 +234,11 @@ def _write_csv(path: Path, att: SlideAttention, fractions: np.ndarray | None) ->
 # ----------------------------------------------------------------------------- one slide
 
 
-def write_slide_heatmaps(
-    out_dir: str | os.PathLike,
-    att: SlideAttention,
-    thumb: np.ndarray,
-    meta: dict,
-    slide_path: str | os.PathLike,
-    mpp: float | None = None,
-    lesion_mask: np.ndarray | None = None,
-    top_k: int = 8,
-    title: str = "",
-) -> dict:
-    """Write the heatmaps, montage, GeoJSON, CSV and slide.json of one slide into ``out_dir``
-    (all or nothing); returns slide.json's content.
+def write_slide_heatmaps(out_dir: str | os.PathLike, att: SlideAttention, thumb: np.ndarray, meta: dict,
+                         slide_path: str | os.PathLike, mpp: float | None = None, lesion_mask: np.ndarray | None = None,
+                         top_k: int = 8, title: str = "") -> dict:
+    """Write the heatmaps, montage, GeoJSON, CSV, slide.json and index.html of one slide into
+    ``out_dir`` (all or nothing); returns slide.json's content.
 
     Args:
         att: the slide's instances and attention.
@@ -276,9 +248,8 @@ def write_slide_heatmaps(
         top_k: patches per montage row.
         title: prefix of the figure titles (e.g. the experiment).
     """
-    from .fileio import atomic_dir
-    from .geojson import write_geojson
-    from .slide import open_slide
+    from ..wsi.slide import open_slide
+    from .report import render
 
     if len(att.attention) == 0:
         raise MsamilError(f"slide {att.slide_id!r}: the bag has no patches of the model's scales; nothing to draw")
@@ -293,28 +264,30 @@ def write_slide_heatmaps(
     probs = ", ".join(f"{c} {p:.2f}" for c, p in zip(att.classes, att.probabilities))
     head = f"{title}  {att.slide_id}" if title else att.slide_id
     present = [s for s in range(len(SCALES)) if (att.scales == s).any()]
+    info = {
+        "slide_id": att.slide_id,
+        "classes": list(att.classes),
+        "probabilities": [float(p) for p in att.probabilities],
+        "predicted": att.predicted,
+        "n_patches": {SCALES[s]: int((att.scales == s).sum()) for s in present},
+        "lesion": lesion_attention(att, fractions) if fractions is not None else None,
+    }
     with atomic_dir(out_dir) as tmp:
         for s in present:
             sel = att.scales == s
             values, covered = paint((h, w), boxes[sel], att.attention[sel])
-            heatmap_figure(thumb, values, covered, f"{head}  {SCALES[s]} ({int(sel.sum())} patches)",
-                           "attention (sum 1 over the bag)").save(tmp / f"attention_{SCALES[s]}.png", **_PNG)
+            heatmap_figure(tmp / f"attention_{SCALES[s]}.png", thumb, values, covered,
+                           f"{head}  {SCALES[s]} ({int(sel.sum())} patches)", "attention (sum 1 over the bag)")
         values, covered = paint((h, w), boxes, att.attention)
-        heatmap_figure(thumb, values, covered, f"{head}  all scales  ->  {probs}",
-                       "attention, summed over scales").save(tmp / "attention_combined.png", **_PNG)
+        heatmap_figure(tmp / "attention_combined.png", thumb, values, covered, f"{head}  all scales  ->  {probs}",
+                       "attention, summed over scales")
         with open_slide(slide_path, att.slide_id, mpp) as slide:
-            montage(slide, att, top_k).save(tmp / "top_bottom.png", **_PNG)
+            montage(tmp / "top_bottom.png", slide, att, top_k)
         write_geojson(tmp / "attention.geojson", attention_features(att, fractions))
         _write_csv(tmp / "attention.csv", att, fractions)
-        info = {
-            "slide_id": att.slide_id,
-            "classes": list(att.classes),
-            "probabilities": [float(p) for p in att.probabilities],
-            "predicted": att.predicted,
-            "n_patches": {SCALES[s]: int((att.scales == s).sum()) for s in present},
-            "lesion": lesion_attention(att, fractions) if fractions is not None else None,
-        }
         (tmp / "slide.json").write_text(json.dumps(info, indent=2) + "\n")
+        (tmp / "index.html").write_text(render("heatmap.html.j2", title=head, info=info,
+                                               scales=[SCALES[s] for s in present], INSIDE_FRACTION=INSIDE_FRACTION))
     return info
 
 
@@ -324,27 +297,28 @@ SUMMARY_COLUMNS = ("slide_id", "label", "predicted", "scope", "n_inside", "n_out
                    "attention_share_inside", "patch_share_inside")
 
 
-def write_summary(path: str | os.PathLike, infos: list[dict], labels: dict[str, str] | None = None) -> None:
+def write_summary(path: str | os.PathLike, infos: list[dict], labels: dict[str, str] | None = None) -> pd.DataFrame:
     """One row per slide and scope of the inside/outside figures (slides without annotation get
-    one ``all`` row with empty figures), atomically."""
-    from .fileio import atomic_path
-
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=SUMMARY_COLUMNS)
-    writer.writeheader()
+    one ``all`` row with empty figures), written atomically; returns the table."""
+    rows = []
     for info in infos:
         base = {"slide_id": info["slide_id"], "label": (labels or {}).get(info["slide_id"], ""), "predicted": info["predicted"]}
-        for row in info["lesion"] or [{"scope": "all"}]:
-            writer.writerow({**base, **row})
+        rows += [{**base, **row} for row in info["lesion"] or [{"scope": "all"}]]
+    table = pd.DataFrame(rows, columns=list(SUMMARY_COLUMNS))
     with atomic_path(path) as tmp:
-        tmp.write_text(buffer.getvalue())
+        table.to_csv(tmp, index=False)
+    return table
 
 
-def pooled_lesion_attention(summary) -> "pd.DataFrame":
+def read_summary(path: str | os.PathLike) -> pd.DataFrame:
+    """A heatmap folder's summary.csv (slide ids and labels kept as text)."""
+    return pd.read_csv(path, dtype={"slide_id": str, "label": str, "predicted": str}, keep_default_na=False,
+                       na_values={c: [""] for c in SUMMARY_COLUMNS[4:]})
+
+
+def pooled_lesion_attention(summary: pd.DataFrame) -> pd.DataFrame:
     """Per scope, over the slides of a summary table: patches inside and outside, the mean
     ``attention x N`` of each (pooled over patches) and their ratio."""
-    import pandas as pd
-
     df = summary.dropna(subset=["mean_inside", "mean_outside"], how="all").copy()
     rows = []
     for scope in SCOPES:
@@ -359,34 +333,3 @@ def pooled_lesion_attention(summary) -> "pd.DataFrame":
                      "mean attention x N outside": round(mean_out, 3),
                      "inside / outside": round(mean_in / mean_out, 2) if mean_out else math.nan})
     return pd.DataFrame(rows)
-
-
-def report_section(heatmaps: dict[str, str | os.PathLike], report_dir: str | os.PathLike) -> str:
-    """HTML for the report: per experiment, the attention inside against outside the lesions
-    and a link to each slide's heatmaps. ``heatmaps`` maps an experiment to the folder holding
-    ``summary.csv`` and one sub-folder per slide (``msamil heatmap``'s output)."""
-    import pandas as pd
-
-    parts = ["<p>Attention of the fold's model on its test slides (<code>msamil heatmap</code>). "
-             "<i>attention x N</i> is a patch's weight times the number of patches (1 = uniform); a patch is inside "
-             f"when at least {INSIDE_FRACTION:.0%} of it lies in the annotated lesion.</p>"]
-    for name, directory in heatmaps.items():
-        directory = Path(directory)
-        summary_path = directory / "summary.csv"
-        if not summary_path.exists():
-            raise MsamilError(f"{summary_path}: no heatmap summary for experiment {name!r}; run `msamil heatmap` first")
-        summary = pd.read_csv(summary_path, dtype={"slide_id": str, "label": str})
-        parts.append(f"<h3>{html.escape(name)} ({html.escape(directory.name)})</h3>")
-        pooled = pooled_lesion_attention(summary)
-        if len(pooled):
-            parts.append(pooled.to_html(index=False, escape=True, border=0, classes="t", na_rep="n/a"))
-        else:
-            parts.append("<p>No slide has a lesion annotation.</p>")
-        links = []
-        for slide_id in dict.fromkeys(summary["slide_id"]):
-            rel = os.path.relpath(directory / slide_id, report_dir)
-            img = html.escape(f"{rel}/attention_combined.png")
-            links.append(f'<a href="{html.escape(rel)}/"><img src="{img}" alt="{html.escape(slide_id)}" '
-                         f'title="{html.escape(slide_id)}" style="width:200px;margin:2px"></a>')
-        parts.append("<div>" + "".join(links) + "</div>")
-    return "".join(parts)

@@ -1,34 +1,141 @@
-"""Report sections for lesion segmentation and the patch-selection strategies (MsaMIL-Net
-section 3.1 and Table 1).
+"""The report's tables, each a pandas DataFrame computed from the experiments' fold metrics and
+configs (``{experiment: {fold: metrics}}``, ``{experiment: config}``):
 
-* ``segmentation_table``: the UNet++ hold-out (and validation) IoU and Dice from
-  ``msamil segment-train``'s metrics.json.
-* ``strategy_table``: experiments that differ only in their patch-selection strategy (same
-  model, model options, task and scales), each with its test AUC (mean ± sd over folds), the
-  patches extracted for it (all slides, all scales), and the wall time of extracting them plus
-  running the fold models on the test parts.
-
-  One ``extract_features`` job per slide writes the bags of all strategies, encoding the patches
-  they share once. A strategy's extraction time is, slide by slide, the job's wall time
-  (Snakemake's ``benchmark:`` file) times the share of the job's patches that strategy needs
-  (``len(bag) / patches_encoded``). Inference time is each fold's ``inference_seconds``
-  (metrics.json: loading the test bags and running the model).
+* :func:`summary_table`: mean ± sd over folds of the headline metrics per experiment;
+* :func:`scale_groups` / :func:`transfer_table`: multi- against single-scale (MsaMIL-Net) and
+  transfer against training from scratch (MIL-Lab), found from the configs themselves;
+* :func:`e2e_table` and :func:`k_studies`: e2e-tuned against frozen-encoder features on the same
+  folds, and each e2e run's K study (MsaMIL-Net sec. 3.4, Campanella et al.);
+* :func:`strategy_table`: experiments that differ only in their patch-selection strategy (same
+  model, model options, task and scales), each with its test AUC, the patches extracted for it
+  and the wall time of extracting them plus running the fold models on the test parts
+  (MsaMIL-Net Table 1). One ``extract_features`` job per slide writes the bags of all
+  strategies, encoding the patches they share once; a strategy's extraction time is, slide by
+  slide, the job's wall time (Snakemake's ``benchmark:`` file) times the share of the job's
+  patches that strategy needs (``len(bag) / patches_encoded``); inference time is each fold's
+  ``inference_seconds`` (metrics.json);
+* :func:`segmentation_table`: the UNet++ hold-out and validation IoU and Dice.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
 import pandas as pd
-import torch
 
 from ..errors import MsamilError
+from ..training.metrics import summarize
+
+HEADLINE = ("auc", "balanced_accuracy", "accuracy", "f1_macro")
+
+
+def mean_sd(mean: float | None, sd: float | None) -> str:
+    """``0.912 ± 0.034`` (``n/a`` when undefined; no ± with a single fold)."""
+    if mean is None or (isinstance(mean, float) and math.isnan(mean)):
+        return "n/a"
+    return f"{mean:.3f}" if sd is None or math.isnan(sd) else f"{mean:.3f} ± {sd:.3f}"
+
+
+def metric(summary: pd.DataFrame, experiment: str, name: str) -> tuple[float, float]:
+    """(mean, sd) of one metric of one experiment in a :func:`~msamil_core.training.metrics.summarize` table."""
+    row = summary[(summary.experiment == experiment) & (summary.metric == name)]
+    return (float(row["mean"].iloc[0]), float(row["sd"].iloc[0])) if len(row) else (math.nan, math.nan)
+
+
+def summary_table(summary: pd.DataFrame, metrics=HEADLINE) -> pd.DataFrame:
+    """One row per experiment: ``mean ± sd`` of each headline metric and the number of folds."""
+    rows = []
+    for exp, group in summary.groupby("experiment", sort=False):
+        by_metric = {r.metric: r for r in group.itertuples()}
+        rows.append({"experiment": exp,
+                     **{m: mean_sd(by_metric[m].mean, by_metric[m].sd) if m in by_metric else "n/a" for m in metrics},
+                     "folds": int(max(r.n_folds for r in group.itertuples()))})
+    return pd.DataFrame(rows)
 
 
 def _key(config: dict, *fields: str) -> tuple:
     return tuple(json.dumps(config.get(f), sort_keys=True) for f in fields)
+
+
+def scale_groups(configs: dict[str, dict]) -> list[list[str]]:
+    """Groups of from-scratch experiments on the same task that use different scales."""
+    groups: dict[tuple, list[str]] = {}
+    for name, cfg in configs.items():
+        if not cfg.get("init_from"):
+            groups.setdefault(_key(cfg, "task"), []).append(name)
+    return [g for g in groups.values() if len({json.dumps(configs[n].get("scales")) for n in g}) > 1]
+
+
+def scale_table(wide: pd.DataFrame, configs: dict[str, dict], group: list[str]) -> pd.DataFrame:
+    """The summary rows of one scale group, with each experiment's model and scales."""
+    rows = wide[wide["experiment"].isin(group)].copy()
+    rows.insert(1, "model", [configs[n].get("model") for n in rows["experiment"]])
+    rows.insert(2, "scales", ["+".join(configs[n].get("scales") or []) for n in rows["experiment"]])
+    return rows
+
+
+def transfer_pairs(configs: dict[str, dict]) -> list[tuple[str, str]]:
+    """(transfer experiment, its from-scratch twin): same model, task and scales, no init_from."""
+    pairs = []
+    for name, cfg in configs.items():
+        if not cfg.get("init_from"):
+            continue
+        for other, ocfg in configs.items():
+            if other != name and not ocfg.get("init_from") and _key(cfg, "model", "task", "scales") == _key(
+                    ocfg, "model", "task", "scales"):
+                pairs.append((name, other))
+                break
+    return pairs
+
+
+def transfer_table(summary: pd.DataFrame, configs: dict[str, dict]) -> pd.DataFrame | None:
+    """Each transfer experiment beside its from-scratch twin (test AUC and the difference)."""
+    rows = []
+    for transfer, scratch in transfer_pairs(configs):
+        (tm, tsd), (sm, ssd) = metric(summary, transfer, "auc"), metric(summary, scratch, "auc")
+        rows.append({"transfer": transfer, "init_from": str(configs[transfer].get("init_from")),
+                     "freeze": configs[transfer].get("freeze", "none"), "scratch": scratch,
+                     "AUC transfer": mean_sd(tm, tsd), "AUC scratch": mean_sd(sm, ssd),
+                     "difference": "n/a" if math.isnan(tm - sm) else f"{tm - sm:+.3f}"})
+    return pd.DataFrame(rows) if rows else None
+
+
+def e2e_table(configs: dict[str, dict], per_fold: dict[str, dict[int, dict]]) -> pd.DataFrame | None:
+    """e2e-tuned against frozen-encoder features: each twin (config ``e2e`` = {"name", "frozen",
+    "dir"}) beside its frozen experiment on the twin's folds."""
+    rows = []
+    for name, cfg in configs.items():
+        info = cfg.get("e2e")
+        if not isinstance(info, dict) or info.get("frozen") not in per_fold:
+            continue
+        frozen, folds = info["frozen"], sorted(per_fold[name])
+        summary = summarize({name: per_fold[name], frozen: {k: per_fold[frozen][k] for k in folds if k in per_fold[frozen]}})
+        (t, tsd), (f, fsd) = metric(summary, name, "auc"), metric(summary, frozen, "auc")
+        rows.append({"e2e run": info.get("name"), "experiment": frozen, "folds": " ".join(map(str, folds)),
+                     "AUC frozen encoder": mean_sd(f, fsd), "AUC e2e-tuned encoder": mean_sd(t, tsd),
+                     "difference": "n/a" if math.isnan(t - f) else f"{t - f:+.3f}",
+                     "bal. acc. frozen": mean_sd(*metric(summary, frozen, "balanced_accuracy")),
+                     "bal. acc. e2e-tuned": mean_sd(*metric(summary, name, "balanced_accuracy"))})
+    return pd.DataFrame(rows) if rows else None
+
+
+def k_studies(configs: dict[str, dict]) -> list[tuple[str, pd.DataFrame, Path | None]]:
+    """(run name, k_study_summary.csv table, k_study.png or None) of each e2e run a twin names
+    whose K study exists."""
+    studies = {}
+    for cfg in configs.values():
+        info = cfg.get("e2e")
+        if isinstance(info, dict) and info.get("dir"):
+            studies[info["name"]] = Path(info["dir"])
+    out = []
+    for name, directory in studies.items():
+        table, png = directory / "k_study_summary.csv", directory / "k_study.png"
+        if table.exists():
+            out.append((name, pd.read_csv(table).round(4), png if png.exists() else None))
+    return out
 
 
 def strategy_groups(configs: dict[str, dict]) -> list[list[str]]:
@@ -42,6 +149,8 @@ def strategy_groups(configs: dict[str, dict]) -> list[list[str]]:
 
 def bag_counts(feature_dir: str | os.PathLike) -> dict[str, tuple[int, int]]:
     """Slide -> (patches in its bag, patches its extraction job encoded) for a feature folder."""
+    import torch
+
     counts = {}
     for path in sorted(Path(feature_dir).glob("*.pt")):
         bag = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -86,7 +195,6 @@ def strategy_table(summary: pd.DataFrame, configs: dict[str, dict], features: di
     for group in groups:
         for name in sorted(group, key=lambda n: configs[n]["strategy"]):
             strategy = configs[name]["strategy"]
-            auc = summary[(summary.experiment == name) & (summary.metric == "auc")]
             feature_dir = features.get(name)
             counts = bag_counts(feature_dir) if feature_dir else None
             extract_s = None
@@ -98,7 +206,7 @@ def strategy_table(summary: pd.DataFrame, configs: dict[str, dict], features: di
             rows.append({
                 "experiment": name,
                 "strategy": strategy,
-                "AUC": "n/a" if auc.empty else f"{float(auc['mean'].iloc[0]):.3f} ± {float(auc['sd'].iloc[0]):.3f}",
+                "AUC": mean_sd(*metric(summary, name, "auc")),
                 "patches extracted": None if counts is None else sum(n for n, _ in counts.values()),
                 "extraction (s)": None if extract_s is None else round(extract_s, 1),
                 "inference (s)": None if infer_s is None else round(infer_s, 1),
