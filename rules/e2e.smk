@@ -10,9 +10,8 @@ rule train_e2e:
     output:
         "results/e2e/{e2e}/fold{fold}/checkpoint.pt",
     params:
+        out=e2e_run_dir,
         options=e2e_options,
-        splits=split_options(),
-        classes=class_options(),
     log:
         "logs/train_e2e/{e2e}/fold{fold}.log",
     threads: 2
@@ -23,9 +22,8 @@ rule train_e2e:
     conda:
         "../envs/msamil.yaml"
     shell:
-        "msamil e2e --sheet {input.sheet:q} --folds {input.folds:q} --fold {wildcards.fold}"
-        " --coords-dir results/coords --out results/e2e/{wildcards.e2e} {params.splits} {params.classes}"
-        " {params.options} --threads {threads} 2> {log:q}"
+        "msamil e2e --sheet {input.sheet:q} --folds {input.folds:q} --fold {wildcards.fold:q}"
+        " --coords-dir results/coords --out {params.out:q} {params.options} --threads {threads} 2> {log:q}"
 
 
 rule extract_e2e_features:
@@ -37,8 +35,7 @@ rule extract_e2e_features:
         "results/features/e2e-{e2e}-fold{fold}/{slide}.pt",
     params:
         path=slide_path,
-        mpp=mpp_option,
-        runtime=extract_runtime_options(),
+        options=extract_e2e_options,
     log:
         "logs/extract_e2e_features/{e2e}/fold{fold}/{slide}.log",
     threads: 2
@@ -49,9 +46,9 @@ rule extract_e2e_features:
     conda:
         "../envs/msamil.yaml"
     shell:
-        "msamil extract --slide {params.path:q} --slide-id {wildcards.slide:q} {params.mpp}"
+        "msamil extract --slide {params.path:q} --slide-id {wildcards.slide:q} {params.options}"
         " --coords {input.coords:q} --out {output:q} --encoder-checkpoint {input.checkpoint:q}"
-        " {params.runtime} --threads {threads} --no-progress 2> {log:q}"
+        " --threads {threads} --no-progress 2> {log:q}"
 
 
 rule run_k_study:
@@ -64,10 +61,8 @@ rule run_k_study:
         summary="results/e2e/{e2e}/k_study_summary.csv",
         png="results/e2e/{e2e}/k_study.png",
     params:
-        options=e2e_options,
-        study=k_study_options,
-        splits=split_options(),
-        classes=class_options(),
+        out=e2e_run_dir,
+        options=k_study_options,
     log:
         "logs/run_k_study/{e2e}.log",
     threads: 2
@@ -79,5 +74,4 @@ rule run_k_study:
         "../envs/msamil.yaml"
     shell:
         "msamil e2e --sheet {input.sheet:q} --folds {input.folds:q} --fold 0"
-        " --coords-dir results/coords --out results/e2e/{wildcards.e2e} {params.splits} {params.classes}"
-        " {params.options} {params.study} --threads {threads} --no-progress 2> {log:q}"
+        " --coords-dir results/coords --out {params.out:q} {params.options} --threads {threads} --no-progress 2> {log:q}"

@@ -11,9 +11,7 @@ rule extract_features:
         extract_outputs(),
     params:
         path=slide_path,
-        mpp=mpp_option,
-        io=extract_io_options,
-        options=encoder_options,
+        options=extract_options,
     log:
         "logs/extract_features/{encoder}/{slide}.log",
     benchmark:
@@ -27,5 +25,5 @@ rule extract_features:
     conda:
         "../envs/msamil.yaml"
     shell:
-        "msamil extract --slide {params.path:q} --slide-id {wildcards.slide:q} {params.mpp}"
-        " {params.io} {params.options} --threads {threads} --no-progress 2> {log:q}"
+        "msamil extract --slide {params.path:q} --slide-id {wildcards.slide:q} {params.options}"
+        " --threads {threads} --no-progress 2> {log:q}"

@@ -13,8 +13,10 @@ rule draw_heatmaps:
     output:
         "results/heatmaps/{experiment}/fold0/summary.csv",
     params:
+        models=experiment_dir,
         features=experiment_features,
-        top_k=config["heatmaps"]["top_k"],
+        out_dir=experiment_heatmap_dir,
+        options=CFG.heatmap_options(),
     log:
         "logs/draw_heatmaps/{experiment}.log",
     threads: 1
@@ -24,9 +26,9 @@ rule draw_heatmaps:
     conda:
         "../envs/msamil.yaml"
     shell:
-        "msamil heatmap --models results/models/{wildcards.experiment} --fold 0 --features {params.features:q}"
+        "msamil heatmap --models {params.models:q} --fold 0 --features {params.features:q}"
         " --sheet {input.sheet:q} --folds {input.folds:q} --slides-dir results/slides"
-        " --out-dir results/heatmaps/{wildcards.experiment}/fold0 --top-k {params.top_k} --threads {threads} 2> {log:q}"
+        " --out-dir {params.out_dir:q} {params.options} --threads {threads} 2> {log:q}"
 
 
 rule predict_slides:
@@ -37,9 +39,10 @@ rule predict_slides:
         csv="results/predictions/{experiment}/predictions.csv",
         json="results/predictions/{experiment}/predictions.json",
     params:
+        models=experiment_dir,
+        out=predictions_dir,
         features=experiment_features,
-        encoder=experiment_encoder_options,
-        options=predict_options(),
+        options=predict_options,
     log:
         "logs/predict_slides/{experiment}.log",
     threads: 2
@@ -50,6 +53,6 @@ rule predict_slides:
     conda:
         "../envs/msamil.yaml"
     shell:
-        "msamil predict --models results/models/{wildcards.experiment} --sheet {input.sheet:q}"
-        " --out results/predictions/{wildcards.experiment} --results results --features {params.features:q}"
-        " {params.options} {params.encoder} --threads {threads} --no-progress 2> {log:q}"
+        "msamil predict --models {params.models:q} --sheet {input.sheet:q}"
+        " --out {params.out:q} --results results --features {params.features:q}"
+        " {params.options} --threads {threads} --no-progress 2> {log:q}"

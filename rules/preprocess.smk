@@ -9,9 +9,7 @@ if DEMO:
             annotations=[workflow_path(p) for p in SLIDES["annotation"] if p],
         params:
             out_dir=demo_dir,
-            n_slides=config["demo"]["n_slides"],
-            seed=config["demo"]["seed"],
-            patch_size=config["patches"]["patch_size"],
+            options=CFG.demo_options(),
         log:
             "logs/make_demo_cohort.log",
         threads: 2
@@ -21,8 +19,7 @@ if DEMO:
         conda:
             "../envs/msamil.yaml"
         shell:
-            "msamil demo --out {params.out_dir:q} --n-slides {params.n_slides} --seed {params.seed}"
-            " --patch-size {params.patch_size} --threads {threads} 2> {log:q}"
+            "msamil demo --out {params.out_dir:q} {params.options} --threads {threads} 2> {log:q}"
 
 
 rule make_thumbnail:
@@ -33,8 +30,7 @@ rule make_thumbnail:
         meta="results/slides/{slide}/meta.json",
     params:
         path=slide_path,
-        mpp=mpp_option,
-        long_side=config["thumbnail"]["long_side"],
+        options=thumbnail_options,
     log:
         "logs/make_thumbnail/{slide}.log",
     threads: 1
@@ -44,8 +40,8 @@ rule make_thumbnail:
     conda:
         "../envs/msamil.yaml"
     shell:
-        "msamil thumbnail --slide {params.path:q} --slide-id {wildcards.slide:q} {params.mpp}"
-        " --long-side {params.long_side} --out {output.png:q} --meta {output.meta:q} 2> {log:q}"
+        "msamil thumbnail --slide {params.path:q} --slide-id {wildcards.slide:q} {params.options}"
+        " --out {output.png:q} --meta {output.meta:q} 2> {log:q}"
 
 
 rule make_tissue_mask:
@@ -54,7 +50,7 @@ rule make_tissue_mask:
     output:
         "results/slides/{slide}/tissue_mask.png",
     params:
-        options=tissue_options(),
+        options=CFG.tissue_options(),
     log:
         "logs/make_tissue_mask/{slide}.log",
     threads: 1
@@ -76,10 +72,7 @@ rule make_patch_coordinates:
         # every strategy in use: results/coords/{scale}/ (patches.strategy), coords/{strategy}/{scale}/
         coords_outputs(),
     params:
-        patch_size=config["patches"]["patch_size"],
-        min_fraction=config["patches"]["min_fraction"],
-        base_mpp=config["patches"]["base_mpp"],
-        strategies=coords_options,
+        options=coords_options,
     log:
         "logs/make_patch_coordinates/{slide}.log",
     threads: 1
@@ -89,6 +82,4 @@ rule make_patch_coordinates:
     conda:
         "../envs/msamil.yaml"
     shell:
-        "msamil coords --meta {input.meta:q} --tissue-mask {input.tissue:q} {params.strategies}"
-        " --patch-size {params.patch_size} --min-fraction {params.min_fraction} --base-mpp {params.base_mpp}"
-        " 2> {log:q}"
+        "msamil coords --meta {input.meta:q} --tissue-mask {input.tissue:q} {params.options} 2> {log:q}"

@@ -12,8 +12,7 @@ rule make_report:
         html="results/report/index.html",
         summary="results/report/summary.csv",
     params:
-        experiments=report_options(),
-        heatmaps=heatmap_report_options(),
+        options=report_options(),
     log:
         "logs/make_report.log",
     threads: 1
@@ -23,4 +22,4 @@ rule make_report:
     conda:
         "../envs/msamil.yaml"
     shell:
-        "msamil report {params.experiments} {params.heatmaps} --benchmarks benchmarks --out-dir results/report 2> {log:q}"
+        "msamil report {params.options} --benchmarks benchmarks --out-dir results/report 2> {log:q}"

@@ -13,7 +13,7 @@ rule train_segmentation:
         checkpoint="results/segmentation/checkpoint.pt",
         metrics="results/segmentation/metrics.json",
     params:
-        options=segmentation_options(),
+        options=CFG.segment_train_options(),
     log:
         "logs/train_segmentation.log",
     threads: 2

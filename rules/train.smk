@@ -8,8 +8,7 @@ rule make_splits:
         # update(): the previous folds.csv is read so patients keep their fold as slides are added
         update("results/splits/folds.csv"),
     params:
-        n_folds=config["splits"]["n_folds"],
-        seed=config["splits"]["seed"],
+        options=CFG.splits_options(),
     log:
         "logs/make_splits.log",
     threads: 1
@@ -19,8 +18,7 @@ rule make_splits:
     conda:
         "../envs/msamil.yaml"
     shell:
-        "msamil splits --sheet {input.sheet:q} --out {output:q} --previous {output:q}"
-        " --folds {params.n_folds} --seed {params.seed} 2> {log:q}"
+        "msamil splits --sheet {input.sheet:q} --out {output:q} --previous {output:q} {params.options} 2> {log:q}"
 
 
 rule train_fold:
@@ -36,9 +34,8 @@ rule train_fold:
         predictions="results/models/{experiment}/fold{fold}/predictions.csv",
     params:
         features=experiment_features,
-        experiment=experiment_json,
-        splits=split_options(),
-        classes=class_options(),
+        models=experiment_dir,
+        options=train_options,
     log:
         "logs/train_fold/{experiment}/fold{fold}.log",
     # MIL bags are small: one thread per job, and several jobs side by side, beat
@@ -52,5 +49,4 @@ rule train_fold:
         "../envs/msamil.yaml"
     shell:
         "msamil train --features {params.features:q} --sheet {input.sheet:q} --folds {input.folds:q}"
-        " --fold {wildcards.fold} --out results/models/{wildcards.experiment} {params.splits} {params.classes}"
-        " --experiment {params.experiment:q} --threads {threads} --evaluate 2> {log:q}"
+        " --fold {wildcards.fold:q} --out {params.models:q} {params.options} --threads {threads} --evaluate 2> {log:q}"
