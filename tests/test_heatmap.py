@@ -22,7 +22,8 @@ def _heatmap(exp, out, *extra) -> int:
 
 
 def test_heatmaps_of_a_slide(tiny_experiment, tmp_path):
-    from msamil_core.reporting.heatmaps import _MARGIN_RIGHT, _TITLE_H, report_section
+    from msamil_core.reporting.heatmaps import MARGIN_RIGHT, TITLE_H
+    from msamil_core.reporting.report import heatmap_links
 
     exp = tiny_experiment
     out = tmp_path / "hm"
@@ -32,7 +33,7 @@ def test_heatmaps_of_a_slide(tiny_experiment, tmp_path):
     w, h = meta["thumbnail"]["width"], meta["thumbnail"]["height"]
     for name in ("20x", "10x", "5x", "combined"):
         with Image.open(out / "s0" / f"attention_{name}.png") as img:
-            assert img.size == (w + _MARGIN_RIGHT, h + _TITLE_H) and img.mode == "RGB"
+            assert img.size == (w + MARGIN_RIGHT, h + TITLE_H) and img.mode in ("RGB", "RGBA")
     with Image.open(out / "s0" / "top_bottom.png") as img:
         assert img.width > 3 * 128 and img.height > 2 * 128
 
@@ -65,8 +66,13 @@ def test_heatmaps_of_a_slide(tiny_experiment, tmp_path):
     assert {(r["slide_id"], r["scope"]) for r in rows} == {(s, sc) for s in ("s0", "s1") for sc in lesion}
     assert rows[0]["label"] == exp["rows"][0]["label"]
 
-    html = report_section({"tiny": out}, tmp_path / "report")
-    assert "../hm/s0/attention_combined.png" in html and "inside / outside" in html
+    page = (out / "s0" / "index.html").read_text()  # the slide's page, with every image beside it
+    for name in ("attention_combined.png", "attention_20x.png", "attention_5x.png", "top_bottom.png", "attention.geojson"):
+        assert f'"{name}"' in page and (out / "s0" / name).exists()
+    assert "inside against outside" in page and info["predicted"] in page
+    (entry,) = heatmap_links({"tiny": out}, tmp_path / "report")
+    assert entry["slides"][0] == ("s0", "../hm/s0/index.html", "../hm/s0/attention_combined.png")
+    assert "inside / outside" in entry["pooled"].columns and set(entry["pooled"]["scope"]) == set(lesion)
 
 
 PATCH_20X = 64

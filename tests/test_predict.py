@@ -42,25 +42,25 @@ def write_sheet(path: Path, rows: list[dict]) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_experiment(tmp_path_factory):
-    """Four demo slides taken through the chain by `msamil_core.inference.prepare_slide`, and an
+    """Four demo slides taken through the chain by `msamil_core.pipeline.prepare_slide`, and an
     ABMIL experiment of two folds trained for two epochs on their bags."""
     from msamil_core.features.encoders import EncoderSpec, encoder_id
-    from msamil_core.inference import Preprocess, SlideFiles, prepare_slide
+    from msamil_core.pipeline import ExtractOptions, PatchSettings, SlideFiles, SlideSettings, prepare_slide
     from msamil_core.training.mil import BagDataset, TrainConfig, train_fold
 
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("tiny")
     spec = EncoderSpec("resnet18", input_size=32, seed=0)
     enc = encoder_id(spec)
-    settings = Preprocess(encoder=spec, long_side=512, patch_size=PATCH, batch_size=64, workers=0, device="cpu",
-                          progress=False)
+    settings = SlideSettings(encoder=spec, long_side=512, patches=PatchSettings(patch_size=PATCH),
+                             extract=ExtractOptions(batch_size=64, workers=0, device="cpu", progress=False))
     results, features = root / "results", root / "results" / "features" / "tiny"
     rows, bags = [], []
     for i, label in enumerate(LABELS):
         tiff, geojson = demo_slide(root / "slides", i, label)
         sid = f"s{i}"
         rows.append({"slide_id": sid, "path": str(tiff), "label": label, "patient_id": f"p{i}", "annotation": str(geojson)})
-        bags.append(prepare_slide(tiff, sid, None, settings, SlideFiles.under(results, features, sid), enc))
+        bags.append(prepare_slide(tiff, sid, None, settings, SlideFiles.under(results, sid, feature_dir=features), encoder=enc))
     sheet = write_sheet(root / "sheet.csv", rows)
     classes = sorted(set(LABELS))
     y = [classes.index(label) for label in LABELS]
@@ -78,9 +78,10 @@ def tiny_experiment(tmp_path_factory):
 
 
 def _predict(exp, out: Path, *args: str, results: Path | None = None) -> int:
-    return main(["predict", "--models", str(exp["models"]), "--out", str(out), "--results", str(results or exp["results"]),
-                 "--features", str((results / "features" / "tiny") if results else exp["features"]),
-                 *PREPROCESS, *ENCODER, *args])
+    """`msamil predict` reusing the tiny experiment's results (or another results folder)."""
+    results = results or exp["results"]
+    return main(["predict", "--models", str(exp["models"]), "--out", str(out), "--results", str(results),
+                 "--features", str(results / "features" / "tiny"), *PREPROCESS, *ENCODER, *args])
 
 
 def _files(directory: Path) -> dict[Path, float]:
@@ -95,6 +96,7 @@ def test_predict_reuses_outputs_and_ensembles_the_folds(tiny_experiment, tmp_pat
     before = _files(exp["results"])
     assert _predict(exp, tmp_path / "out", "--sheet", str(sheet)) == 0
     assert _files(exp["results"]) == before  # thumbnails, masks, coords and bags reused, none rewritten
+    assert sorted(p.name for p in _files(tmp_path / "out")) == ["predictions.csv", "predictions.json"]  # none remade
 
     report = json.loads((tmp_path / "out" / "predictions.json").read_text())
     assert report["classes"] == exp["classes"] and report["encoder"] == exp["encoder"]
@@ -121,15 +123,50 @@ def test_predict_reuses_outputs_and_ensembles_the_folds(tiny_experiment, tmp_pat
 def test_predict_runs_the_whole_chain_on_a_new_slide(tiny_experiment, tmp_path):
     exp = tiny_experiment
     tiff, _ = demo_slide(tmp_path / "slides", 7, "bland_zonal")
-    results = tmp_path / "results"
-    assert _predict(exp, tmp_path / "out", "--slide", str(tiff), "--slide-id", "new one", results=results) == 0
-    made = sorted(str(p.relative_to(results)) for p in _files(results))
-    assert made == ["coords/10x/new one.h5", "coords/20x/new one.h5", "coords/5x/new one.h5", "features/tiny/new one.pt",
-                    "slides/new one/meta.json", "slides/new one/thumbnail.png", "slides/new one/tissue_mask.png"]
-    bag = torch.load(results / "features" / "tiny" / "new one.pt", weights_only=True)
+    before = _files(exp["results"])
+    out = tmp_path / "out"
+    assert _predict(exp, out, "--slide", str(tiff), "--slide-id", "new one") == 0
+    assert _files(exp["results"]) == before  # the cohort's folders are only read
+    made = sorted(str(p.relative_to(out)) for p in _files(out))
+    assert made == ["coords/10x/new one.h5", "coords/20x/new one.h5", "coords/5x/new one.h5", "features/new one.pt",
+                    "predictions.csv", "predictions.json", "slides/new one/meta.json",
+                    "slides/new one/thumbnail.png", "slides/new one/tissue_mask.png"]
+    bag = torch.load(out / "features" / "new one.pt", weights_only=True)
     assert bag["encoder"] == exp["encoder"] and set(bag["scales"].tolist()) == {0, 1, 2}
-    report = json.loads((tmp_path / "out" / "predictions.json").read_text())
+    report = json.loads((out / "predictions.json").read_text())
     assert report["slides"][0]["slide_id"] == "new one" and len(report["slides"][0]["folds"]) == 2
+    # a rerun reuses everything it made, from its own folder
+    made_at = _files(out)
+    assert _predict(exp, out, "--slide", str(tiff), "--slide-id", "new one") == 0
+    assert {p: t for p, t in _files(out).items() if "predictions" not in p.name} == {
+        p: t for p, t in made_at.items() if "predictions" not in p.name}
+
+
+def test_another_file_under_a_cohort_slide_id_gets_its_own_features(tiny_experiment, tmp_path):
+    """The sheet names cohort slide s0 but points at another file: it gets its own thumbnail,
+    coordinates, bag and prediction (those of that file), never the cohort slide's; cohort
+    slide s1, listed with its own file, is still reused."""
+    from msamil_core.wsi.thumbnail import file_identity
+
+    exp = tiny_experiment
+    other, _ = demo_slide(tmp_path / "slides", 7, "bland_zonal")
+    sheet = write_sheet(tmp_path / "new.csv", [{"slide_id": "s0", "path": str(other)},
+                                               {"slide_id": "s1", "path": exp["rows"][1]["path"]}])
+    before = _files(exp["results"])
+    out = tmp_path / "out"
+    assert _predict(exp, out, "--sheet", str(sheet)) == 0
+    assert _files(exp["results"]) == before
+    own, cohort = (torch.load(d / "s0.pt", weights_only=True) for d in (out / "features", exp["features"]))
+    assert own["slide_digest"] == file_identity(other)["digest"] != cohort["slide_digest"]
+    assert json.loads((out / "slides" / "s0" / "meta.json").read_text())["source"]["path"] == str(other.resolve())
+    assert not (out / "features" / "s1.pt").exists() and not (out / "slides" / "s1").exists()  # s1 reused
+    # s0's prediction is that file's, as predicted under an id of its own
+    assert _predict(exp, tmp_path / "alone", "--slide", str(other), "--slide-id", "s7") == 0
+    got = json.loads((out / "predictions.json").read_text())["slides"][0]["probabilities"]
+    alone = json.loads((tmp_path / "alone" / "predictions.json").read_text())["slides"][0]["probabilities"]
+    assert got == pytest.approx(alone, abs=1e-6)
+    theirs = cohort["features"]
+    assert theirs.shape != own["features"].shape or not torch.allclose(theirs, own["features"])
 
 
 def test_encoder_mismatch_names_both_and_writes_nothing(tiny_experiment, tmp_path, capsys):
@@ -158,14 +195,15 @@ def test_encoder_mismatch_names_both_and_writes_nothing(tiny_experiment, tmp_pat
 
 def test_a_slide_that_fails_names_slide_and_checkpoint_and_leaves_nothing(tiny_experiment, blank_slide, tmp_path, capsys):
     exp = tiny_experiment
-    sheet = write_sheet(tmp_path / "new.csv", [{"slide_id": "s0", "path": exp["rows"][0]["path"]},
+    tiff, _ = demo_slide(tmp_path / "slides", 5, "bland_zonal")
+    sheet = write_sheet(tmp_path / "new.csv", [{"slide_id": "good", "path": str(tiff)},
                                                {"slide_id": "glass", "path": str(blank_slide)}])
-    results = tmp_path / "results"
-    code = _predict(exp, tmp_path / "out", "--sheet", str(sheet), results=results)
+    out = tmp_path / "out"
+    code = _predict(exp, out, "--sheet", str(sheet))
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 1 and len(err) == 1
     assert "'glass'" in err[0] and "no tissue" in err[0] and str(exp["models"] / "fold0" / "checkpoint.pt") in err[0]
-    assert not (tmp_path / "out").exists()
-    leftovers = [str(p.relative_to(results)) for p in results.rglob("*") if "glass" in p.name or p.name.startswith(".")]
+    assert not (out / "predictions.json").exists() and not (out / "predictions.csv").exists()
+    leftovers = [str(p.relative_to(out)) for p in out.rglob("*") if "glass" in p.name or p.name.startswith(".")]
     assert leftovers == []  # no file of the failed slide, no staging folder
-    assert (results / "features" / "tiny" / "s0.pt").exists()  # the good slide before it is kept
+    assert (out / "features" / "good.pt").exists()  # the good slide before it is kept, not computed twice

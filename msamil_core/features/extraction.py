@@ -28,6 +28,7 @@ from ..errors import MsamilError
 from ..runtime import autocast, resolve_device
 from ..wsi.coords import PatchTable, read_patch_table, union_table
 from ..wsi.slide import Slide, open_slide
+from ..wsi.thumbnail import file_identity
 from .bags import Bag
 from .encoders import EncoderSpec, PatchEncoder, build_encoder, encoder_id
 
@@ -197,7 +198,8 @@ def extract_bags(
     started = time.perf_counter()
     torch_device = resolve_device(device)
     with open_slide(slide_path, slide_id, mpp) as slide:  # validates the slide before any work
-        tables = [read_patch_table(paths, slide) for paths in coords_sets]
+        digest = file_identity(slide_path)["digest"]
+        tables = [read_patch_table(paths, slide, digest) for paths in coords_sets]
         slide_id, slide_mpp = slide.slide_id, slide.mpp
     union, positions = union_table(tables)
     # build_encoder seeds the random initialisation and inference draws no random numbers, so a
@@ -236,5 +238,6 @@ def extract_bags(
             slide_id=slide_id,
             encoder=encoder_id(spec),
             patches_encoded=len(union) if len(tables) > 1 else None,
+            slide_digest=digest,
         ))  # fmt: skip
     return bags

@@ -32,11 +32,12 @@ def pyplot():
     return plt
 
 
-def save_figure(fig, path: str | os.PathLike, **kwargs) -> None:
-    """Write a figure as PNG atomically and close it."""
+def save_figure(fig, path: str | os.PathLike, dpi: int = DPI, compress_level: int = 6) -> None:
+    """Write a figure as PNG atomically and close it (``compress_level`` 1 for photos such as
+    thumbnails, which compress little and slowly)."""
     plt = pyplot()
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=kwargs.pop("dpi", DPI), pil_kwargs={"compress_level": 6}, **kwargs)
+        fig.savefig(tmp, format="png", dpi=dpi, pil_kwargs={"compress_level": compress_level})
     plt.close(fig)
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from functools import lru_cache
 from pathlib import Path
 
 import pandas as pd
@@ -23,26 +22,7 @@ from ..errors import MsamilError
 from ..fileio import atomic_path, torch_load
 from ..training.metrics import summarize
 from . import tables
-
-TEMPLATES = Path(__file__).parent / "templates"
-
-
-@lru_cache(maxsize=None)
-def _environment():
-    import jinja2
-    from markupsafe import Markup
-
-    env = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES), autoescape=True, trim_blocks=True,
-                             lstrip_blocks=True, undefined=jinja2.StrictUndefined)
-    env.filters["table"] = lambda df: Markup(df.to_html(index=False, escape=True, border=0, classes="t", na_rep="n/a"))
-    env.globals["zip"] = zip
-    return env
-
-
-def render(template: str, **context) -> str:
-    """A page from one of the templates in ``templates/`` (values are HTML-escaped)."""
-    return _environment().get_template(template).render(**context)
-
+from .pages import render
 
 def load_experiment(directory: str | os.PathLike) -> tuple[dict[int, dict], dict]:
     """Per-fold metrics ``{fold: metrics}`` and the experiment's config (from fold 0's checkpoint)."""

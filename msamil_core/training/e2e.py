@@ -538,7 +538,7 @@ def write_k_study(out_dir: str | os.PathLike, rows: list[dict], ends: list[dict]
     step per K, smoothed over a window of a tenth of the steps) in ``out_dir``."""
     import pandas as pd
 
-    from .plots import plot_curves
+    from ..reporting.plots import plot_curves
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

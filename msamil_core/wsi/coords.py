@@ -178,12 +178,14 @@ class PatchTable:
         return scale_counts(self.scales)
 
 
-def read_patch_table(coords_paths: list[str | os.PathLike], slide: "Slide | None" = None) -> PatchTable:
+def read_patch_table(coords_paths: list[str | os.PathLike], slide: "Slide | None" = None,
+                     digest: str | None = None) -> PatchTable:
     """Read one slide's coordinates files (one per scale) into a :class:`PatchTable`.
 
     Each file's scale comes from its ``target_magnification`` attribute (20, 10 or 5) and its
     patch extent from ``patch_size_level0``. With ``slide`` given, files that record another
-    slide size (``level0_width``/``level0_height``) are refused: they belong to another slide.
+    slide size (``level0_width``/``level0_height``) are refused, and with ``digest`` (the slide
+    file's) files whose ``slide_digest`` differs: they belong to another slide.
     """
     by_scale: dict[int, tuple[Path, np.ndarray, int]] = {}
     for path in map(Path, coords_paths):
@@ -205,6 +207,12 @@ def read_patch_table(coords_paths: list[str | os.PathLike], slide: "Slide | None
             )
         if slide is not None:
             _check_same_slide(path, attrs, slide)
+        if digest and attrs.get("slide_digest") not in (None, digest):
+            raise MsamilError(
+                f"{path}: these coordinates were made from another slide file than {getattr(slide, 'path', 'this one')} "
+                "(their slide_digest differs): the slide was replaced or the sheet points elsewhere; rerun "
+                "`msamil thumbnail` and the steps after it for this slide"
+            )
         by_scale[scale] = (path, coords, int(attrs["patch_size_level0"]))
     coords, scales, sizes = [np.zeros((0, 2), np.int64)], [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
     for scale in sorted(by_scale):  # 20x, 10x, 5x, whatever the argument order
