@@ -63,3 +63,84 @@ def test_conda_env_pip_installs_this_checkout(tmp_path):
     assert installs[0]["download_info"]["url"] == REPO.as_uri()
     # and the Snakefile sets the variable to its own folder
     assert "os.environ.update(MSAMIL_SOURCE=workflow.basedir)" in (REPO / "Snakefile").read_text()
+
+
+# ----------------------------------------------------------------------------- package structure
+
+
+def _imports() -> dict[str, list[tuple[str, str]]]:
+    """Module -> (imported msamil_core module, name or "") of every import in msamil_core, at
+    module level and inside functions alike."""
+    import ast
+
+    package = REPO / "msamil_core"
+    modules = {}
+    for path in package.rglob("*.py"):
+        parts = list(path.relative_to(REPO).with_suffix("").parts)
+        is_package = parts[-1] == "__init__"
+        name = ".".join(parts[:-1] if is_package else parts)
+        modules[name] = (path, is_package)
+    found = {}
+    for name, (path, is_package) in modules.items():
+        edges = []
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                edges += [(a.name, "") for a in node.names if a.name.startswith("msamil_core")]
+            elif isinstance(node, ast.ImportFrom):
+                if node.level:
+                    base = name.split(".") if is_package else name.split(".")[:-1]
+                    base = base[: len(base) - (node.level - 1)]
+                    target = ".".join(base + ([node.module] if node.module else []))
+                else:
+                    target = node.module or ""
+                if not target.startswith("msamil_core"):
+                    continue
+                for alias in node.names:
+                    submodule = f"{target}.{alias.name}"
+                    edges.append((submodule, "") if submodule in modules else (target, alias.name))
+        found[name] = edges
+    return found
+
+
+def test_no_module_imports_another_modules_private_names():
+    offenders = [f"{module} imports {name} from {target}" for module, edges in _imports().items()
+                 for target, name in edges if name.startswith("_") and not name.startswith("__") and target != module]
+    assert offenders == []
+
+
+def test_no_import_cycles():
+    graph = {module: {target for target, _ in edges if target != module} for module, edges in _imports().items()}
+    index, low, on_stack, stack, cycles, counter = {}, {}, set(), [], [], [0]
+
+    def visit(v):  # Tarjan's strongly connected components
+        index[v] = low[v] = counter[0]
+        counter[0] += 1
+        stack.append(v)
+        on_stack.add(v)
+        for w in graph.get(v, ()):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                cycles.append(sorted(component))
+
+    for module in graph:
+        if module not in index:
+            visit(module)
+    assert cycles == []
+
+
+def test_commands_import_no_other_command():
+    commands = {m for m in _imports() if m.startswith("msamil_core.cli.") and m != "msamil_core.cli.options"}
+    offenders = [f"{m} imports {t}" for m in commands for t, _ in _imports()[m] if t in commands and t != m]
+    assert offenders == []

@@ -31,12 +31,30 @@ from __future__ import annotations
 
 import argparse
 
-from .options import add_encoder_arguments, add_fold_arguments, encoder_spec, fold_indices, json_option, load_folds, read_options
+from .options import (add_config_arguments, add_encoder_arguments, add_fold_arguments, config_flags, encoder_spec,
+                      fold_indices, json_option, load_folds, read_options)
 
 HELP = "slides + coords + folds -> e2e/<name>/fold<k>/checkpoint.pt (tuned encoder + MIL model)"
 
 
+TRAINING_OPTIONS = {
+    "model": "registered MIL model (`msamil list-models`)",
+    "scales": "scales patches are sampled from",
+    "k": "patches sampled per slide and step (paper: 200)",
+    "epochs": "epochs",
+    "lr": "MIL model's peak learning rate",
+    "encoder_lr": "encoder's peak learning rate",
+    "min_lr": "the MIL model's floor learning rate (the encoder's is scaled by encoder_lr / lr)",
+    "grad_accum": "slides per optimizer step",
+    "balance": "class balance by loss weights or sampling",
+    "patience": "stop after this many epochs without a lower validation loss (0 = never)",
+    "chunk_size": "patches per encoder forward",
+    "workers": "reader processes reading the next slides' patches",
+}
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from ..training.e2e import E2EConfig
     from ..training.mil import BALANCE_CHOICES
 
     data = parser.add_argument_group("slides and folds")
@@ -44,32 +62,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--coords-dir", required=True,
                       help="folder with <scale>/<slide_id>.h5 coordinates (the workflow's results/coords)")
     data.add_argument("--out", required=True, help="e2e run directory: fold<k>/ (or the K study) is written inside")
-
     add_encoder_arguments(parser)
-
     tr = parser.add_argument_group("training (flags override --options)")
     tr.add_argument("--options", help="JSON/YAML file or inline JSON with e2e options (the config's `e2e` entry keys)")
-    tr.add_argument("--model", help="registered MIL model (`msamil list-models`; default msamil.base)")
     tr.add_argument("--model-args", help="JSON of MIL model options")
-    tr.add_argument("--scales", nargs="+", help="scales patches are sampled from (default: 20x 10x 5x)")
-    tr.add_argument("--k", type=int, help="patches sampled per slide and step (default 200, the paper's)")
-    tr.add_argument("--epochs", type=int, help="epochs (default 10)")
-    tr.add_argument("--lr", type=float, help="MIL model's peak learning rate (default 1e-4)")
-    tr.add_argument("--encoder-lr", type=float, help="encoder's peak learning rate (default 1e-5)")
-    tr.add_argument("--grad-accum", type=int, help="slides per optimizer step (default 1)")
-    tr.add_argument("--balance", choices=BALANCE_CHOICES, help="class balance by loss weights or sampling")
-    tr.add_argument("--patience", type=int, help="stop after this many epochs without a lower validation loss (0 = never)")
+    add_config_arguments(tr, E2EConfig, TRAINING_OPTIONS, defaults=False, choices={"balance": BALANCE_CHOICES})
     tr.add_argument("--train-seed", type=int,
                     help="seed of the MIL model, the patch sampling and the slide order (--seed seeds the encoder)")
-    tr.add_argument("--chunk-size", type=int, help="patches per encoder forward (default 16)")
     tr.add_argument("--no-checkpointing", action="store_true",
                     help="keep the encoder's activations instead of recomputing them (more memory, less time)")
-    tr.add_argument("--workers", type=int, help="reader processes reading the next slides' patches (default 0)")
-
     ks = parser.add_argument_group("K study")
     ks.add_argument("--k-study", type=int, nargs="+", metavar="K", help="run the K study with these K instead of training")
     ks.add_argument("--k-study-steps", type=int, default=60, help="optimizer steps per K (default 60)")
-
     rt = parser.add_argument_group("runtime")
     rt.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
     rt.add_argument("--threads", type=int, help="torch CPU threads")
@@ -79,11 +83,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def e2e_options(args: argparse.Namespace) -> dict:
     """--options, then explicit flags on top."""
     options = read_options(args.options, "--options") if args.options else {}
-    flags = {"model": args.model, "scales": args.scales, "k": args.k, "epochs": args.epochs, "lr": args.lr,
-             "encoder_lr": args.encoder_lr, "grad_accum": args.grad_accum, "balance": args.balance,
-             "patience": args.patience, "seed": args.train_seed, "chunk_size": args.chunk_size,
-             "workers": args.workers, "model_args": json_option(args.model_args, "--model-args"),
-             "task": json_option(args.task, "--task")}
+    flags = {**config_flags(args, TRAINING_OPTIONS), "seed": args.train_seed,
+             "model_args": json_option(args.model_args, "--model-args"), "task": json_option(args.task, "--task")}
     options.update({k: v for k, v in flags.items() if v is not None})
     if args.no_checkpointing:
         options["checkpointing"] = False

@@ -14,6 +14,29 @@ from pathlib import Path
 from ..errors import MsamilError
 
 
+def add_config_arguments(group, cls, helps: dict[str, str], defaults: bool = True,
+                         choices: dict[str, tuple] | None = None) -> None:
+    """One ``--field-name`` option per field of the config dataclass ``cls`` named in ``helps``,
+    typed like the field's default. With ``defaults`` the option defaults to the field's default
+    (shown in the help); without, to None, so that it only overrides options read elsewhere
+    (``--experiment``, ``--options``)."""
+    default = cls()
+    for name, text in helps.items():
+        value = getattr(default, name)
+        kwargs = {"choices": (choices or {}).get(name), "default": value if defaults else None,
+                  "help": f"{text} (default {value})"}
+        if isinstance(value, list):
+            kwargs.update(nargs="+", type=type(value[0]) if value else str)
+        elif value is not None:
+            kwargs["type"] = type(value)
+        group.add_argument(f"--{name.replace('_', '-')}", **kwargs)
+
+
+def config_flags(args: argparse.Namespace, helps: dict[str, str]) -> dict:
+    """The options of :func:`add_config_arguments` (without defaults) that were given."""
+    return {name: getattr(args, name) for name in helps if getattr(args, name) is not None}
+
+
 def add_slide_arguments(parser: argparse.ArgumentParser) -> None:
     """--slide, --slide-id and --mpp: the slide a command opens."""
     parser.add_argument("--slide", required=True, help="slide file (anything OpenSlide opens)")

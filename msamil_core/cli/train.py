@@ -18,52 +18,55 @@ from __future__ import annotations
 
 import argparse
 
-from .options import add_fold_arguments, fold_indices, json_option, load_folds, read_options
+from .options import add_config_arguments, add_fold_arguments, config_flags, fold_indices, json_option, load_folds, read_options
 
 HELP = "feature bags + sheet + folds -> models/<experiment>/fold<k>/checkpoint.pt"
 
 
+TRAINING_OPTIONS = {
+    "model": "registered MIL model (see `msamil list-models`)",
+    "scales": "scales whose instances are used",
+    "epochs": "epochs",
+    "lr": "peak learning rate (AdamW)",
+    "min_lr": "learning rate at the end of the cosine decay",
+    "weight_decay": "AdamW weight decay",
+    "warmup_epochs": "linear warm-up",
+    "grad_accum": "bags per optimizer step (per process under torchrun)",
+    "grad_clip": "max gradient norm; 0 = off",
+    "max_instances": "random subsample of larger bags in training (0 = all)",
+    "balance": "class balance by loss weights or sampling",
+    "patience": "early stopping patience in epochs (0 = off)",
+    "monitor": "the validation metric that picks the best epoch",
+    "seed": "seed of the model, the bag order and the subsampling",
+    "init_from": "our checkpoint or MIL-Lab/FEATHER weights to start from (transfer)",
+    "freeze": "train everything, or the classifier only",
+    "workers": "DataLoader workers loading bags",
+}
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from ..training.mil import BALANCE_CHOICES, FREEZE_CHOICES, MONITOR_CHOICES
+    from ..training.mil import BALANCE_CHOICES, FREEZE_CHOICES, MONITOR_CHOICES, TrainConfig
 
     parser.add_argument("--features", required=True, help="directory of feature bags (<slide_id>.pt or .h5)")
     add_fold_arguments(parser)
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
     parser.add_argument("--out", required=True, help="experiment directory: fold<k>/ is written inside")
-    parser.add_argument("--experiment", help="JSON/YAML file or inline JSON with experiment options")
-    parser.add_argument("--model", help="registered MIL model (see `msamil list-models`; default abmil.base)")
-    parser.add_argument("--model-args", help="JSON of model options, e.g. '{\"dropout\": 0.25}'")
-    parser.add_argument("--scales", nargs="+", help="scales whose instances are used (default: 20x 10x 5x)")
-    parser.add_argument("--epochs", type=int)
-    parser.add_argument("--lr", type=float, help="peak learning rate (AdamW)")
-    parser.add_argument("--weight-decay", type=float)
-    parser.add_argument("--warmup-epochs", type=float)
-    parser.add_argument("--grad-accum", type=int, help="bags per optimizer step (per process under torchrun)")
-    parser.add_argument("--max-instances", type=int, help="random subsample of larger bags in training (0 = all)")
-    parser.add_argument("--balance", choices=BALANCE_CHOICES, help="class balance by loss weights or sampling")
-    parser.add_argument("--patience", type=int, help="early stopping patience in epochs (0 = off)")
-    parser.add_argument("--monitor", choices=MONITOR_CHOICES)
-    parser.add_argument("--seed", type=int)
-    parser.add_argument("--init-from", help="our checkpoint or MIL-Lab/FEATHER weights to start from (transfer)")
-    parser.add_argument("--freeze", choices=FREEZE_CHOICES)
-    parser.add_argument("--workers", type=int, help="DataLoader workers loading bags")
     parser.add_argument("--threads", type=int, help="torch CPU threads")
     parser.add_argument("--evaluate", action="store_true",
                         help="then run each fold's best checkpoint on its test part: predictions.csv and metrics.json, "
                         "as `msamil evaluate` writes them (the workflow does this, sparing a process per fold)")
+    group = parser.add_argument_group("training (flags override --experiment)")
+    group.add_argument("--experiment", help="JSON/YAML file or inline JSON with experiment options")
+    group.add_argument("--model-args", help="JSON of model options, e.g. '{\"dropout\": 0.25}'")
+    add_config_arguments(group, TrainConfig, TRAINING_OPTIONS, defaults=False,
+                         choices={"balance": BALANCE_CHOICES, "freeze": FREEZE_CHOICES, "monitor": MONITOR_CHOICES})
 
 
 def experiment_options(args: argparse.Namespace) -> dict:
     """The experiment dict: --experiment, then explicit flags on top."""
     options = read_options(args.experiment) if args.experiment else {}
-    flags = {
-        "model": args.model, "scales": args.scales, "epochs": args.epochs, "lr": args.lr,
-        "weight_decay": args.weight_decay, "warmup_epochs": args.warmup_epochs, "grad_accum": args.grad_accum,
-        "max_instances": args.max_instances, "balance": args.balance, "patience": args.patience,
-        "monitor": args.monitor, "seed": args.seed, "init_from": args.init_from, "freeze": args.freeze,
-        "workers": args.workers, "model_args": json_option(args.model_args, "--model-args"),
-        "task": json_option(args.task, "--task"),
-    }
+    flags = {**config_flags(args, TRAINING_OPTIONS), "model_args": json_option(args.model_args, "--model-args"),
+             "task": json_option(args.task, "--task")}
     options.update({k: v for k, v in flags.items() if v is not None})
     return options
 

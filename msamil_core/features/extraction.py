@@ -152,15 +152,6 @@ def encode_patches(
     return out
 
 
-def extract_bag(slide_path: str | os.PathLike, coords_paths: list[str | os.PathLike], spec: EncoderSpec,
-                **options) -> Bag:
-    """Encode all patches of one slide (up to one coordinates file per scale) into a :class:`Bag`.
-
-    The options are those of :func:`extract_bags`, which this calls with one patch set.
-    """
-    return extract_bags(slide_path, [coords_paths], spec, **options)[0]
-
-
 def extract_bags(
     slide_path: str | os.PathLike,
     coords_sets: list[list[str | os.PathLike]],

@@ -190,19 +190,6 @@ def load_segmentation_checkpoint(path: str | os.PathLike, device: str = "cpu") -
     return model.to(device).eval(), ckpt
 
 
-def segment_thumbnail(
-    model: torch.nn.Module,
-    ckpt: dict,
-    rgb: np.ndarray,
-    tissue: np.ndarray | None,
-    post: PostProcess,
-    device: str = "cpu",
-) -> tuple[np.ndarray, np.ndarray]:
-    """(lesion mask bool [h, w], probability float32 [h, w]) of one thumbnail with a loaded checkpoint."""
-    prob = thumbnail_probabilities(model, ckpt, rgb, device)
-    return postprocess(prob, tissue, post), prob
-
-
 def thumbnail_probabilities(model: torch.nn.Module, ckpt: dict, rgb: np.ndarray, device: str = "cpu") -> np.ndarray:
     """Lesion probability float32 [h, w] of one thumbnail with a loaded checkpoint."""
     multiple = 2 ** int(ckpt["model_args"].get("encoder_depth", 5))

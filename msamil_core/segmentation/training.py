@@ -1,31 +1,19 @@
-"""Training the UNet++ lesion segmenter on annotated thumbnails (MsaMIL-Net's semantic feature filtering).
+"""Training the UNet++ lesion segmenter on annotated thumbnails (MsaMIL-Net's semantic feature
+filtering, sec. 3.1), on :mod:`msamil_core.training.engine`.
 
-MsaMIL-Net (sec. 3.1) segments lesions on a 1024-px rendering of the whole slide with UNet++ and
-then tiles only the lesion areas. Here the network sees the thumbnail resized so that its long
-side is ``input_size`` px (aspect kept, padded with white to a multiple of 2 ** encoder_depth,
-32 by default); its lesion probabilities are upsampled back to thumbnail size, thresholded,
-restricted to the tissue mask and cleaned of specks (:func:`postprocess`), so the lesion mask is a
-thumbnail-size PNG like the tissue mask. The defaults (ResNet-18 encoder, ``input_size`` 256,
-training on 128-px crops) take about 5-6 s per epoch for 19 training slides on 2 CPU cores; on a
-GPU ``input_size`` 1024 matches the paper.
+Only annotated slides are used. Targets are the annotation (:mod:`msamil_core.wsi.annotations`)
+intersected with the tissue mask, at network scale (:mod:`.model`) as soft (area-fraction) targets.
+Patients, not slides, are split into training, validation (best epoch) and hold-out (never trained
+on or selected on; its IoU is the honest estimate). Per batch: random flips and 90-degree
+rotations, hue/saturation/brightness/contrast jitter, optionally a random square crop. Loss:
+BCE + soft Dice over the image (padding excluded). The defaults (ResNet-18 encoder,
+``input_size`` 256, training on 128-px crops) take about 5-6 s per epoch for 19 training slides
+on 2 CPU cores; on a GPU ``input_size`` 1024 matches the paper.
 
-Training (:func:`train_segmentation`) uses only annotated slides. Targets are the annotation
-(:mod:`msamil_core.annotations`) intersected with the tissue mask, at network scale as soft
-(area-fraction) targets. Patients, not slides, are split into training, validation (best epoch)
-and hold-out (never trained on or selected on; its IoU is the honest estimate). Per batch:
-random flips and 90-degree rotations, hue/saturation/brightness/contrast jitter, optionally a
-random square crop. Loss: BCE + soft Dice over the image (padding excluded). AdamW with linear
-warm-up and cosine decay, gradient clipping, fixed seeds.
-
-IoU is per slide at thumbnail resolution after :func:`postprocess` (what ``msamil segment``
-writes), averaged over slides; a slide with neither predicted nor annotated lesion scores 1.
-
-The checkpoint is a plain dict (``torch.load(path, weights_only=True)``) that rebuilds the model:
-``arch``, ``encoder``, ``model_args``, ``input_size``, ``normalization``, ``postprocess``,
-``state_dict``, ``epoch``, ``val_iou``, ``holdout_iou``, ``metrics``, ``splits``, ``config``.
-Nothing is downloaded: the encoder starts from random weights or from a local state-dict file.
+IoU is per slide at thumbnail resolution after :func:`~.postprocess.postprocess` (what ``msamil
+segment`` writes), averaged over slides; a slide with neither predicted nor annotated lesion
+scores 1. The checkpoint's layout is in :mod:`.model`.
 """
-
 
 from __future__ import annotations
 
@@ -87,24 +75,12 @@ class SegmentationConfig:
         self.decoder_channels = [int(c) for c in self.decoder_channels]
         checks = [
             (self.input_size >= 32, f"input_size must be at least 32 px, got {self.input_size}"),
-            (
-                self.crop_size == 0 or self.crop_size >= 32,
-                f"crop_size must be 0 (off) or at least 32 px, got {self.crop_size}",
-            ),
+            (self.crop_size == 0 or self.crop_size >= 32, f"crop_size must be 0 (off) or at least 32 px, got {self.crop_size}"),
             (self.epochs >= 1 and self.batch_size >= 1, "epochs and batch_size must be at least 1"),
             (1 <= self.encoder_depth <= 5, f"encoder_depth must be 1..5, got {self.encoder_depth}"),
-            (
-                len(self.decoder_channels) == self.encoder_depth,
-                "decoder_channels needs one entry per encoder_depth level",
-            ),
-            (
-                0 <= self.holdout_fraction < 1 and 0 <= self.val_fraction < 1,
-                "holdout_fraction and val_fraction must be in [0, 1)",
-            ),
-            (
-                self.holdout_fraction + self.val_fraction < 1,
-                "holdout_fraction + val_fraction must leave patients to train on",
-            ),
+            (len(self.decoder_channels) == self.encoder_depth, "decoder_channels needs one entry per encoder_depth level"),
+            (0 <= self.holdout_fraction < 1 and 0 <= self.val_fraction < 1, "holdout_fraction and val_fraction must be in [0, 1)"),
+            (self.holdout_fraction + self.val_fraction < 1, "holdout_fraction + val_fraction must leave patients to train on"),
             (self.lr > 0 and self.min_lr >= 0, "lr must be positive and min_lr non-negative"),
         ]
         for ok, message in checks:

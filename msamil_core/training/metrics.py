@@ -51,12 +51,6 @@ def _check_inputs(y_true: Any, probs: Any, classes: Sequence[str]) -> tuple[np.n
     return y.astype(np.int64), p
 
 
-def _number(x: float) -> float | None:
-    """A JSON-ready float: NaN becomes None."""
-    x = float(x)
-    return None if math.isnan(x) else x
-
-
 def roc(positive: np.ndarray, score: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
     """ROC curve and its area for one class against the rest.
 

@@ -166,7 +166,7 @@ class BagDataset(torch.utils.data.Dataset):
             rng = np.random.default_rng([self.seed, self.epoch, i, 2])
             idx = torch.from_numpy(np.sort(rng.permutation(len(feats))[: self.max_instances]))
             feats, coords, scales = feats[idx], coords[idx], scales[idx]
-        feats = feats.float()
+        feats = feats.to(torch.get_default_dtype())  # float32 unless a caller (a float64 test) says otherwise
         if self.norm is not None:
             feats = (feats - self.norm["mean"]) / self.norm["std"]
         return BagItem(self.slide_ids[i], feats, coords, scales, self.labels[i])
