@@ -1,10 +1,10 @@
 """Does the demo cohort need more than 20x? Linear probes on random-CNN features per scale.
 
 For every slide of the demo cohort (generated first if ``--data`` has no sheet) this reads the
-lesion patches of each scale exactly as the pipeline does (``msamil_core.coords.make_grids`` on
-the GeoJSON lesion mask at thumbnail size from ``msamil_core.annotations.annotation_mask``,
+lesion patches of each scale exactly as the pipeline does (``msamil_core.wsi.coords.make_grids`` on
+the GeoJSON lesion mask at thumbnail size from ``msamil_core.wsi.annotations.annotation_mask``,
 0.7 minimum fraction; ``Slide.read_patch`` to
-``--input-size`` px), embeds them with a randomly initialised timm CNN (``msamil_core.encoders``,
+``--input-size`` px), embeds them with a randomly initialised timm CNN (``msamil_core.features.encoders``,
 fixed seed, global pooling) and pools them per slide and scale (mean, std, max). A standardised
 multinomial logistic regression is then cross-validated (stratified, grouped by patient, repeated
 with reshuffled folds) on several feature sets, and the script prints per feature set:
@@ -32,11 +32,12 @@ import numpy as np
 import pandas as pd
 import torch
 
-from msamil_core.annotations import annotation_mask
-from msamil_core.coords import make_grids
-from msamil_core.demo import ARCHITECTURES, CLASSES, CYTOLOGIES, generate_cohort
-from msamil_core.encoders import EncoderSpec, build_encoder
-from msamil_core.slide import SCALES, open_slide
+from msamil_core.cohort.demo import ARCHITECTURES, CLASSES, CYTOLOGIES, generate_cohort
+from msamil_core.features.encoders import EncoderSpec, build_encoder
+from msamil_core.wsi.annotations import annotation_mask
+from msamil_core.wsi.coords import make_grids
+from msamil_core.wsi.geometry import SCALES
+from msamil_core.wsi.slide import open_slide
 
 THUMBNAIL_LONG_SIDE = 1024  # px, as the pipeline's thumbnail step
 MIN_FRACTION = 0.7

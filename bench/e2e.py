@@ -38,8 +38,8 @@ def run_case(args, k: int, checkpointing: bool) -> dict:
     import torch
     import torch.nn.functional as F
 
-    from msamil_core.e2e import E2EConfig, SlidePatches, _optimizer, build_joint_model, slide_forward
-    from msamil_core.encoders import EncoderSpec
+    from msamil_core.features.encoders import EncoderSpec
+    from msamil_core.training.e2e import E2EConfig, SlidePatches, build_joint_model, slide_forward
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -48,7 +48,8 @@ def run_case(args, k: int, checkpointing: bool) -> dict:
     spec = EncoderSpec(args.encoder, input_size=args.input_size, kwargs=kwargs)
     cfg = E2EConfig(model="msamil.base", k=k, checkpointing=checkpointing, chunk_size=args.chunk_size)
     model = build_joint_model(cfg, spec, num_classes=2).to(device).train()
-    optimizer = _optimizer(model, cfg)
+    optimizer = torch.optim.AdamW([{"params": model.encoder.parameters(), "lr": cfg.encoder_lr},
+                                   {"params": model.mil.parameters(), "lr": cfg.lr}], weight_decay=cfg.weight_decay)
     g = torch.Generator().manual_seed(0)
     item = SlidePatches("bench", torch.randint(0, 256, (k, args.input_size, args.input_size, 3), dtype=torch.uint8,
                                                generator=g),

@@ -1,11 +1,11 @@
 """Feature-extraction speed on this machine: does patch reading hide behind the model?
 
 Prints, for one real multi-level slide and its 20x/10x/5x coordinates (made by
-``msamil_core.coords``):
+``msamil_core.wsi.coords``):
 
 * reader only: read + decode + resize, patches/s, through the DataLoader workers;
 * model only: forward passes over the same batches already in memory, patches/s;
-* whole pipeline (``msamil_core.extract.encode_patches``: workers read while the model runs),
+* whole pipeline (``msamil_core.features.extraction.encode_patches``: workers read while the model runs),
   patches/s, and its ratio to model only (goal >= 0.8: reading costs the model little);
 * model-only images/s of efficientnet_b3 at 224 and 512 px and of msfem at 512 and a small size;
 * peak resident memory (ru_maxrss) of this process and of the reader processes.
@@ -25,17 +25,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from msamil_core.coords import make_grids
-from msamil_core.encoders import EncoderSpec, build_encoder
-from msamil_core.extract import (
-    PatchDataset,
-    PatchTable,
-    encode_patches,
-    make_loader,
-    prepare_encoder,
-    to_model_input,
-)
-from msamil_core.slide import Slide, open_slide
+from msamil_core.features.encoders import EncoderSpec, build_encoder
+from msamil_core.features.extraction import PatchDataset, encode_patches, make_loader, prepare_encoder, to_model_input
+from msamil_core.wsi.coords import PatchTable, make_grids
+from msamil_core.wsi.slide import Slide, open_slide
 
 DEFAULT_SLIDE = Path(__file__).resolve().parents[2] / "shared" / "data" / "slides" / "test3-DAPI-2-(387).ndpi"
 

@@ -31,12 +31,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from msamil_core.slide import MAGNIFICATIONS, open_slide, patch_size_level0
+from msamil_core.wsi.geometry import MAGNIFICATIONS, patch_size_level0
+from msamil_core.wsi.slide import open_slide
 
 
 def demo_slide(out_dir: Path) -> Path:
     """The first slide of the demo cohort, generated into ``out_dir``."""
-    from msamil_core.demo import cohort_table, generate_cohort
+    from msamil_core.cohort.demo import cohort_table, generate_cohort
 
     first = cohort_table(n_slides=30, seed=0).iloc[0]["slide_id"]
     table = generate_cohort(out_dir, n_slides=30, seed=0, slide_ids=[first])

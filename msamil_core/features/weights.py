@@ -26,8 +26,10 @@ log = logging.getLogger(__name__)
 # An e2e checkpoint (msamil_core.training.e2e) holds the tuned encoder under encoder_state_dict
 # beside the MIL model's state_dict, so that key is looked at first.
 _STATE_DICT_KEYS = ("encoder_state_dict", "state_dict", "model_state_dict", "model", "teacher", "student", "module")
-# Prefixes a whole state dict may carry: DDP, our PatchEncoder wrapper, SSL frameworks.
-_STRIP_PREFIXES = ("module.", "model.", "backbone.", "encoder.", "trunk.", "_orig_mod.")
+# Prefixes of a state dict's keys: DDP, our PatchEncoder wrapper, SSL frameworks, whole
+# segmentation models (encoder + decoder).
+_STRIP_PREFIXES = ("module.", "model.", "backbone.", "encoder.", "trunk.", "_orig_mod.", "module.encoder.",
+                   "model.encoder.")
 
 
 def read_state_dict(path: str | os.PathLike, what: str = "encoder weights") -> dict[str, torch.Tensor]:
@@ -68,7 +70,7 @@ def _classifier_prefixes(model: nn.Module) -> tuple[str, ...]:
     cfg = getattr(model, "pretrained_cfg", None) or {}
     names = cfg.get("classifier") or ()
     names = (names,) if isinstance(names, str) else tuple(names)
-    return tuple(f"{n}." for n in names) + ("head.", "fc.", "classifier.", "head_dist.")
+    return tuple(f"{n}." for n in names) + ("head.", "fc.", "classifier.", "head_dist.", "_fc.", "last_linear.")
 
 
 def _match(model: nn.Module, state: dict[str, torch.Tensor]) -> tuple[list[str], list[str], list[str]]:
@@ -88,10 +90,13 @@ def _adapt(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.
     """Best fit of a foreign state dict: strip a shared prefix, drop the classifier, let timm
     convert original formats (e.g. resample a ViT position embedding to the input size)."""
     target = set(model.state_dict())
-    candidates = [state]
+    # as is, with timm-universal's "model." prefix (segmentation_models_pytorch tu- encoders), or
+    # the keys under one prefix, stripped
+    candidates = [state, {f"model.{k}": v for k, v in state.items()}]
     for prefix in _STRIP_PREFIXES:
-        if all(k.startswith(prefix) for k in state):
-            candidates.append({k[len(prefix) :]: v for k, v in state.items()})
+        inner = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+        if inner:
+            candidates.append(inner)
     state = max(candidates, key=lambda s: len(target.intersection(s)))
     heads = _classifier_prefixes(model)
     state = {k: v for k, v in state.items() if k in target or not k.startswith(heads)}

@@ -83,51 +83,12 @@ def build_model(
     return model
 
 
-# Prefixes a whole-model or wrapped state dict puts before the encoder's own keys.
-_ENCODER_PREFIXES = ("encoder.", "module.encoder.", "model.encoder.", "module.", "backbone.")
-# Classifier heads of ImageNet checkpoints that a segmentation encoder does not have.
-_HEAD_PREFIXES = (
-    "fc.",
-    "_fc.",
-    "classifier.",
-    "head.",
-    "last_linear.",
-    "model.fc.",
-    "model.classifier.",
-    "model.head.",
-)
-
-
 def load_encoder_weights(model: torch.nn.Module, path: str | os.PathLike, encoder: str) -> None:
-    """Load a local state dict into ``model.encoder`` strictly (classifier heads aside)."""
-    from ..features.weights import read_state_dict
+    """Load a local state dict into ``model.encoder`` strictly, classifier heads aside (a
+    torchvision, timm or segmentation_models_pytorch encoder's, or a whole smp model's)."""
+    from ..features.weights import load_weights
 
-    what = f"segmentation encoder {encoder}"
-    state = read_state_dict(path, f"{what} weights")
-    target = model.encoder.state_dict()
-    # Candidates: as is, minus a wrapper prefix, or plus timm-universal's "model." prefix.
-    candidates = [state]
-    for prefix in _ENCODER_PREFIXES:
-        if any(k.startswith(prefix) for k in state):
-            candidates.append({k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)})
-    candidates.append({f"model.{k}": v for k, v in state.items()})
-    best = max(candidates, key=lambda s: len(set(s) & set(target)))
-    best = {k: v for k, v in best.items() if k in target or not k.startswith(_HEAD_PREFIXES)}
-    missing = [k for k in target if k not in best and not k.endswith("num_batches_tracked")]
-    unexpected = [k for k in best if k not in target]
-    shapes = [k for k in best if k in target and best[k].shape != target[k].shape]
-    if missing or unexpected or shapes:
-        parts = [
-            f"{len(keys)} keys {label} (e.g. {', '.join(keys[:2])})"
-            for label, keys in (("missing", missing), ("unexpected", unexpected), ("of another shape", shapes))
-            if keys
-        ]
-        raise MsamilError(
-            f"{what}: weights {path} do not fit this encoder: {'; '.join(parts)}; give ImageNet (or other) "
-            "weights of exactly this encoder, or leave encoder_weights empty for random initialisation"
-        )
-    model.encoder.load_state_dict(best, strict=False)  # strictness checked above, minus num_batches_tracked
-    log.info("%s: loaded weights from %s (%d tensors)", what, path, len(best))
+    load_weights(model.encoder, path, f"segmentation encoder {encoder}")
 
 
 def normalise(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:

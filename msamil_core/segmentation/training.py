@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ..errors import MsamilError
-from ..training.engine import Schedule, Task, fit
+from ..training.engine import Task, TrainingConfig, fit
 from .model import ARCH, PAD_VALUE, build_model, network_image, normalise, predict_probabilities, round_up
 from .postprocess import PostProcess, postprocess
 
@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
-class SegmentationConfig:
+class SegmentationConfig(TrainingConfig):
     """Training settings; the config's ``segmentation`` section maps onto them.
 
     Sizes are px at network scale: the thumbnail resized so that its long side is ``input_size``.
@@ -71,28 +71,28 @@ class SegmentationConfig:
     contrast: float = 0.2  # max relative contrast change
     seed: int = 0
 
-    def __post_init__(self):
-        self.decoder_channels = [int(c) for c in self.decoder_channels]
-        checks = [
-            (self.input_size >= 32, f"input_size must be at least 32 px, got {self.input_size}"),
-            (self.crop_size == 0 or self.crop_size >= 32, f"crop_size must be 0 (off) or at least 32 px, got {self.crop_size}"),
-            (self.epochs >= 1 and self.batch_size >= 1, "epochs and batch_size must be at least 1"),
-            (1 <= self.encoder_depth <= 5, f"encoder_depth must be 1..5, got {self.encoder_depth}"),
-            (len(self.decoder_channels) == self.encoder_depth, "decoder_channels needs one entry per encoder_depth level"),
-            (0 <= self.holdout_fraction < 1 and 0 <= self.val_fraction < 1, "holdout_fraction and val_fraction must be in [0, 1)"),
-            (self.holdout_fraction + self.val_fraction < 1, "holdout_fraction + val_fraction must leave patients to train on"),
-            (self.lr > 0 and self.min_lr >= 0, "lr must be positive and min_lr non-negative"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise MsamilError(f"segmentation: {message}")
-        if self.crop_size % self.multiple:
-            raise MsamilError(f"segmentation: crop_size must be a multiple of {self.multiple}, got {self.crop_size}")
+    OPTION = "segmentation"
+    MONITOR = "val_iou"
 
-    def schedule(self) -> Schedule:
-        return Schedule(epochs=self.epochs, grad_accum=self.grad_accum, grad_clip=self.grad_clip,
-                        warmup_epochs=self.warmup_epochs, weight_decay=self.weight_decay, patience=self.patience,
-                        monitor="val_iou", bf16=True)
+    def __post_init__(self):
+        self.coerce()
+        self.decoder_channels = [int(c) for c in self.decoder_channels]
+        self.check(
+            (self.input_size >= 32, f"segmentation: input_size must be at least 32 px, got {self.input_size}"),
+            (self.crop_size == 0 or self.crop_size >= 32,
+             f"segmentation: crop_size must be 0 (off) or at least 32 px, got {self.crop_size}"),
+            (self.crop_size % self.multiple == 0,
+             f"segmentation: crop_size must be a multiple of {self.multiple}, got {self.crop_size}"),
+            (self.epochs >= 1 and self.batch_size >= 1, "segmentation: epochs and batch_size must be at least 1"),
+            (1 <= self.encoder_depth <= 5, f"segmentation: encoder_depth must be 1..5, got {self.encoder_depth}"),
+            (len(self.decoder_channels) == self.encoder_depth,
+             "segmentation: decoder_channels needs one entry per encoder_depth level"),
+            (0 <= self.holdout_fraction < 1 and 0 <= self.val_fraction < 1,
+             "segmentation: holdout_fraction and val_fraction must be in [0, 1)"),
+            (self.holdout_fraction + self.val_fraction < 1,
+             "segmentation: holdout_fraction + val_fraction must leave patients to train on"),
+            (self.lr > 0 and self.min_lr >= 0, "segmentation: lr must be positive and min_lr non-negative"),
+        )
 
     @property
     def multiple(self) -> int:

@@ -57,7 +57,7 @@ from ..runtime import autocast, distributed, is_main_process
 from ..wsi.coords import read_patch_table
 from ..wsi.geometry import SCALES, scale_index
 from ..wsi.slide import Slide, open_slide
-from .engine import Schedule, Task, fit
+from .engine import Task, TrainingConfig, fit
 from .mil import BALANCE_CHOICES, class_weights, epoch_order
 
 log = logging.getLogger(__name__)
@@ -67,7 +67,7 @@ _INIT_ONLY_KWARGS = ("backbone_weights",)
 
 
 @dataclass
-class E2EConfig:
+class E2EConfig(TrainingConfig):
     """End-to-end training settings (the config's ``e2e`` entries map onto it)."""
 
     model: str = "msamil.base"
@@ -91,37 +91,15 @@ class E2EConfig:
     standardize: bool = True  # z-score features with the initial encoder's statistics on training patches
     patience: int = 0  # epochs without a lower validation loss before stopping; 0 = never
 
+    OPTION = "e2e"
+    CHOICES = {"balance": BALANCE_CHOICES}
+
     def __post_init__(self):
-        for name, kind in (("k", int), ("epochs", int), ("lr", float), ("encoder_lr", float), ("min_lr", float),
-                           ("warmup_epochs", float), ("weight_decay", float), ("grad_accum", int),
-                           ("grad_clip", float), ("seed", int), ("chunk_size", int), ("workers", int), ("patience", int)):
-            try:
-                setattr(self, name, kind(getattr(self, name)))
-            except (TypeError, ValueError):
-                raise MsamilError(f"e2e option {name} must be a number, got {getattr(self, name)!r}") from None
+        self.coerce()
         self.scales = [SCALES[scale_index(s)] for s in self.scales]
-        checks = [
-            (bool(self.scales), "e2e needs at least one scale (20x, 10x, 5x)"),
-            (self.k >= 1 and self.chunk_size >= 1, "e2e options k and chunk_size must be at least 1"),
-            (self.epochs >= 1 and self.grad_accum >= 1, "e2e options epochs and grad_accum must be at least 1"),
-            (self.balance in BALANCE_CHOICES, f"balance must be one of {', '.join(BALANCE_CHOICES)}, got {self.balance!r}"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise MsamilError(message)
-
-    def schedule(self, max_steps: int = 0) -> Schedule:
-        return Schedule(epochs=self.epochs, grad_accum=self.grad_accum, grad_clip=self.grad_clip,
-                        warmup_epochs=self.warmup_epochs, weight_decay=self.weight_decay, patience=self.patience,
-                        monitor="val_loss", bf16=self.bf16, workers=self.workers, max_steps=max_steps)
-
-    @classmethod
-    def from_dict(cls, values: dict) -> "E2EConfig":
-        known = set(cls.__dataclass_fields__)
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise MsamilError(f"unknown e2e option(s) {', '.join(unknown)}; valid: {', '.join(sorted(known))}")
-        return cls(**values)
+        self.check((bool(self.scales), "e2e needs at least one scale (20x, 10x, 5x)"),
+                   (self.k >= 1 and self.chunk_size >= 1, "e2e options k and chunk_size must be at least 1"),
+                   (self.epochs >= 1 and self.grad_accum >= 1, "e2e options epochs and grad_accum must be at least 1"))
 
 
 # ----------------------------------------------------------------------------- data

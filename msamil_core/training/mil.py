@@ -36,7 +36,7 @@ from ..features.bags import find_bag, load_bag
 from ..fileio import save_torch, torch_load, write_json
 from ..runtime import autocast, is_main_process
 from ..wsi.geometry import SCALES, scale_index
-from .engine import Schedule, Task, fit
+from .engine import Task, TrainingConfig, fit
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ MONITOR_CHOICES = ("val_loss", "val_auc", "val_balanced_accuracy")
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(TrainingConfig):
     """One experiment's training settings (the config's ``experiments`` entries map onto it)."""
 
     model: str = "abmil.base"
@@ -70,42 +70,13 @@ class TrainConfig:
     workers: int = 0  # DataLoader workers that load bags
     standardize: bool = True  # z-score features per dimension with the training bags' statistics
 
+    CHOICES = {"freeze": FREEZE_CHOICES, "balance": BALANCE_CHOICES, "monitor": MONITOR_CHOICES}
+
     def __post_init__(self):
-        # YAML 1.1 reads 1e-6 as a string: coerce numbers to the declared types, naming the key.
-        for name, kind in (("epochs", int), ("lr", float), ("min_lr", float), ("warmup_epochs", float),
-                           ("weight_decay", float), ("grad_accum", int), ("grad_clip", float),
-                           ("max_instances", int), ("patience", int), ("seed", int), ("workers", int)):
-            try:
-                setattr(self, name, kind(getattr(self, name)))
-            except (TypeError, ValueError):
-                raise MsamilError(f"training option {name} must be a number, got {getattr(self, name)!r}") from None
+        self.coerce()
         self.scales = [SCALES[scale_index(s)] for s in self.scales]
-        if not self.scales:
-            raise MsamilError("an experiment needs at least one scale (20x, 10x, 5x)")
-        checks = [
-            (self.freeze in FREEZE_CHOICES, f"freeze must be one of {', '.join(FREEZE_CHOICES)}, got {self.freeze!r}"),
-            (self.balance in BALANCE_CHOICES, f"balance must be one of {', '.join(BALANCE_CHOICES)}, got {self.balance!r}"),
-            (self.monitor in MONITOR_CHOICES, f"monitor must be one of {', '.join(MONITOR_CHOICES)}, got {self.monitor!r}"),
-            (self.epochs >= 1 and self.grad_accum >= 1, "epochs and grad_accum must be at least 1"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise MsamilError(message)
-
-    def schedule(self) -> Schedule:
-        return Schedule(epochs=self.epochs, grad_accum=self.grad_accum, grad_clip=self.grad_clip,
-                        warmup_epochs=self.warmup_epochs, weight_decay=self.weight_decay, patience=self.patience,
-                        monitor=self.monitor, bf16=self.bf16, workers=self.workers)
-
-    @classmethod
-    def from_dict(cls, values: dict) -> "TrainConfig":
-        known = {f for f in cls.__dataclass_fields__}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise MsamilError(f"unknown training option(s) {', '.join(unknown)}; valid: {', '.join(sorted(known))}")
-        return cls(**values)
-
-
+        self.check((bool(self.scales), "an experiment needs at least one scale (20x, 10x, 5x)"),
+                   (self.epochs >= 1 and self.grad_accum >= 1, "epochs and grad_accum must be at least 1"))
 
 
 def epoch_order(labels: np.ndarray, epoch: int, seed: int, balance: str) -> np.ndarray:
