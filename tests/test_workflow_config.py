@@ -135,7 +135,7 @@ def test_coords_options_name_every_file_by_strategy_and_scale(demo):
     args = parse("coords", options, "--meta", "m.json", "--tissue-mask", "t.png")
     assert outputs(args) == files
     assert args.lesion_mask == lesion_mask
-    assert (args.random, args.random_seed) == (64, 0)
+    assert (args.random_n, args.random_seed) == (64, 0)
     assert (args.patch_size, args.min_fraction, args.base_mpp) == (256, 0.7, 0.5)
     assert f"--strategy-out 'random:20x=results/coords/random/20x/{ODD_SLIDE}.h5'" not in options  # quoted whole
     assert shlex.split(options).count(f"random:20x=results/coords/random/20x/{ODD_SLIDE}.h5") == 1
@@ -287,7 +287,7 @@ def test_predict_options_lesion_strategy_quotes_the_checkpoint(demo):
     assert (args.mode, args.min_tissue_fraction, args.remove_pen) == ("auto", 0.001, True)
     assert (args.heatmaps, args.top_k) == (True, 8)
     assert (args.encoder, args.input_size, args.batch_size, args.workers) == ("resnet18", 64, 64, 0)
-    assert args.random == 0  # the random strategy's options only for it
+    assert args.random_n == 0  # the random strategy's options only for it
     assert wc.predict_experiments == ["msamil_multiscale"]
 
 
@@ -297,7 +297,7 @@ def test_predict_options_random_strategy():
         experiments=[{"name": "x", "model": "abmil.base"}], predict={"slides": "new.csv", "experiment": "x",
                                                                      "heatmaps": False}))
     args = parse("predict", wc.predict_options("x"), "--models", "m", "--slide", "s.svs", "--out", "o")
-    assert (args.strategy, args.random, args.random_seed) == ("random", 32, 7)
+    assert (args.strategy, args.random_n, args.random_seed) == ("random", 32, 7)
     assert args.segmentation_checkpoint is None and args.heatmaps is False and args.patch_size == 128
 
 

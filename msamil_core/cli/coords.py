@@ -61,7 +61,7 @@ def outputs(args: argparse.Namespace) -> dict[str, dict[str, str]]:
         return files
     if not all(single.values()):
         raise MsamilError("give --out-20x, --out-10x and --out-5x (or --strategy-out NAME:SCALE=H5 per file)")
-    strategy = args.strategy or ("lesion" if args.lesion_mask else "random" if args.random else "tissue")
+    strategy = args.strategy or ("lesion" if args.lesion_mask else "random" if args.random_n else "tissue")
     return {strategy: single}
 
 

@@ -15,7 +15,7 @@ from ..errors import MsamilError
 
 
 def add_config_arguments(group, cls, helps: dict[str, str], defaults: bool = True,
-                         choices: dict[str, tuple] | None = None) -> None:
+                         choices: dict[str, tuple] | None = None, flags: dict[str, str] | None = None) -> None:
     """One ``--field-name`` option per field of the config dataclass ``cls`` named in ``helps``,
     typed like the field's default. With ``defaults`` the option defaults to the field's default
     (shown in the help); without, to None, so that it only overrides options read elsewhere
@@ -29,7 +29,7 @@ def add_config_arguments(group, cls, helps: dict[str, str], defaults: bool = Tru
             kwargs.update(nargs="+", type=type(value[0]) if value else str)
         elif value is not None:
             kwargs["type"] = type(value)
-        group.add_argument(f"--{name.replace('_', '-')}", **kwargs)
+        group.add_argument((flags or {}).get(name, f"--{name.replace('_', '-')}"), dest=name, **kwargs)
 
 
 def config_flags(args: argparse.Namespace, helps: dict[str, str]) -> dict:
@@ -47,23 +47,23 @@ def add_slide_arguments(parser: argparse.ArgumentParser) -> None:
 # ----------------------------------------------------------------------------- tissue
 
 
+TISSUE_OPTIONS = {
+    "min_saturation": "floor of the saturation threshold, 0..1",
+    "dark_threshold": "brightest channel below this (0..1) is an artefact",
+    "close_radius": "closing radius in thumbnail px",
+    "min_object_fraction": "drop tissue pieces smaller than this fraction of the thumbnail",
+    "max_hole_fraction": "fill holes up to this fraction of the thumbnail",
+}
+
+
 def add_tissue_arguments(parser) -> None:
     """The tissue-mask options (the config's `tissue` section)."""
     from ..wsi.tissue import TissueParams
 
-    d = TissueParams()
-    parser.add_argument("--mode", choices=["auto", "brightfield", "fluorescence"], default=d.mode,
+    parser.add_argument("--mode", choices=["auto", "brightfield", "fluorescence"], default="auto",
                         help="tissue detection: auto (dark background = fluorescence), brightfield or fluorescence")
-    parser.add_argument("--min-saturation", type=float, default=d.min_saturation,
-                        help="floor of the saturation threshold, 0..1")
+    add_config_arguments(parser, TissueParams, TISSUE_OPTIONS)
     parser.add_argument("--no-pen-removal", dest="remove_pen", action="store_false", help="keep blue/green ink")
-    parser.add_argument("--dark-threshold", type=float, default=d.dark_threshold,
-                        help="brightest channel below this (0..1) is an artefact")
-    parser.add_argument("--close-radius", type=int, default=d.close_radius, help="closing radius in thumbnail px")
-    parser.add_argument("--min-object-fraction", type=float, default=d.min_object_fraction,
-                        help="drop tissue pieces smaller than this fraction of the thumbnail")
-    parser.add_argument("--max-hole-fraction", type=float, default=d.max_hole_fraction,
-                        help="fill holes up to this fraction of the thumbnail")
     parser.add_argument("--min-tissue-fraction", type=float, default=1e-3,
                         help="fail when less than this fraction of the thumbnail is tissue")
 
@@ -72,30 +72,32 @@ def tissue_params(args: argparse.Namespace):
     """The :class:`~msamil_core.wsi.tissue.TissueParams` of :func:`add_tissue_arguments`' options."""
     from ..wsi.tissue import TissueParams
 
-    return TissueParams(mode=args.mode, min_saturation=args.min_saturation, remove_pen=args.remove_pen,
-                        dark_threshold=args.dark_threshold, close_radius=args.close_radius,
-                        min_object_fraction=args.min_object_fraction, max_hole_fraction=args.max_hole_fraction)
+    return TissueParams(mode=args.mode, remove_pen=args.remove_pen, **{name: getattr(args, name) for name in TISSUE_OPTIONS})
 
 
 # ----------------------------------------------------------------------------- patches
 
 
+PATCH_OPTIONS = {
+    "patch_size": "patch size in px at each magnification",
+    "min_fraction": "minimum selection-mask fraction of a kept patch",
+    "base_mpp": "µm/px that defines 20x",
+    "random_n": "the random strategy: N random tissue patches at 20x (N/4 at 10x, N/16 at 5x)",
+    "random_seed": "seed of the random strategy",
+}
+
+
 def add_patch_arguments(parser) -> None:
-    """Patch grids (the config's `patches` section)."""
-    parser.add_argument("--patch-size", type=int, default=512, help="patch size in px at each magnification (default 512)")
-    parser.add_argument("--min-fraction", type=float, default=0.7,
-                        help="minimum selection-mask fraction of a kept patch (default 0.7)")
-    parser.add_argument("--base-mpp", type=float, default=0.5, help="µm/px that defines 20x (default 0.5)")
-    parser.add_argument("--random", type=int, default=0, metavar="N",
-                        help="the random strategy: N random tissue patches at 20x (N/4 at 10x, N/16 at 5x)")
-    parser.add_argument("--random-seed", type=int, default=0, help="seed of the random strategy (default 0)")
+    """Patch grids (the config's `patches` section); ``random_n`` is ``--random N``."""
+    from ..pipeline import PatchSettings
+
+    add_config_arguments(parser, PatchSettings, PATCH_OPTIONS, flags={"random_n": "--random"})
 
 
 def patch_settings(args: argparse.Namespace):
     from ..pipeline import PatchSettings
 
-    return PatchSettings(patch_size=args.patch_size, min_fraction=args.min_fraction, base_mpp=args.base_mpp,
-                         random_n=args.random, random_seed=args.random_seed)
+    return PatchSettings(**{name: getattr(args, name) for name in PATCH_OPTIONS})
 
 
 # ----------------------------------------------------------------------------- encoders and extraction

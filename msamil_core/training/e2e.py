@@ -20,17 +20,11 @@ the encoder run on their stored statistics (eval mode) so that a patch's feature
 on which other patches share its chunk or rank; dropout in the aggregator draws from a
 generator seeded per step, identical on every rank.
 
-Training runs on :mod:`.engine` (resume, preemption, schedule, best state, early stopping) with
-``shard_items = False``: every rank runs every slide and encodes its share of the slide's patches.
-Files of one fold (``out_dir``), as in :mod:`.mil`:
-
-* ``checkpoint.pt``: the best epoch (lowest validation loss) as a SPEC checkpoint of the MIL
-  model (``model_name``, ``model_args``, ``state_dict``, ``classes``, ...) plus
-  ``encoder_spec`` (name, input size, normalisation, options) and ``encoder_state_dict`` (the
-  tuned encoder). ``msamil extract --encoder-checkpoint`` re-extracts features with it.
-* ``resume.pt``: model, optimizer, loop and random state, written after every epoch and when
-  SIGTERM arrives (at the next optimizer step); a rerun continues from it.
-* ``history.json``: per-epoch training loss and validation metrics.
+Training runs on :mod:`.engine` with ``shard_items = False``: every rank runs every slide and
+encodes its share of the slide's patches. A fold's ``checkpoint.pt`` (``out_dir``) is a SPEC
+checkpoint of the MIL model plus ``encoder_spec`` and ``encoder_state_dict`` (the tuned encoder,
+which ``msamil extract --encoder-checkpoint`` re-extracts features with); ``resume.pt`` and
+``history.json`` are as in :mod:`.mil`.
 
 The K study (:func:`k_study`, Campanella et al.'s finding that the training loss falls as K
 grows) trains the same initial model for the same number of steps with several K and writes
@@ -58,7 +52,7 @@ from ..wsi.coords import read_patch_table
 from ..wsi.geometry import SCALES, scale_index
 from ..wsi.slide import Slide, open_slide
 from .engine import Task, TrainingConfig, fit
-from .mil import BALANCE_CHOICES, class_weights, epoch_order
+from .mil import BALANCE_CHOICES, class_weights, epoch_order, validation_metrics
 
 log = logging.getLogger(__name__)
 
@@ -335,23 +329,6 @@ def encoder_spec_from_checkpoint(path: str | os.PathLike) -> EncoderSpec:
                        std=tuple(s["std"]), kwargs=dict(s["kwargs"]), seed=s["seed"])
 
 
-@torch.no_grad()
-def predict_slides(model: EndToEnd, dataset: SlidePatchDataset, device, rank: int = 0, world: int = 1,
-                   bf16: bool = True) -> tuple[np.ndarray, float]:
-    """Class probabilities [N, C] of every slide from its K sampled patches, and the mean loss."""
-    was_training = model.training
-    model.eval()
-    probs, losses = [], []
-    for i in range(len(dataset)):
-        item = dataset[i]
-        results, _ = slide_forward(model, item, device, rank, world, bf16=bf16)
-        logits = results["logits"].float()
-        probs.append(logits.softmax(-1)[0].cpu().numpy())
-        losses.append(F.cross_entropy(logits, torch.tensor([item.label], device=device)).item())
-    model.train(was_training)
-    return np.stack(probs) if probs else np.zeros((0, 0)), float(np.mean(losses)) if losses else float("nan")
-
-
 # ----------------------------------------------------------------------------- training
 
 
@@ -404,12 +381,9 @@ class E2ETask(Task):
         return results["loss"]
 
     def evaluate(self) -> dict | None:
-        from .metrics import classification_metrics
-
-        if self.val_set is None or not len(self.val_set):
-            return None
-        probs, val_loss = predict_slides(self.model, self.val_set, self.device, self.rank, self.world, self.cfg.bf16)
-        return {"loss": val_loss, **classification_metrics(np.asarray(self.val_set.labels), probs, self.classes)}
+        return validation_metrics(self.model, self.val_set or [], self.classes, self.device, self.cfg.bf16,
+                                  lambda item: slide_forward(self.model, item, self.device, self.rank, self.world,
+                                                             bf16=self.cfg.bf16))
 
     def fingerprint(self) -> dict:
         return {"config": {**asdict(self.cfg), "encoder_spec": spec_dict(self.spec)}, "classes": list(self.classes),

@@ -212,15 +212,16 @@ def forward_bag(model, item: BagItem, device, loss_fn=None, return_attention=Fal
 
 
 @torch.no_grad()
-def predict(model, dataset: BagDataset, device, bf16: bool = True) -> tuple[np.ndarray, float]:
-    """Class probabilities [N, C] of every bag and the mean unweighted cross-entropy."""
+def predict(model, dataset, device, bf16: bool = True, forward=None) -> tuple[np.ndarray, float]:
+    """Class probabilities [N, C] of every item (bag) of ``dataset`` in eval mode and the mean
+    unweighted cross-entropy; ``forward(item)`` runs one item (default :func:`forward_bag`)."""
     was_training = model.training
     model.eval()
     probs, losses = [], []
     for i in range(len(dataset)):
         item = dataset[i]
         with autocast(device, bf16):
-            results, _ = forward_bag(model, item, device)
+            results, _ = forward(item) if forward else forward_bag(model, item, device)
         logits = results["logits"].float()
         probs.append(logits.softmax(-1)[0].cpu().numpy())
         losses.append(F.cross_entropy(logits, torch.tensor([item.label], device=device)).item())
@@ -228,6 +229,15 @@ def predict(model, dataset: BagDataset, device, bf16: bool = True) -> tuple[np.n
     return np.stack(probs) if probs else np.zeros((0, 0)), float(np.mean(losses)) if losses else float("nan")
 
 
+def validation_metrics(model, dataset, classes: list[str], device, bf16: bool = True, forward=None) -> dict | None:
+    """``loss`` and :func:`~msamil_core.training.metrics.classification_metrics` of the model on a
+    validation set (None when it is empty): what the engine's tasks return from ``evaluate``."""
+    from .metrics import classification_metrics
+
+    if not len(dataset):
+        return None
+    probs, loss = predict(model, dataset, device, bf16, forward)
+    return {"loss": loss, **classification_metrics(np.asarray(dataset.labels), probs, classes)}
 
 
 def load_checkpoint(path: str | os.PathLike, device: torch.device | str = "cpu"):
@@ -283,12 +293,7 @@ class MILTask(Task):
         return results["loss"]
 
     def evaluate(self) -> dict | None:
-        from .metrics import classification_metrics
-
-        if not len(self.val_set):
-            return None
-        probs, val_loss = predict(self.model, self.val_set, self.device, self.cfg.bf16)
-        return {"loss": val_loss, **classification_metrics(np.asarray(self.val_set.labels), probs, self.classes)}
+        return validation_metrics(self.model, self.val_set, self.classes, self.device, self.cfg.bf16)
 
     def fingerprint(self) -> dict:
         return {"config": asdict(self.cfg), "classes": list(self.classes),
