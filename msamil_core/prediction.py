@@ -14,8 +14,6 @@ encoder given and the one that made any reused bag; a mismatch fails naming both
 
 from __future__ import annotations
 
-import csv
-import io
 import logging
 import os
 from dataclasses import dataclass, field
@@ -214,25 +212,19 @@ def prediction_record(slide_id: str, per_fold: np.ndarray, folds: list[FoldModel
 def write_predictions(out_dir: str | os.PathLike, records: list[dict], folds: list[FoldModel], models: str) -> None:
     """predictions.json and predictions.csv (slide_id, label, predicted, prob_<class>,
     votes_<class>, fold<k>), each atomically."""
+    import pandas as pd
+
     out_dir = Path(out_dir)
     classes = list(folds[0].checkpoint["classes"])
-    buffer = io.StringIO()
-    writer = csv.writer(buffer)
-    writer.writerow(["slide_id", "label", "predicted", *(f"prob_{c}" for c in classes), *(f"votes_{c}" for c in classes),
-                     *(f"fold{f.fold}" for f in folds)])
-    for r in records:
-        writer.writerow([r["slide_id"], r["label"] or "", r["predicted"], *(f"{r['probabilities'][c]:.6f}" for c in classes),
-                         *(r["votes"][c] for c in classes), *(f["vote"] for f in r["folds"])])
+    table = pd.DataFrame([{"slide_id": r["slide_id"], "label": r["label"] or "", "predicted": r["predicted"],
+                           **{f"prob_{c}": f"{r['probabilities'][c]:.6f}" for c in classes},
+                           **{f"votes_{c}": r["votes"][c] for c in classes},
+                           **{f"fold{f['fold']}": f["vote"] for f in r["folds"]}} for r in records])
     with atomic_path(out_dir / "predictions.csv") as tmp:
-        tmp.write_text(buffer.getvalue())
-    write_json(out_dir / "predictions.json", {
-        "models": str(models),
-        "checkpoints": [str(f.path) for f in folds],
-        "encoder": folds[0].checkpoint.get("encoder", ""),
-        "classes": classes,
-        "scales": folds[0].scales,
-        "slides": records,
-    })
+        table.to_csv(tmp, index=False)
+    write_json(out_dir / "predictions.json", {"models": str(models), "checkpoints": [str(f.path) for f in folds],
+                                              "encoder": folds[0].checkpoint.get("encoder", ""), "classes": classes,
+                                              "scales": folds[0].scales, "slides": records})
 
 
 # ----------------------------------------------------------------------------- the commands

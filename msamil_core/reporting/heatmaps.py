@@ -29,7 +29,6 @@ when at least half of it lies in the annotation, else outside.
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import math
@@ -221,14 +220,11 @@ def attention_features(att: SlideAttention, fractions: np.ndarray | None = None)
 
 def _write_csv(path: Path, att: SlideAttention, fractions: np.ndarray | None) -> None:
     n = len(att.attention)
-    with open(path, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["x", "y", "scale", "patch_size_level0", "attention", "attention_x_n"]
-                        + (["lesion_fraction"] if fractions is not None else []))
-        for i in range(n):
-            row = [int(att.coords[i, 0]), int(att.coords[i, 1]), SCALES[att.scales[i]], int(att.sizes[i]),
-                   f"{att.attention[i]:.6g}", f"{att.attention[i] * n:.6g}"]
-            writer.writerow(row + ([f"{fractions[i]:.4f}"] if fractions is not None else []))
+    table = pd.DataFrame({"x": att.coords[:, 0], "y": att.coords[:, 1], "scale": [SCALES[s] for s in att.scales],
+                          "patch_size_level0": att.sizes, "attention": att.attention, "attention_x_n": att.attention * n})
+    if fractions is not None:
+        table["lesion_fraction"] = np.round(fractions, 4)
+    table.to_csv(path, index=False, float_format="%.6g")
 
 
 # ----------------------------------------------------------------------------- one slide
