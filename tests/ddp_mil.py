@@ -39,8 +39,16 @@ def bags(folder: Path, n: int = 7, dim: int = 12) -> list[Path]:
 
 
 def main(out: str, grad_accum: int) -> None:
-    torch.set_num_threads(1)
+    previous = torch.get_default_dtype()
     torch.set_default_dtype(torch.float64)
+    try:  # the one-process run shares the test process: leave its default dtype as it was
+        train(out, grad_accum)
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def train(out: str, grad_accum: int) -> None:
+    torch.set_num_threads(1)
     rank, world = distributed()
     folder = Path(out).parent / "bags"
     if rank == 0:

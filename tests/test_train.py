@@ -141,7 +141,7 @@ def test_sigkill_then_rerun_resumes_and_matches_an_uninterrupted_run(tmp_path):
     _, err = rerun.communicate(timeout=600)
     assert rerun.returncode == 0, err
     assert f"resuming from {resume} at epoch {stopped_at}" in err
-    assert f"epoch 0:" not in err  # it did not start over
+    assert "epoch 0:" not in err  # it did not start over
     a = torch.load(tmp_path / "whole" / "fold0" / "checkpoint.pt", weights_only=True)
     b = torch.load(tmp_path / "killed" / "fold0" / "checkpoint.pt", weights_only=True)
     assert a["epoch"] == b["epoch"]

@@ -17,8 +17,6 @@ import logging
 import os
 import sys
 import time
-from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch

@@ -41,7 +41,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..errors import MsamilError
@@ -51,8 +50,8 @@ from ..runtime import autocast, distributed, is_main_process
 from ..wsi.coords import read_patch_table
 from ..wsi.geometry import SCALES, scale_index
 from ..wsi.slide import Slide, open_slide
-from .engine import Task, TrainingConfig, fit
-from .mil import BALANCE_CHOICES, class_weights, epoch_order, validation_metrics
+from .engine import TrainingConfig, fit
+from .mil import BALANCE_CHOICES, SlideTask, validation_metrics
 
 log = logging.getLogger(__name__)
 
@@ -332,7 +331,7 @@ def encoder_spec_from_checkpoint(path: str | os.PathLike) -> EncoderSpec:
 # ----------------------------------------------------------------------------- training
 
 
-class E2ETask(Task):
+class E2ETask(SlideTask):
     """End-to-end training for :func:`~msamil_core.training.engine.fit`: a slide's K sampled patches
     per item, encoded (split across ranks) and aggregated; cross-entropy on the slide label."""
 
@@ -340,17 +339,10 @@ class E2ETask(Task):
 
     def __init__(self, cfg: E2EConfig, spec: EncoderSpec, train_set: SlidePatchDataset, val_set: SlidePatchDataset | None,
                  classes: list[str], device: torch.device, norm_k: int | None = None):
-        self.cfg, self.spec, self.train_set, self.val_set, self.classes = cfg, spec, train_set, val_set, classes
-        self.device = device
+        super().__init__(cfg, train_set, val_set or [], classes, device)
+        self.spec = spec
         self.rank, self.world = distributed()
         self.model = build_joint_model(cfg, spec, len(classes)).to(device).train()
-        self.labels = np.asarray(train_set.labels)
-        weights = class_weights(self.labels, len(classes)).to(device) if cfg.balance == "loss" else None
-
-        def loss_fn(logits, target):
-            return F.cross_entropy(logits.float(), target, weight=weights)
-
-        self.loss_fn = loss_fn
         self.norm = None
         if cfg.standardize:  # with `norm_k` patches per slide (the K study's largest K), else the run's K
             k = train_set.k
@@ -366,28 +358,18 @@ class E2ETask(Task):
                    "min_lr": self.cfg.min_lr}]
         return [g for g in groups if g["params"]]
 
-    def dataset(self):
-        return self.train_set
-
-    def epoch_order(self, epoch: int):
-        return epoch_order(self.labels, epoch, self.cfg.seed, self.cfg.balance).tolist()
-
-    def set_epoch(self, epoch: int) -> None:
-        self.train_set.epoch = epoch
-
     def loss(self, item: SlidePatches, epoch: int, position: int) -> torch.Tensor:
         results, _ = slide_forward(self.model, item, self.device, self.rank, self.world, self.loss_fn, self.cfg.bf16,
                                    dropout_seed=step_seed(self.cfg.seed, epoch, position))
         return results["loss"]
 
     def evaluate(self) -> dict | None:
-        return validation_metrics(self.model, self.val_set or [], self.classes, self.device, self.cfg.bf16,
+        return validation_metrics(self.model, self.val_set, self.classes, self.device, self.cfg.bf16,
                                   lambda item: slide_forward(self.model, item, self.device, self.rank, self.world,
                                                              bf16=self.cfg.bf16))
 
     def fingerprint(self) -> dict:
-        return {"config": {**asdict(self.cfg), "encoder_spec": spec_dict(self.spec)}, "classes": list(self.classes),
-                "train": [[s, int(y)] for s, y in zip(self.train_set.slide_ids, self.train_set.labels)]}
+        return {**super().fingerprint(), "config": {**asdict(self.cfg), "encoder_spec": spec_dict(self.spec)}}
 
 
 def train_e2e(cfg: E2EConfig, spec: EncoderSpec, train_set: SlidePatchDataset, val_set: SlidePatchDataset,

@@ -21,7 +21,6 @@ N times the accumulation.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -258,26 +257,16 @@ def load_checkpoint(path: str | os.PathLike, device: torch.device | str = "cpu")
     return model.to(device).eval(), ckpt
 
 
-class MILTask(Task):
-    """One fold's MIL training for :func:`~msamil_core.training.engine.fit`: a bag per item,
-    cross-entropy (class-weighted with ``balance: loss``) plus the model's own instance losses."""
+class SlideTask(Task):
+    """What MIL and end-to-end training share: one slide per item, in an order drawn from (seed,
+    epoch) (class-balanced with ``balance: sampling``), cross-entropy on the slide label
+    (class-weighted with ``balance: loss``), validation by :func:`validation_metrics`."""
 
-    def __init__(self, cfg: TrainConfig, train_set: BagDataset, val_set: BagDataset, classes: list[str],
-                 in_dim: int, device: torch.device):
+    def __init__(self, cfg, train_set, val_set, classes: list[str], device: torch.device):
         self.cfg, self.train_set, self.val_set, self.classes, self.device = cfg, train_set, val_set, classes, device
-        torch.manual_seed(cfg.seed)
-        self.model = build_model(cfg, in_dim, len(classes)).to(device)
         self.labels = np.asarray(train_set.labels)
         weights = class_weights(self.labels, len(classes)).to(device) if cfg.balance == "loss" else None
-
-        def loss_fn(logits, target):
-            return F.cross_entropy(logits.float(), target, weight=weights)
-
-        self.loss_fn = loss_fn
-
-    def param_groups(self) -> list[dict]:
-        return [{"params": [p for p in self.model.parameters() if p.requires_grad], "lr": self.cfg.lr,
-                 "min_lr": self.cfg.min_lr}]
+        self.loss_fn = lambda logits, target: F.cross_entropy(logits.float(), target, weight=weights)
 
     def dataset(self):
         return self.train_set
@@ -288,16 +277,31 @@ class MILTask(Task):
     def set_epoch(self, epoch: int) -> None:
         self.train_set.epoch = epoch
 
+    def fingerprint(self) -> dict:
+        return {"config": asdict(self.cfg), "classes": list(self.classes),
+                "train": [[s, int(y)] for s, y in zip(self.train_set.slide_ids, self.train_set.labels)]}
+
+
+class MILTask(SlideTask):
+    """One fold's MIL training for :func:`~msamil_core.training.engine.fit`: a bag per item; the
+    loss adds the model's own instance losses (CLAM, DTFD) to the cross-entropy."""
+
+    def __init__(self, cfg: TrainConfig, train_set: BagDataset, val_set: BagDataset, classes: list[str],
+                 in_dim: int, device: torch.device):
+        super().__init__(cfg, train_set, val_set, classes, device)
+        torch.manual_seed(cfg.seed)
+        self.model = build_model(cfg, in_dim, len(classes)).to(device)
+
+    def param_groups(self) -> list[dict]:
+        return [{"params": [p for p in self.model.parameters() if p.requires_grad], "lr": self.cfg.lr,
+                 "min_lr": self.cfg.min_lr}]
+
     def loss(self, item: BagItem, epoch: int, position: int) -> torch.Tensor:
         results, _ = forward_bag(self.model, item, self.device, loss_fn=self.loss_fn)
         return results["loss"]
 
     def evaluate(self) -> dict | None:
         return validation_metrics(self.model, self.val_set, self.classes, self.device, self.cfg.bf16)
-
-    def fingerprint(self) -> dict:
-        return {"config": asdict(self.cfg), "classes": list(self.classes),
-                "train": [[s, int(y)] for s, y in zip(self.train_set.slide_ids, self.train_set.labels)]}
 
 
 def train_fold(cfg: TrainConfig, train_set: BagDataset, val_set: BagDataset, classes: list[str], in_dim: int,
