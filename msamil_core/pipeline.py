@@ -320,22 +320,18 @@ def check_encoder(expected: str, found: str, model_where: str, found_where: str)
 
 def _reusable_coords(files: SlideFiles, digest: str, settings: SlideSettings) -> bool:
     """Whether all three coordinates files exist, were made from this slide file and with these settings."""
-    import h5py
+    from .wsi.coords import read_coords
 
+    wanted = {"slide_digest": digest, "patch_size": settings.patches.patch_size,
+              "min_mask_fraction": settings.patches.min_fraction, "selection": SELECTION[settings.strategy]}
+    if settings.strategy == "random":
+        wanted["random_seed"] = settings.patches.random_seed
     for path in files.coords.values():
-        if not path.is_file():
-            return False
         try:
-            with h5py.File(path, "r") as f:
-                attrs = dict(f["coords"].attrs)
-        except (OSError, KeyError):
+            attrs = read_coords(path)[1]
+        except MsamilError:  # missing or unreadable
             return False
-        wanted = {"slide_digest": digest, "patch_size": settings.patches.patch_size,
-                  "min_mask_fraction": settings.patches.min_fraction, "selection": SELECTION[settings.strategy]}
-        if settings.strategy == "random":
-            wanted["random_seed"] = settings.patches.random_seed
-        found = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in attrs.items()}
-        if any(found.get(k) != v for k, v in wanted.items()):
+        if any(attrs.get(k) != v for k, v in wanted.items()):
             return False
     return True
 

@@ -49,6 +49,15 @@ def _args(*items) -> str:
     return shlex.join(str(item) for item in items)
 
 
+def _flags(section: Mapping, *keys: str) -> list:
+    """``--key value`` (lists: ``--key v1 v2 ...``) for each key of a config section."""
+    out = []
+    for key in keys:
+        value = section[key]
+        out += [f"--{key.replace('_', '-')}", *(value if isinstance(value, list) else [value])]
+    return out
+
+
 def _joined(*parts: str) -> str:
     """Already quoted option strings, joined (empty ones dropped)."""
     return " ".join(part for part in parts if part)
@@ -270,16 +279,11 @@ class WorkflowConfig:
     def tissue_options(self) -> str:
         """``msamil tissue`` (make_tissue_mask): the config's `tissue` section."""
         t = self.config["tissue"]
-        return _args(
-            "--mode", t["mode"], "--min-saturation", t["min_saturation"], "--dark-threshold", t["dark_threshold"],
-            "--close-radius", t["close_radius"], "--min-object-fraction", t["min_object_fraction"],
-            "--max-hole-fraction", t["max_hole_fraction"], "--min-tissue-fraction", t["min_tissue_fraction"],
-            *([] if t["remove_pen"] else ["--no-pen-removal"]),
-        )
+        return _args(*_flags(t, "mode", "min_saturation", "dark_threshold", "close_radius", "min_object_fraction",
+                             "max_hole_fraction", "min_tissue_fraction"), *([] if t["remove_pen"] else ["--no-pen-removal"]))
 
     def patch_options(self) -> str:
-        p = self.config["patches"]
-        return _args("--patch-size", p["patch_size"], "--min-fraction", p["min_fraction"], "--base-mpp", p["base_mpp"])
+        return _args(*_flags(self.config["patches"], "patch_size", "min_fraction", "base_mpp"))
 
     def random_options(self) -> str:
         p = self.config["patches"]
@@ -337,13 +341,8 @@ class WorkflowConfig:
     def segment_train_options(self) -> str:
         """``msamil segment-train`` (train_segmentation): the config's `segmentation` section."""
         seg = self.config["segmentation"]
-        opts = [
-            "--encoder", seg["encoder"], "--decoder-channels", *seg["decoder_channels"],
-            "--input-size", seg["input_size"], "--crop-size", seg["crop_size"],
-            "--epochs", seg["epochs"], "--batch-size", seg["batch_size"], "--lr", seg["lr"],
-            "--grad-accum", seg["grad_accum"], "--patience", seg["patience"],
-            "--holdout-fraction", seg["holdout_fraction"], "--seed", seg["seed"], "--threshold", seg["threshold"],
-        ]
+        opts = _flags(seg, "encoder", "decoder_channels", "input_size", "crop_size", "epochs", "batch_size", "lr",
+                      "grad_accum", "patience", "holdout_fraction", "seed", "threshold")
         if seg["encoder_weights"]:
             opts += ["--encoder-weights", seg["encoder_weights"]]
         for key in ("lesion_classes", "ignore_classes", "subtract_classes"):
@@ -363,8 +362,7 @@ class WorkflowConfig:
 
     def splits_options(self) -> str:
         """``msamil splits`` (make_splits)."""
-        s = self.config["splits"]
-        return _args("--folds", s["n_folds"], "--seed", s["seed"])
+        return _args("--folds", self.config["splits"]["n_folds"], "--seed", self.config["splits"]["seed"])
 
     def train_options(self, experiment: str, init_checkpoint: str | None = None, e2e_dir: str | None = None) -> str:
         """``msamil train`` (train_fold): folds, classes and ``--experiment`` JSON

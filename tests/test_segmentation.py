@@ -309,3 +309,35 @@ def test_config_and_encoder_errors_are_explained():
         SegmentationConfig(encoder_depth=3)
     with pytest.raises(MsamilError, match="no_such_encoder"):
         build_model("no_such_encoder")
+
+
+def test_sigterm_then_rerun_equals_an_uninterrupted_run(trained, tmp_path):
+    """segment-train runs on the training engine: SIGTERM saves resume.pt (mid-epoch at the next
+    step), and a rerun continues to the very weights of the uninterrupted run (`trained`)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    root, ckpt, _, _ = trained
+    out = tmp_path / "cut" / "checkpoint.pt"
+    argv = ["--sheet", str(root / "sheet.csv"), "--slides-dir", str(root / "slides"), "--out", str(out), *TRAIN_ARGS]
+    proc = subprocess.Popen([sys.executable, "-m", "msamil_core", "segment-train", *argv], stderr=subprocess.PIPE,
+                            text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    resume, start = out.parent / "resume.pt", time.time()
+    while not resume.exists():
+        assert proc.poll() is None, proc.stderr.read()[-3000:]
+        assert time.time() - start < 120, "no resume checkpoint appeared"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143 and "SIGTERM" in err and not out.exists()
+    stopped = torch.load(resume, weights_only=True)["engine"]
+    assert stopped["epoch"] < EPOCHS
+    run_command("segment_train", argv)
+    assert not resume.exists()
+    a, b = torch.load(ckpt, weights_only=True), torch.load(out, weights_only=True)
+    assert a["epoch"] == b["epoch"] and a["metrics"]["holdout"] == b["metrics"]["holdout"]
+    for key, value in a["state_dict"].items():
+        torch.testing.assert_close(value, b["state_dict"][key], rtol=0, atol=0)
