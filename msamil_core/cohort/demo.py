@@ -19,7 +19,7 @@ What is written (``generate_cohort``)
     = "Tumor"``, vertices in level-0 pixel coordinates (x right, y down). The
     lesion pixels are rasterised (PIL) from exactly these vertices, so the
     annotation is exact up to boundary pixels: the pixel-centre rule of
-    :mod:`msamil_core.annotations` disagrees on about a third of the outline's
+    :mod:`msamil_core.wsi.annotations` disagrees on about a third of the outline's
     pixels, one pixel deep.
 ``<out>/slides.csv``
     The slide sheet: ``slide_id, path, label, patient_id, annotation`` with
@@ -753,7 +753,7 @@ def lesion_geojson(polygons: Sequence[np.ndarray]) -> dict:
     """QuPath-style GeoJSON FeatureCollection of lesion polygons (level-0 px, rings closed).
 
     One Polygon feature per lesion, classified ``Tumor`` like the lesion outlines
-    :mod:`msamil_core.geojson` writes, so QuPath shows both alike.
+    :mod:`msamil_core.wsi.geojson` writes, so QuPath shows both alike.
     """
     from ..wsi.geojson import LESION_COLOUR, feature_collection
 

@@ -1,7 +1,7 @@
 """Experiments: which slides, with which classes, train which model on which features.
 
 An experiment (an entry of the config's ``experiments`` list, or the options of
-``msamil train``) names a model and its training options (:class:`~msamil_core.train.TrainConfig`)
+``msamil train``) names a model and its training options (:class:`~msamil_core.training.mil.TrainConfig`)
 and optionally a *task*: a mapping from the sheet's labels to the experiment's classes. The
 task is how one cohort serves several problems, e.g. pretraining on all four demo classes and
 fine-tuning on a two-class task (MIL-Lab's transfer setting)::

@@ -47,7 +47,7 @@ class Bag:
     Attributes:
         features: float [N, D] (float32 from :func:`load_bag`; float16 if stored so).
         coords: int64 [N, 2], level-0 top-left (x, y) in pixels; -1 where the source has none.
-        scales: int64 [N], index into :data:`msamil_core.slide.SCALES` (0 = 20x, 1 = 10x, 2 = 5x).
+        scales: int64 [N], index into :data:`msamil_core.wsi.geometry.SCALES` (0 = 20x, 1 = 10x, 2 = 5x).
         patch_size_level0: int64 [N], each patch's side in level-0 pixels (0 = unknown).
         slide_id: the slide's identifier.
         encoder: the encoder that made the features (``name-<hash>`` for ours).

@@ -129,7 +129,7 @@ def load_sample(
     """Read a thumbnail with the meta.json and tissue_mask.png beside it, and rasterise its annotation.
 
     ``rules``, ``mask_labels`` and ``tolerance`` are passed to
-    :func:`msamil_core.annotations.annotation_mask`.
+    :func:`msamil_core.wsi.annotations.annotation_mask`.
     """
     from ..wsi.annotations import DEFAULT_TOLERANCE, annotation_mask
     from ..wsi.masks import load_mask, read_rgb

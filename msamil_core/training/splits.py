@@ -107,7 +107,7 @@ def make_folds(
     """Assign every patient of a sheet to one of ``n_folds`` label-stratified test folds.
 
     Args:
-        sheet_df: the slide sheet (as from :func:`msamil_core.sheet.load_sheet`): columns
+        sheet_df: the slide sheet (as from :func:`msamil_core.cohort.sheet.load_sheet`): columns
             ``slide_id`` (or an index of that name), ``patient_id`` and ``label``.
         n_folds: number of folds, at least 2; every label needs at least this many patients.
         seed: fixes the order in which new patients are placed and their ``val_rank``.

@@ -7,7 +7,7 @@ FeatureCollection of Features whose ``properties`` carry ``objectType`` (``annot
 
 Mask outlines follow the pixel edges of the mask (no smoothing): one Polygon per 4-connected
 component, with one ring per hole, ring corners at the mask's pixel corners. Filling the exported
-polygons at pixel centres (:func:`msamil_core.annotations.fill_polygons`) therefore gives back
+polygons at pixel centres (:func:`msamil_core.wsi.annotations.fill_polygons`) therefore gives back
 exactly the mask. Exteriors wind counter-clockwise and holes clockwise in the (x, y) numbers, as
 RFC 7946 asks; collinear corners are dropped, so a straight run of pixels costs two vertices.
 Diagonally touching pixels belong to separate components (4-connectivity), the same
