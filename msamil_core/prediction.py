@@ -28,8 +28,7 @@ from .features.bags import find_bag, load_bag
 from .fileio import atomic_path, write_json
 from .pipeline import SlideFiles, SlideSettings, check_encoder, prepare_slide
 from .reporting.heatmaps import SlideAttention
-from .training.mil import BagDataset, checkpoint_scales, forward_bag, load_checkpoint
-from .wsi.geometry import scale_index
+from .training.mil import bag_item, checkpoint_scales, forward_bag, load_checkpoint, scale_indices
 
 log = logging.getLogger(__name__)
 
@@ -72,26 +71,22 @@ def load_fold_models(models: str | os.PathLike, device, folds: list[int] | None 
     return out
 
 
-def check_bag(fold: FoldModel, bag_path: Path) -> None:
-    """The bag was made by the model's encoder and has its feature width, else a clear error."""
+def fold_items(folds: list[FoldModel], bag_path: Path, slide_id: str) -> list:
+    """The bag (read once) as each fold's model takes it: its scales, standardised with the
+    checkpoint's training statistics (:class:`~msamil_core.training.mil.BagItem` with patch
+    sizes). Fails clearly unless the models' encoder made the bag and their width is its width."""
     bag = load_bag(bag_path)
-    check_encoder(fold.checkpoint.get("encoder", ""), bag.encoder, str(fold.path), f"the bag {bag_path}")
-    in_dim = int(fold.checkpoint["model_args"]["in_dim"])
+    first = folds[0]
+    check_encoder(first.checkpoint.get("encoder", ""), bag.encoder, str(first.path), f"the bag {bag_path}")
+    in_dim = int(first.checkpoint["model_args"]["in_dim"])
     if bag.dim != in_dim:
-        raise MsamilError(f"{fold.path}: the model takes {in_dim} features per patch but the bag {bag_path} has "
+        raise MsamilError(f"{first.path}: the model takes {in_dim} features per patch but the bag {bag_path} has "
                           f"{bag.dim}; use bags of the encoder the experiment was trained with")
-
-
-def fold_item(fold: FoldModel, bag_path: Path, slide_id: str):
-    """The bag as ``fold``'s model takes it: its scales, standardised with the checkpoint's
-    training statistics; (BagItem, patch sizes int64 [M])."""
-    item = BagDataset([bag_path], [slide_id], [0], fold.scales, norm=fold.checkpoint.get("feature_norm"))[0]
-    bag = load_bag(bag_path)
-    keep = torch.isin(bag.scales, torch.tensor([scale_index(s) for s in fold.scales]))
-    if len(item.features) == 0:
-        raise MsamilError(f"slide {slide_id!r}: the bag {bag_path} has no patch at {'+'.join(fold.scales)}, "
-                          f"the scales of {fold.path}")
-    return item, bag.patch_size_level0[keep]
+    items = [bag_item(bag, slide_id, 0, scale_indices(f.scales), f.checkpoint.get("feature_norm")) for f in folds]
+    if not len(items[0].features):
+        raise MsamilError(f"slide {slide_id!r}: the bag {bag_path} has no patch at {'+'.join(first.scales)}, "
+                          f"the scales of {first.path}")
+    return items
 
 
 def slide_attention(folds: list[FoldModel], bag_path: Path, slide_id: str, device) -> tuple["SlideAttention", np.ndarray]:
@@ -101,26 +96,19 @@ def slide_attention(folds: list[FoldModel], bag_path: Path, slide_id: str, devic
     Attention is averaged only when the folds read the same scales (they do within an
     experiment); each fold's attention sums to 1, so the mean does too.
     """
-    check_bag(folds[0], bag_path)
-    probs, attention, item, sizes = [], [], None, None
-    for fold in folds:
-        item, sizes = fold_item(fold, bag_path, slide_id)
-        p, a = model_attention(fold.model, item, device)
-        probs.append(p)
-        attention.append(a)
-    per_fold = np.stack(probs)
-    att = SlideAttention(slide_id, item.coords.numpy(), item.scales.numpy(), sizes.numpy(), np.mean(attention, axis=0),
-                         per_fold.mean(0), list(folds[0].checkpoint["classes"]))
+    items = fold_items(folds, bag_path, slide_id)
+    probs, attention = zip(*(model_attention(fold.model, item, device) for fold, item in zip(folds, items)))
+    per_fold, item = np.stack(probs), items[-1]
+    att = SlideAttention(slide_id, item.coords.numpy(), item.scales.numpy(), item.sizes.numpy(),
+                         np.mean(attention, axis=0), per_fold.mean(0), list(folds[0].checkpoint["classes"]))
     return att, per_fold
 
 
 @torch.no_grad()
 def fold_probabilities(folds: list[FoldModel], bag_path: Path, slide_id: str, device) -> np.ndarray:
     """Class probabilities of each fold model on one bag, [K, C] (no attention needed)."""
-    check_bag(folds[0], bag_path)
     out = []
-    for fold in folds:
-        item, _ = fold_item(fold, bag_path, slide_id)
+    for fold, item in zip(folds, fold_items(folds, bag_path, slide_id)):
         results, _ = forward_bag(fold.model, item, device)
         out.append(results["logits"].float().softmax(-1)[0].cpu().numpy())
     return np.stack(out).astype(np.float64)

@@ -1,14 +1,17 @@
 # The slide sheet, wildcards, paths and input functions shared by all rules. What the config
 # means (experiments, feature sets, e2e runs, their checks) and every command-line option a rule
-# passes come from msamil_core.workflow_config, shell-quoted; the paths are decided here.
+# passes come from rules/workflow_config.py, shell-quoted; the paths are decided here.
 import os
 import re
+import sys
 
 from snakemake.exceptions import WorkflowError
 
 from msamil_core.cohort.sheet import check_sheet, load_sheet, slide_mpp
 from msamil_core.errors import MsamilError
-from msamil_core.workflow_config import SCALES, WorkflowConfig, feature_set_name
+
+sys.path.insert(0, workflow.current_basedir)  # rules/, where workflow_config.py lives
+from workflow_config import SCALES, WorkflowConfig, feature_set_name  # noqa: E402
 
 
 wildcard_constraints:

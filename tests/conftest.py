@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "rules"))  # rules/workflow_config.py, which tests import as `workflow_config`
 SHARED_DATA = Path(os.environ.get("MSAMIL_SHARED_DATA", REPO.parent / "shared" / "data"))
 SLIDES = SHARED_DATA / "slides"
 

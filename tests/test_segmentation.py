@@ -13,7 +13,8 @@ from PIL import Image
 from msamil_core.wsi.annotations import fill_polygons
 from msamil_core.errors import MsamilError
 from msamil_core.fileio import write_json
-from msamil_core.segmentation.model import build_model, load_encoder_weights, load_segmentation_checkpoint
+from msamil_core.features.weights import load_weights
+from msamil_core.segmentation.model import build_model, load_segmentation_checkpoint
 from msamil_core.segmentation.postprocess import PostProcess, postprocess
 from msamil_core.segmentation.training import SegmentationConfig, dice_bce_loss, mask_scores, split_patients
 from msamil_core.wsi.masks import load_mask, save_mask, save_rgb_png
@@ -301,7 +302,7 @@ def test_local_encoder_weights_load_strictly(tmp_path):
     assert torch.equal(model.encoder.conv1.weight, reference.conv1.weight)
     torch.save({"conv1.weight": torch.zeros(3, 3)}, tmp_path / "wrong.pth")
     with pytest.raises(MsamilError, match="do not fit"):
-        load_encoder_weights(build_model("resnet18", 3, [32, 16, 8]), tmp_path / "wrong.pth", "resnet18")
+        load_weights(build_model("resnet18", 3, [32, 16, 8]).encoder, tmp_path / "wrong.pth", "segmentation encoder")
 
 
 def test_config_and_encoder_errors_are_explained():

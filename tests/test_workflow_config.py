@@ -1,4 +1,4 @@
-"""msamil_core.workflow_config: what each rule runs with, read from the config.
+"""rules/workflow_config.py: what each rule runs with, read from the config.
 
 Option strings are checked the way the rule uses them: split as the shell splits them and parsed
 by the command's own argument parser, so an option the command does not know fails here too.
@@ -21,7 +21,7 @@ from snakemake.utils import update_config, validate
 from conftest import REPO
 from msamil_core.cli import build_parser
 from msamil_core.errors import MsamilError
-from msamil_core.workflow_config import WorkflowConfig, encoder_folder, mpp_option
+from workflow_config import WorkflowConfig, encoder_folder, mpp_option
 
 SCHEMA = str(REPO / "workflow" / "schemas" / "config.schema.yaml")
 ODD_SLIDE = "cmu (1) 'x';$y é"
@@ -64,7 +64,7 @@ def demo() -> WorkflowConfig:
 
 
 def test_module_loads_without_torch_or_pandas():
-    code = ("import sys, msamil_core.workflow_config; "
+    code = ("import sys; sys.path.insert(0, 'rules'); import workflow_config; "
             "print(sorted(m for m in ('torch', 'pandas', 'numpy', 'yaml') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
     assert out.stdout.strip() == "[]"

@@ -29,39 +29,19 @@ HELP = "write the synthetic demo cohort (pyramidal TIFFs, lesion GeoJSONs, slide
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="demo_data", metavar="DIR", help="output folder (default: %(default)s)")
-    parser.add_argument(
-        "--n-slides", type=int, default=30, metavar="N", help="slides in the cohort (default: %(default)s)"
-    )
+    parser.add_argument("--n-slides", type=int, default=30, metavar="N", help="slides in the cohort (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="random seed, >= 0 (default: %(default)s)")
-    parser.add_argument(
-        "--patch-size",
-        type=int,
-        default=256,
-        metavar="PX",
-        help="the pipeline's patch size in px at each magnification; nests are this many level-0 px and "
-        "slides 32 x 24 times it; a multiple of 16, >= 32 (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--threads", type=int, default=1, metavar="N", help="worker processes, one slide each (default: %(default)s)"
-    )
-    parser.add_argument(
-        "--slides",
-        nargs="+",
-        metavar="ID",
-        default=None,
-        help="write only these slides (ids as in the sheet, e.g. demo_000); the sheet still lists all",
-    )
+    parser.add_argument("--patch-size", type=int, default=256, metavar="PX",
+                        help="the pipeline's patch size in px at each magnification; nests are this many level-0 px "
+                        "and slides 32 x 24 times it; a multiple of 16, >= 32 (default: %(default)s)")
+    parser.add_argument("--threads", type=int, default=1, metavar="N",
+                        help="worker processes, one slide each (default: %(default)s)")
+    parser.add_argument("--slides", nargs="+", metavar="ID", default=None,
+                        help="write only these slides (ids as in the sheet, e.g. demo_000); the sheet still lists all")
 
 
 def run(args: argparse.Namespace) -> None:
     from ..cohort.demo import generate_cohort
 
-    generate_cohort(
-        args.out,
-        n_slides=args.n_slides,
-        seed=args.seed,
-        patch_size=args.patch_size,
-        threads=args.threads,
-        slide_ids=args.slides,
-        progress=True,
-    )
+    generate_cohort(args.out, n_slides=args.n_slides, seed=args.seed, patch_size=args.patch_size, threads=args.threads,
+                    slide_ids=args.slides, progress=True)

@@ -30,23 +30,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--meta", required=True, help="meta.json of the slide (from `msamil thumbnail`)")
     parser.add_argument("--lesion-mask", help="lesion mask PNG (thumbnail size) to export as annotations")
     parser.add_argument("--tissue-mask", help="tissue mask PNG (thumbnail size) to export as annotations")
-    parser.add_argument(
-        "--coords", nargs="+", default=[], metavar="H5", help="coordinates HDF5 files to export as patch squares"
-    )
-    parser.add_argument(
-        "--lesion-class", default="Tumor", help="QuPath class of the lesion annotations (default %(default)s)"
-    )
-    parser.add_argument(
-        "--patch-object-type",
-        choices=["tile", "detection"],
-        default="tile",
-        help="QuPath object type of the patch squares (default %(default)s)",
-    )
-    parser.add_argument(
-        "--single-feature",
-        action="store_true",
-        help="one MultiPolygon annotation per mask instead of one Polygon annotation per region",
-    )
+    parser.add_argument("--coords", nargs="+", default=[], metavar="H5", help="coordinates HDF5 files to export as patch squares")
+    parser.add_argument("--lesion-class", default="Tumor", help="QuPath class of the lesion annotations (default %(default)s)")
+    parser.add_argument("--patch-object-type", choices=["tile", "detection"], default="tile",
+                        help="QuPath object type of the patch squares (default %(default)s)")
+    parser.add_argument("--single-feature", action="store_true",
+                        help="one MultiPolygon annotation per mask instead of one Polygon annotation per region")
     parser.add_argument("--out", required=True, help="GeoJSON file to write")
 
 

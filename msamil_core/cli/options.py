@@ -194,11 +194,6 @@ def add_postprocess_arguments(parser: argparse.ArgumentParser, from_checkpoint: 
                    help=f"fill holes in lesions up to this fraction of the thumbnail (default {where})")
 
 
-def postprocess_values(args: argparse.Namespace) -> dict:
-    return {"threshold": args.threshold, "min_object_fraction": args.min_object_fraction,
-            "max_hole_fraction": args.max_hole_fraction}
-
-
 def add_annotation_arguments(parser: argparse.ArgumentParser) -> None:
     """Options that turn annotation files into lesion masks (classes, mask labels, bounds)."""
     from ..wsi.annotations import DEFAULT_IGNORE_CLASSES, DEFAULT_SUBTRACT_CLASSES, DEFAULT_TOLERANCE

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import argparse
 
-from .options import add_postprocess_arguments, postprocess_values
+from .options import add_postprocess_arguments
 
 HELP = "thumbnail + tissue mask -> lesion_mask.png (UNet++)"
 
@@ -51,6 +51,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> None:
     from ..pipeline import make_lesion_mask
 
-    make_lesion_mask(args.checkpoint, args.thumbnail, args.tissue_mask, args.out, args.slide_id,
-                     postprocess_values(args), args.reuse, args.fallback_below, args.probabilities, args.device,
-                     args.threads)
+    post = {"threshold": args.threshold, "min_object_fraction": args.min_object_fraction,
+            "max_hole_fraction": args.max_hole_fraction}  # None: the checkpoint's
+    make_lesion_mask(args.checkpoint, args.thumbnail, args.tissue_mask, args.out, args.slide_id, post, args.reuse,
+                     args.fallback_below, args.probabilities, args.device, args.threads)

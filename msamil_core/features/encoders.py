@@ -218,10 +218,9 @@ def _timm_encoder(name: str, input_size: int, **kwargs) -> nn.Module:
             "(python -c 'import timm; print(timm.list_models())')"
         )
     kwargs = {"num_classes": 0, **kwargs}
-    cfg = get_pretrained_cfg(name.split(".")[0])
     # Fixed-size models (ViT, Swin) bake the token grid into their parameters; CNNs take any size.
-    if cfg is not None and getattr(cfg, "fixed_input_size", False) and "img_size" not in kwargs:
-        if tuple(cfg.input_size[-2:]) != (input_size, input_size):
+    if _fixed_input_size(name) and "img_size" not in kwargs:
+        if tuple(get_pretrained_cfg(name.split(".")[0]).input_size[-2:]) != (input_size, input_size):
             kwargs["img_size"] = input_size
     try:
         model = timm.create_model(name, pretrained=False, **kwargs)
@@ -267,6 +266,7 @@ def build_encoder(spec: EncoderSpec) -> tuple[PatchEncoder, int]:
 
 # -- identity -----------------------------------------------------------------------------------
 def _fixed_input_size(name: str) -> bool:
+    """Whether a timm model's parameters depend on its input size (ViT, Swin: the token grid)."""
     if name in _REGISTRY:
         return False
     from timm.models import get_pretrained_cfg

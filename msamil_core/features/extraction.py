@@ -86,16 +86,9 @@ def _one_line(exc: MsamilError) -> str:
 
 def make_loader(dataset: PatchDataset, batch_size: int, workers: int, device: torch.device) -> DataLoader:
     """Ordered batches of uint8 [B, S, S, 3], read by ``workers`` processes (0 = in this process)."""
-    return DataLoader(
-        dataset,
-        batch_size=batch_size,
-        shuffle=False,
-        num_workers=workers,
-        pin_memory=device.type == "cuda",
-        persistent_workers=workers > 0,
-        prefetch_factor=4 if workers > 0 else None,
-        worker_init_fn=_worker_init if workers > 0 else None,
-    )
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers, pin_memory=device.type == "cuda",
+                      persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None,
+                      worker_init_fn=_worker_init if workers > 0 else None)
 
 
 def prepare_encoder(encoder: PatchEncoder, device: torch.device) -> PatchEncoder:
@@ -150,18 +143,9 @@ def encode_patches(
     return out
 
 
-def extract_bags(
-    slide_path: str | os.PathLike,
-    coords_sets: list[list[str | os.PathLike]],
-    spec: EncoderSpec,
-    slide_id: str | None = None,
-    mpp: float | None = None,
-    batch_size: int = 32,
-    workers: int = 2,
-    device: str = "auto",
-    fp16: bool = False,
-    progress: bool = True,
-) -> list[Bag]:
+def extract_bags(slide_path: str | os.PathLike, coords_sets: list[list[str | os.PathLike]], spec: EncoderSpec,
+                 slide_id: str | None = None, mpp: float | None = None, batch_size: int = 32, workers: int = 2,
+                 device: str = "auto", fp16: bool = False, progress: bool = True) -> list[Bag]:
     """Encode one slide's patch sets (e.g. the lesion, tissue and random patches) into one bag
     each, reading and encoding every patch they share once.
 

@@ -1,20 +1,13 @@
-"""The report's tables, each a pandas DataFrame computed from the experiments' fold metrics and
-configs (``{experiment: {fold: metrics}}``, ``{experiment: config}``):
+"""The report's tables, each a pandas DataFrame computed from the experiments' fold metrics
+(``{experiment: {fold: metrics}}``) and configs, comparisons found from the configs themselves:
+multi- against single-scale (MsaMIL-Net), transfer against scratch (MIL-Lab), e2e-tuned against
+frozen features and the K study (MsaMIL-Net sec. 3.4, Campanella et al.), patch-selection
+strategies (MsaMIL-Net Table 1) and the lesion segmentation's IoU.
 
-* :func:`summary_table`: mean ± sd over folds of the headline metrics per experiment;
-* :func:`scale_groups` / :func:`transfer_table`: multi- against single-scale (MsaMIL-Net) and
-  transfer against training from scratch (MIL-Lab), found from the configs themselves;
-* :func:`e2e_table` and :func:`k_studies`: e2e-tuned against frozen-encoder features on the same
-  folds, and each e2e run's K study (MsaMIL-Net sec. 3.4, Campanella et al.);
-* :func:`strategy_table`: experiments that differ only in their patch-selection strategy (same
-  model, model options, task and scales), each with its test AUC, the patches extracted for it
-  and the wall time of extracting them plus running the fold models on the test parts
-  (MsaMIL-Net Table 1). One ``extract_features`` job per slide writes the bags of all
-  strategies, encoding the patches they share once; a strategy's extraction time is, slide by
-  slide, the job's wall time (Snakemake's ``benchmark:`` file) times the share of the job's
-  patches that strategy needs (``len(bag) / patches_encoded``); inference time is each fold's
-  ``inference_seconds`` (metrics.json);
-* :func:`segmentation_table`: the UNet++ hold-out and validation IoU and Dice.
+A strategy's extraction time: one ``extract_features`` job per slide writes the bags of all
+strategies, encoding the patches they share once, so it is, slide by slide, the job's wall time
+(Snakemake's ``benchmark:`` file) times the share of the job's patches that strategy needs
+(``len(bag) / patches_encoded``); inference time is each fold's ``inference_seconds``.
 """
 
 from __future__ import annotations

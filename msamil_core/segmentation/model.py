@@ -78,17 +78,11 @@ def build_model(
             f"segmentation encoder {encoder!r} cannot build a UNet++ ({str(exc).strip() or type(exc).__name__}); "
             f"use a segmentation_models_pytorch encoder such as {', '.join(known[:8])}, or tu-<timm model>"
         ) from None
-    if encoder_weights:
-        load_encoder_weights(model, encoder_weights, encoder)
+    if encoder_weights:  # a torchvision, timm or smp encoder's state dict, or a whole smp model's
+        from ..features.weights import load_weights
+
+        load_weights(model.encoder, encoder_weights, f"segmentation encoder {encoder}")
     return model
-
-
-def load_encoder_weights(model: torch.nn.Module, path: str | os.PathLike, encoder: str) -> None:
-    """Load a local state dict into ``model.encoder`` strictly, classifier heads aside (a
-    torchvision, timm or segmentation_models_pytorch encoder's, or a whole smp model's)."""
-    from ..features.weights import load_weights
-
-    load_weights(model.encoder, path, f"segmentation encoder {encoder}")
 
 
 def normalise(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:

@@ -343,11 +343,10 @@ class E2ETask(SlideTask):
         self.spec = spec
         self.rank, self.world = distributed()
         self.model = build_joint_model(cfg, spec, len(classes)).to(device).train()
-        self.norm = None
         if cfg.standardize:  # with `norm_k` patches per slide (the K study's largest K), else the run's K
             k = train_set.k
             train_set.k, train_set.epoch = norm_k or k, 0
-            self.norm = fit_feature_norm(self.model, train_set, device, cfg.bf16)
+            fit_feature_norm(self.model, train_set, device, cfg.bf16)
             train_set.k = k
 
     def param_groups(self) -> list[dict]:

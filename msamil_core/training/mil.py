@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import MsamilError
-from ..features.bags import find_bag, load_bag
+from ..features.bags import Bag, find_bag, load_bag
 from ..fileio import save_torch, torch_load, write_json
 from ..runtime import autocast, is_main_process
 from ..wsi.geometry import SCALES, scale_index
@@ -111,6 +111,23 @@ class BagItem:
     coords: torch.Tensor  # int64 [M, 2] level-0 top-left
     scales: torch.Tensor  # int64 [M]
     label: int
+    sizes: torch.Tensor | None = None  # int64 [M] patch side in level-0 px
+
+
+def bag_item(bag: Bag, slide_id: str, label: int, keep: torch.Tensor, norm: dict | None = None,
+             subsample=None) -> BagItem:
+    """A loaded bag as a model takes it: the instances whose scale is in ``keep`` (scale indices),
+    of those the rows ``subsample(M)`` picks (default all), features in torch's default dtype,
+    standardised with ``norm`` ({"mean": [D], "std": [D]})."""
+    rows = torch.isin(bag.scales, keep)
+    feats, coords, scales, sizes = (t[rows] for t in (bag.features, bag.coords, bag.scales, bag.patch_size_level0))
+    idx = subsample(len(feats)) if subsample else None
+    if idx is not None:
+        feats, coords, scales, sizes = feats[idx], coords[idx], scales[idx], sizes[idx]
+    feats = feats.to(torch.get_default_dtype())  # float32 unless a caller (a float64 test) says otherwise
+    if norm is not None:
+        feats = (feats - norm["mean"]) / norm["std"]
+    return BagItem(slide_id, feats, coords, scales, label, sizes)
 
 
 class BagDataset(torch.utils.data.Dataset):
@@ -120,7 +137,7 @@ class BagDataset(torch.utils.data.Dataset):
     def __init__(self, paths: list[Path], slide_ids: list[str], labels: list[int], scales: list[str],
                  max_instances: int = 0, seed: int = 0, train: bool = False, norm: dict | None = None):
         self.paths, self.slide_ids, self.labels = list(paths), list(slide_ids), list(labels)
-        self.keep = torch.tensor([scale_index(s) for s in scales])
+        self.keep = scale_indices(scales)
         self.max_instances, self.seed, self.train = max_instances, seed, train
         self.norm = norm  # {"mean": [D], "std": [D]} or None
         self.epoch = 0
@@ -129,17 +146,14 @@ class BagDataset(torch.utils.data.Dataset):
         return len(self.paths)
 
     def __getitem__(self, i: int) -> BagItem:
-        bag = load_bag(self.paths[i], require_coords=False)
-        keep = torch.isin(bag.scales, self.keep)
-        feats, coords, scales = bag.features[keep], bag.coords[keep], bag.scales[keep]
-        if self.train and self.max_instances and len(feats) > self.max_instances:
+        def subsample(n: int):
+            if not (self.train and self.max_instances and n > self.max_instances):
+                return None
             rng = np.random.default_rng([self.seed, self.epoch, i, 2])
-            idx = torch.from_numpy(np.sort(rng.permutation(len(feats))[: self.max_instances]))
-            feats, coords, scales = feats[idx], coords[idx], scales[idx]
-        feats = feats.to(torch.get_default_dtype())  # float32 unless a caller (a float64 test) says otherwise
-        if self.norm is not None:
-            feats = (feats - self.norm["mean"]) / self.norm["std"]
-        return BagItem(self.slide_ids[i], feats, coords, scales, self.labels[i])
+            return torch.from_numpy(np.sort(rng.permutation(n)[: self.max_instances]))
+
+        bag = load_bag(self.paths[i], require_coords=False)
+        return bag_item(bag, self.slide_ids[i], self.labels[i], self.keep, self.norm, subsample)
 
     def feature_statistics(self) -> dict:
         """Per-dimension mean and std of every instance of these bags (the kept scales):
@@ -158,6 +172,11 @@ class BagDataset(torch.utils.data.Dataset):
         mean = total / count
         std = (sq / count - mean * mean).clamp_min(0).sqrt()
         return {"mean": mean.float(), "std": std.clamp_min(1e-6 + 1e-3 * float(std.mean())).float()}
+
+
+def scale_indices(scales: list[str]) -> torch.Tensor:
+    """Scale names -> their indices (0 = 20x, 1 = 10x, 2 = 5x), as a tensor for ``torch.isin``."""
+    return torch.tensor([scale_index(s) for s in scales])
 
 
 def locate_bags(feature_dir: str | os.PathLike, slide_ids: list[str]) -> list[Path]:

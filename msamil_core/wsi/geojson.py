@@ -61,19 +61,15 @@ def mask_polygons(mask: np.ndarray) -> list[list[np.ndarray]]:
     return polygons
 
 
-def trace_rings(mask: np.ndarray) -> list[np.ndarray]:
-    """Every boundary ring of a bool mask along pixel edges, int64 [V, 2] (x, y) each.
+def _trace(mask: np.ndarray) -> tuple[list[np.ndarray], list[tuple[int, int]]]:
+    """Every boundary ring of a bool mask along pixel edges, int64 [V, 2] (x, y) each, and for
+    each the (row, col) of a foreground pixel it bounds.
 
     Boundary edges are directed with the foreground on their left in the (x, y) numbers, which
     makes exteriors counter-clockwise (positive :func:`ring_area`) and holes clockwise; on a
     y-down screen both look mirrored. Where two foreground pixels touch only at a corner, the
     walk turns towards the pixel it came along, keeping them apart (4-connectivity).
     """
-    return _trace(mask)[0]
-
-
-def _trace(mask: np.ndarray) -> tuple[list[np.ndarray], list[tuple[int, int]]]:
-    """Rings as in :func:`trace_rings`, and for each the (row, col) of a foreground pixel it bounds."""
     m = np.pad(np.asarray(mask, dtype=bool), 1)
     inner = m[1:-1, 1:-1]
     r, c = np.nonzero(inner)

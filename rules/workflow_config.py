@@ -1,6 +1,8 @@
 """The workflow's config, interpreted: experiments, feature sets, e2e runs and each rule's options.
 
-``rules/common.smk`` builds one :class:`WorkflowConfig` at parse time from the config Snakemake
+It lives beside the rules it serves (it is wiring: rule names, their options and checks; the
+package ``msamil_core`` computes and knows nothing of the workflow). ``rules/common.smk`` builds
+one :class:`WorkflowConfig` at parse time from the config Snakemake
 validated (schema defaults filled in) and takes from it every command-line option a rule passes
 to ``msamil``, as a ready, shell-quoted string. Where files are laid out stays decided in
 ``common.smk``: a method that needs paths (coordinates files, bags, masks, checkpoints) takes
@@ -18,7 +20,7 @@ import os
 import shlex
 from typing import Mapping, Sequence
 
-from .errors import MsamilError
+from msamil_core.errors import MsamilError
 
 SCALES = ("20x", "10x", "5x")
 STRATEGIES = ("lesion", "tissue", "random")
