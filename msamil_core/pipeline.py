@@ -336,8 +336,9 @@ def _reusable_coords(files: SlideFiles, digest: str, settings: SlideSettings) ->
     return True
 
 
-def _reusable_slide_dir(files: SlideFiles, slide_path, needs_lesion: bool) -> bool:
-    """Whether a slide folder's meta.json was made from this slide file and the masks are there."""
+def _reusable_slide_dir(files: SlideFiles, identity: dict, needs_lesion: bool) -> bool:
+    """Whether a slide folder's meta.json was made from the slide file of ``identity``
+    (:func:`~msamil_core.wsi.thumbnail.file_identity`) and the masks are there."""
     from .wsi.thumbnail import load_meta, same_file
 
     if not (files.meta.is_file() and files.thumbnail.is_file() and files.tissue.is_file()):
@@ -345,9 +346,18 @@ def _reusable_slide_dir(files: SlideFiles, slide_path, needs_lesion: bool) -> bo
     if needs_lesion and not files.lesion.is_file():
         return False
     try:
-        return same_file(load_meta(files.meta).get("source"), slide_path)
+        return same_file(load_meta(files.meta).get("source"), identity)
     except MsamilError:
         return False
+
+
+def slide_folder(slide_path: str | os.PathLike, places: list[SlideFiles]) -> SlideFiles | None:
+    """The first of ``places`` whose slide folder (meta.json, thumbnail, tissue mask) was made from
+    the file ``slide_path``; None when none was."""
+    from .wsi.thumbnail import file_identity
+
+    identity = file_identity(slide_path)
+    return next((f for f in places if _reusable_slide_dir(f, identity, needs_lesion=False)), None)
 
 
 def prepare_slide(slide_path: str | os.PathLike, slide_id: str, mpp: float | None, settings: SlideSettings,
@@ -366,7 +376,8 @@ def prepare_slide(slide_path: str | os.PathLike, slide_id: str, mpp: float | Non
 
     if not Path(slide_path).is_file():
         raise MsamilError(f"slide {slide_id!r}: file not found: {slide_path}; fix its `path` in the slide sheet")
-    digest = file_identity(slide_path)["digest"]
+    identity = file_identity(slide_path)  # read once: every reuse check and the extraction compare to it
+    digest = identity["digest"]
     wanted = encoder or encoder_id(settings.encoder)
     places = [out, *reuse]
     for files in places:
@@ -382,9 +393,9 @@ def prepare_slide(slide_path: str | os.PathLike, slide_id: str, mpp: float | Non
         if coords is not None:
             log.info("%s: reusing the coordinates %s", slide_id, coords["20x"])
         else:
-            coords = _stage_coordinates(slide_path, slide_id, mpp, settings, out, places, stage)
+            coords = _stage_coordinates(slide_path, slide_id, mpp, settings, out, places, stage, identity)
         bag = extract_bags(slide_path, [list(coords.values())], settings.encoder, slide_id=slide_id, mpp=mpp,
-                           **asdict(settings.extract))[0]
+                           digest=digest, **asdict(settings.extract))[0]
         check_encoder(wanted, bag.encoder, "the model", "the encoder given")
         if len(bag) == 0:
             raise MsamilError(f"slide {slide_id!r}: no patch passes the selection mask, so there is nothing to classify")
@@ -396,7 +407,7 @@ def prepare_slide(slide_path: str | os.PathLike, slide_id: str, mpp: float | Non
 
 
 def _stage_coordinates(slide_path, slide_id: str, mpp, settings: SlideSettings, out: SlideFiles,
-                       places: list[SlideFiles], stage: _Staging) -> dict[str, Path]:
+                       places: list[SlideFiles], stage: _Staging, identity: dict) -> dict[str, Path]:
     """Coordinates of the chain's strategy, staged for ``out``; the slide folder's files (thumbnail,
     meta.json, masks) are reused from a place that made them from this slide, or staged too."""
     from .wsi.coords import write_coords
@@ -404,7 +415,7 @@ def _stage_coordinates(slide_path, slide_id: str, mpp, settings: SlideSettings, 
     from .wsi.thumbnail import load_meta
 
     needs_lesion = settings.strategy == "lesion"
-    folder = next((f for f in places if _reusable_slide_dir(f, slide_path, needs_lesion)), None)
+    folder = next((f for f in places if _reusable_slide_dir(f, identity, needs_lesion)), None)
     if folder is not None:
         log.info("%s: reusing %s", slide_id, folder.meta.parent)
         meta_path, tissue_path, lesion_path = folder.meta, folder.tissue, folder.lesion

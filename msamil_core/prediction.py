@@ -26,7 +26,7 @@ from .cohort.sheet import check_sheet, load_sheet, read_table, slide_mpp
 from .errors import MsamilError
 from .features.bags import find_bag, load_bag
 from .fileio import atomic_path, write_json
-from .pipeline import SlideFiles, SlideSettings, check_encoder, prepare_slide
+from .pipeline import SlideFiles, SlideSettings, check_encoder, prepare_slide, slide_folder
 from .reporting.heatmaps import SlideAttention
 from .training.mil import bag_item, checkpoint_scales, forward_bag, load_checkpoint, scale_indices
 
@@ -247,7 +247,8 @@ def predict_slides(models: str | os.PathLike, sheet, out: str | os.PathLike, set
             bag_path = prepare_slide(row["path"], sid, mpp, settings, own, reuse, expected or given)
             if heatmaps:
                 att, per_fold = slide_attention(fold_models, bag_path, sid, device)
-                drawn.append((att, row, next(f for f in [own, *reuse] if f.meta.is_file()), mpp))
+                # the thumbnail of this very file (none: draw_slide renders one from the slide)
+                drawn.append((att, row, slide_folder(row["path"], [own, *reuse]) or own, mpp))
             else:
                 per_fold = fold_probabilities(fold_models, bag_path, sid, device)
         except MsamilError as exc:

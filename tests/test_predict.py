@@ -154,8 +154,10 @@ def test_another_file_under_a_cohort_slide_id_gets_its_own_features(tiny_experim
                                                {"slide_id": "s1", "path": exp["rows"][1]["path"]}])
     before = _files(exp["results"])
     out = tmp_path / "out"
-    assert _predict(exp, out, "--sheet", str(sheet)) == 0
+    assert _predict(exp, out, "--sheet", str(sheet), "--heatmaps", "--top-k", "2") == 0
     assert _files(exp["results"]) == before
+    for sid in ("s0", "s1"):  # drawn on the thumbnail of each slide's own file
+        assert (out / "heatmaps" / sid / "attention_combined.png").is_file()
     own, cohort = (torch.load(d / "s0.pt", weights_only=True) for d in (out / "features", exp["features"]))
     assert own["slide_digest"] == file_identity(other)["digest"] != cohort["slide_digest"]
     assert json.loads((out / "slides" / "s0" / "meta.json").read_text())["source"]["path"] == str(other.resolve())

@@ -86,8 +86,8 @@ def _one_line(exc: MsamilError) -> str:
 
 def make_loader(dataset: PatchDataset, batch_size: int, workers: int, device: torch.device) -> DataLoader:
     """Ordered batches of uint8 [B, S, S, 3], read by ``workers`` processes (0 = in this process)."""
-    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers, pin_memory=device.type == "cuda",
-                      persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None,
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
+                      pin_memory=device.type == "cuda", persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None,
                       worker_init_fn=_worker_init if workers > 0 else None)
 
 
@@ -145,7 +145,8 @@ def encode_patches(
 
 def extract_bags(slide_path: str | os.PathLike, coords_sets: list[list[str | os.PathLike]], spec: EncoderSpec,
                  slide_id: str | None = None, mpp: float | None = None, batch_size: int = 32, workers: int = 2,
-                 device: str = "auto", fp16: bool = False, progress: bool = True) -> list[Bag]:
+                 device: str = "auto", fp16: bool = False, progress: bool = True,
+                 digest: str | None = None) -> list[Bag]:
     """Encode one slide's patch sets (e.g. the lesion, tissue and random patches) into one bag
     each, reading and encoding every patch they share once.
 
@@ -161,6 +162,7 @@ def extract_bags(slide_path: str | os.PathLike, coords_sets: list[list[str | os.
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
         fp16: store features as float16 (half the disk; compute precision is unchanged).
         progress: show a tqdm bar on stderr.
+        digest: the slide file's digest when the caller has it (else it is read here).
 
     Returns:
         One bag per patch set: features [N, D] (float32, or float16 with ``fp16``), coords int64
@@ -171,7 +173,7 @@ def extract_bags(slide_path: str | os.PathLike, coords_sets: list[list[str | os.
     started = time.perf_counter()
     torch_device = resolve_device(device)
     with open_slide(slide_path, slide_id, mpp) as slide:  # validates the slide before any work
-        digest = file_identity(slide_path)["digest"]
+        digest = digest or file_identity(slide_path)["digest"]
         tables = [read_patch_table(paths, slide, digest) for paths in coords_sets]
         slide_id, slide_mpp = slide.slide_id, slide.mpp
     union, positions = union_table(tables)

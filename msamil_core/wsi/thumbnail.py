@@ -44,16 +44,11 @@ def file_identity(path: str | os.PathLike) -> dict:
     return {"path": str(path.resolve()), "size": size, "mtime": stat.st_mtime, "digest": digest.hexdigest()}
 
 
-def same_file(identity: dict | None, path: str | os.PathLike) -> bool:
-    """Whether ``path`` holds the bytes ``identity`` (a meta.json's ``source``) describes: size and
-    digest equal. Path and mtime are not compared, so a moved or copied slide is still itself."""
-    if not identity:
-        return False
-    try:
-        current = file_identity(path)
-    except OSError:
-        return False
-    return current["size"] == identity.get("size") and current["digest"] == identity.get("digest")
+def same_file(recorded: dict | None, current: dict) -> bool:
+    """Whether the file identity ``recorded`` (a meta.json's ``source``) is that of the file whose
+    :func:`file_identity` is ``current``: size and digest equal. Path and mtime are not compared,
+    so a moved or copied slide is still itself."""
+    return bool(recorded) and current["size"] == recorded.get("size") and current["digest"] == recorded.get("digest")
 
 
 def thumbnail_and_meta(slide, long_side: int) -> tuple[np.ndarray, dict]:
