@@ -1,36 +1,154 @@
 """Atomic output files: write to a temporary name beside the target, then rename.
 
 A job killed half-way (error, SIGKILL, preemption) never leaves a partial file
-under the final name, so Snakemake and reruns never mistake it for a result.
+under the final name, so Snakemake and reruns never mistake it for a result; the temporary it
+leaves has a name no output glob matches and is removed by the next writer in that folder.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
+import socket
 import tempfile
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
 from .errors import MsamilError
 
+log = logging.getLogger(__name__)
+
+
+# Every temporary file or folder msamil writes beside an output is named
+# ``.msamil-tmp-<host>+<pid>+<start>+<target name>.<random>.tmp``: hidden, with a suffix no output
+# has, so no glob for outputs (``*.pt``, ``*.h5``, ``fold*``...) ever matches one. The writer's
+# host, process id and process start time let a later writer in the same folder tell a leftover
+# of a killed job (its process is gone) from the temporary of a job still running there.
+TEMP_PREFIX = ".msamil-tmp-"
+TEMP_SUFFIX = ".tmp"
+# A leftover written on another machine (shared file system) whose liveness cannot be checked from
+# here is removed once it has not been modified for this long.
+FOREIGN_TEMP_AGE_S = 24 * 3600
+
+_swept: set[str] = set()  # folders whose stale temporaries this process has removed
+
+
+def _process_start(pid: int) -> str:
+    """The start time of process ``pid`` in clock ticks since boot ("" where /proc does not tell,
+    "gone" when the process does not exist)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            # field 22; the command name (field 2) may hold spaces, so count from its closing parenthesis
+            return f.read().rsplit(b")", 1)[1].split()[19].decode()
+    except FileNotFoundError:
+        return "gone" if os.path.isdir("/proc/self") else ""
+    except (OSError, IndexError):
+        return ""
+
+
+def _writer_tag() -> str:
+    return f"{socket.gethostname()}+{os.getpid()}+{_process_start(os.getpid())}"
+
+
+def temp_name(target: Path) -> str:
+    """The prefix of a temporary beside ``target`` (mkstemp/mkdtemp add ``<random>`` and ``.tmp``)."""
+    return f"{TEMP_PREFIX}{_writer_tag()}+{target.name[:80]}."
+
+
+def is_temporary(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is one of msamil's temporaries (never an output)."""
+    return Path(path).name.startswith(TEMP_PREFIX)
+
+
+def _stale(entry: os.DirEntry) -> bool:
+    """Whether a temporary was left by a writer that no longer runs."""
+    try:
+        host, pid, start = entry.name[len(TEMP_PREFIX):].split("+", 3)[:3]
+        pid_ = int(pid)
+    except ValueError:
+        host, pid_, start = "", 0, ""
+    if host == socket.gethostname() and pid_ > 0:
+        if pid_ == os.getpid():
+            return False
+        now = _process_start(pid_)
+        if now == "gone" or (now and start and now != start):  # exited, or its pid now names another process
+            return True
+        if now:
+            return False
+        try:  # no /proc: a signal 0 tells whether the pid exists
+            os.kill(pid_, 0)
+            return False
+        except ProcessLookupError:
+            return True
+        except OSError:
+            return False
+    try:
+        return time.time() - entry.stat(follow_symlinks=False).st_mtime > FOREIGN_TEMP_AGE_S
+    except OSError:
+        return False
+
+
+def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
+    """Remove the temporaries in ``folder`` whose writer is gone (killed mid-write); those of
+    writers still running (this process, other jobs) stay. Returns what was removed."""
+    import shutil
+
+    removed = []
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return removed
+    for entry in entries:
+        if entry.name.startswith(TEMP_PREFIX) and _stale(entry):
+            try:
+                if entry.is_dir(follow_symlinks=False):
+                    shutil.rmtree(entry.path)
+                else:
+                    os.unlink(entry.path)
+            except FileNotFoundError:  # another process removed it first
+                continue
+            except OSError as exc:
+                log.debug("cannot remove stale temporary %s: %s", entry.path, exc)
+                continue
+            log.info("removed %s, left by a writer that was stopped mid-write", entry.path)
+            removed.append(Path(entry.path))
+    return removed
+
+
+def _sweep_once(folder: Path) -> None:
+    key = str(folder.resolve())
+    if key not in _swept:
+        _swept.add(key)
+        remove_stale_temporaries(folder)
+
+
+def make_temp_dir(parent: str | os.PathLike, target: str | os.PathLike) -> Path:
+    """A new temporary folder in ``parent`` for files that will become ``target`` (removes the
+    folder's stale temporaries first, once per process)."""
+    parent = Path(parent)
+    parent.mkdir(parents=True, exist_ok=True)
+    _sweep_once(parent)
+    return Path(tempfile.mkdtemp(prefix=temp_name(Path(target)), suffix=TEMP_SUFFIX, dir=parent))
+
 
 @contextmanager
-def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[Path]:
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path in the target's directory; rename it onto ``path`` on success.
 
-    The temporary name keeps the target's suffix (``suffix`` overrides it) so libraries
-    that pick a format from the extension (PIL, torch) still work. On any exception the
-    temporary file is removed and the target is left untouched.
+    The temporary's name ends in ``.tmp`` (see :data:`TEMP_PREFIX`), so writers must name their
+    format (``savefig(format=...)``, ``Image.save(format=...)``) rather than rely on the
+    extension. On any exception the temporary file is removed and the target is left untouched;
+    a temporary left by a killed writer is removed by the next writer in that folder.
     """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(
-        prefix=f".{target.name}.", suffix=suffix if suffix is not None else target.suffix, dir=target.parent
-    )
+    _sweep_once(target.parent)
+    fd, tmp_name = tempfile.mkstemp(prefix=temp_name(target), suffix=TEMP_SUFFIX, dir=target.parent)
     os.close(fd)
     tmp = Path(tmp_name)
     try:
@@ -66,13 +184,12 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     import shutil
 
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    tmp = make_temp_dir(target.parent, target)
     try:
         yield tmp
         os.chmod(tmp, 0o777 & ~_umask())
         if target.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
+            old = make_temp_dir(target.parent, target)
             os.replace(target, old / "x")
             os.replace(tmp, target)
             shutil.rmtree(old, ignore_errors=True)
@@ -138,6 +255,6 @@ def torch_load(path: str | os.PathLike, what: str, allow_numpy: bool = False) ->
         if "Weights only load failed" in str(exc):
             name = next(filter(None, culprit.groups())) if culprit else "a Python object"
             reason = f"it pickles {name}; only tensors, numbers and plain containers are read"
-        else:
-            reason = f"not a PyTorch file, or truncated; {type(exc).__name__}"
-        raise MsamilError(f"{what} {path}: cannot read it ({reason})") from None
+            raise MsamilError(f"{what} {path}: cannot read it ({reason})") from None
+        raise MsamilError(f"{what} {path}: cannot read it (not a PyTorch file, or truncated; {type(exc).__name__}); "
+                          "rerun the step that wrote it, or copy the file again") from None

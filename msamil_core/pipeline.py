@@ -19,14 +19,13 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from .errors import MsamilError
-from .fileio import write_json
+from .fileio import make_temp_dir, write_json
 from .wsi.geometry import DEFAULT_BASE_MPP, SCALES
 from .wsi.tissue import TissueParams
 
@@ -289,8 +288,7 @@ class _Staging:
     """Files for their final paths, written under a temporary folder and moved in by commit()."""
 
     def __init__(self, root: Path):
-        root.mkdir(parents=True, exist_ok=True)
-        self.dir = Path(tempfile.mkdtemp(prefix=".msamil-staging.", dir=root))
+        self.dir = make_temp_dir(root, "staging")
         self.files: dict[Path, Path] = {}
 
     def path(self, target: Path) -> Path:

@@ -38,14 +38,32 @@ def resolve_device(name: str = "auto") -> torch.device:
 def claim_free(keys: list[str], lock_dir: str | os.PathLike) -> int | None:
     """Index of the first key whose lock file in ``lock_dir`` no other process holds, now held
     by this one until it exits (the operating system releases it even after SIGKILL);
-    None when every key is held."""
+    None when every key is held.
+
+    The lock files are shared by every user of the machine (a GPU is one device whoever runs the
+    job): created read-write for all, and opened without ``O_CREAT`` when they exist (in a sticky
+    world-writable folder ``fs.protected_regular`` refuses an ``O_CREAT`` open of another user's
+    file), read-only where writing is not allowed (all ``flock`` needs on a local file system). A lock file this user cannot open (made 0600 by an older
+    version) is replaced by one in a folder of this user's own, with a warning: that GPU is then
+    claimed among this user's jobs only.
+    """
     import fcntl
 
     for index, key in enumerate(keys):
         path = os.path.join(lock_dir, f"msamil-{key}.lock")
         if path in _claimed:
             return index
-        fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o666)
+        try:
+            fd = _open_lock(path)
+        except PermissionError:
+            own = os.path.join(f"{os.fspath(lock_dir)}-uid{os.getuid()}", f"msamil-{key}.lock")
+            log.warning("GPU lock %s belongs to another user and is not readable; claiming via %s (jobs of other "
+                        "users may share that GPU; remove the old lock file to fix this)", path, own)
+            os.makedirs(os.path.dirname(own), mode=0o700, exist_ok=True)
+            path = own
+            if path in _claimed:
+                return index
+            fd = _open_lock(path)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -56,6 +74,37 @@ def claim_free(keys: list[str], lock_dir: str | os.PathLike) -> int | None:
     return None
 
 
+def _open_lock(path: str) -> int:
+    """A descriptor of the lock file ``path`` (created read-write for every user if missing):
+    read-write where allowed (NFS emulates ``flock`` by write locks), else read-only."""
+    for flags in (os.O_RDWR, os.O_RDONLY):
+        try:
+            return os.open(path, flags)
+        except FileNotFoundError:
+            break
+        except PermissionError:
+            if flags == os.O_RDONLY:
+                raise
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666)
+    except FileExistsError:  # another process made it in between
+        return _open_lock(path)
+    os.fchmod(fd, 0o666)  # whatever this user's umask
+    return fd
+
+
+def gpu_lock_dir(base: str | os.PathLike | None = None) -> str:
+    """The folder of the GPU lock files: ``msamil-gpu-locks`` in the system's temporary folder (or
+    ``base``), shared by all users (sticky and world-writable, like /tmp itself)."""
+    path = os.path.join(base or tempfile.gettempdir(), "msamil-gpu-locks")
+    try:
+        os.mkdir(path)
+        os.chmod(path, 0o1777)  # mkdir applies the umask
+    except FileExistsError:
+        pass
+    return path
+
+
 def claim_gpu() -> int:
     """A visible GPU for this process; GPUs are named by UUID, so jobs that see them in another
     order (CUDA_VISIBLE_DEVICES) still claim each physical GPU once."""
@@ -63,7 +112,7 @@ def claim_gpu() -> int:
     if count == 1:
         return 0
     keys = [f"gpu-{torch.cuda.get_device_properties(i).uuid}" for i in range(count)]
-    index = claim_free(keys, tempfile.gettempdir())
+    index = claim_free(keys, gpu_lock_dir())
     if index is None:
         log.warning("all %d GPUs are in use by other msamil jobs; sharing GPU 0 (limit GPU jobs with "
                     "snakemake --resources gpu=%d)", count, count)

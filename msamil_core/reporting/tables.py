@@ -146,7 +146,13 @@ def bag_counts(feature_dir: str | os.PathLike) -> dict[str, tuple[int, int]]:
 
     counts = {}
     for path in sorted(Path(feature_dir).glob("*.pt")):
-        bag = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        if path.name.startswith("."):  # hidden: a temporary (fileio.TEMP_PREFIX) or another tool's, never a bag
+            continue
+        try:
+            bag = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as exc:  # truncated or not a PyTorch file
+            raise MsamilError(f"feature bag {path}: cannot read it ({type(exc).__name__}); "
+                              "delete it and rerun the workflow to extract it again") from None
         n = len(bag["coords"])
         counts[path.stem] = (n, int(bag.get("patches_encoded", n)) or 1)
     return counts

@@ -402,11 +402,62 @@ def _fmt(value) -> str:
 
 
 def _load_resume(path: str | Path | None, fingerprint: dict) -> dict | None:
-    """resume.pt when it exists and was written for this task (same fingerprint), else None."""
+    """resume.pt when it exists, reads and was written for this task (same fingerprint); else
+    None after a log line saying why the run starts over (an unreadable file is left to be
+    overwritten by the first checkpoint of the new run)."""
     if path is None or not Path(path).exists():
         return None
-    saved = torch_load(path, "resume checkpoint", allow_numpy=True)
-    if not isinstance(saved, dict) or saved.get("fingerprint") != fingerprint:
-        log.warning("%s was written with another config, classes or slides; starting over", path)
+    try:
+        saved = torch_load(path, "resume checkpoint", allow_numpy=True)
+    except MsamilError as exc:
+        log.warning("%s; starting over", exc)
+        return None
+    missing = [k for k in _RESUME_KEYS if not isinstance(saved, dict) or k not in saved]
+    if missing:
+        log.warning("resume checkpoint %s: not a resume checkpoint of msamil (no %s); starting over",
+                    path, ", ".join(missing))
+        return None
+    changes = fingerprint_changes(saved["fingerprint"], fingerprint)
+    if changes:
+        log.warning("resume checkpoint %s was written for another run (%s); starting over", path, "; ".join(changes))
         return None
     return saved
+
+
+_RESUME_KEYS = ("engine", "state_dict", "optimizer", "rng_state", "task", "fingerprint")
+
+
+def fingerprint_changes(saved: Any, now: dict, limit: int = 4) -> list[str]:
+    """What differs between a resume checkpoint's fingerprint and the task's, one phrase per
+    part (``config: lr 0.001 -> 0.0002``, ``train: 2 slides added, 1 removed``); [] when equal."""
+    if not isinstance(saved, dict):
+        return ["no fingerprint"]
+    out = []
+    for key in sorted(set(saved) | set(now), key=lambda k: list(now).index(k) if k in now else len(now)):
+        old, new = saved.get(key), now.get(key)
+        if old == new:
+            continue
+        if old is None or new is None:
+            out.append(f"{key}: {'not recorded then' if old is None else 'not given now'}")
+        elif isinstance(old, dict) and isinstance(new, dict):
+            keys = [k for k in sorted(set(old) | set(new), key=str) if old.get(k) != new.get(k)]
+            shown = ", ".join(f"{k} {_short(old.get(k))} -> {_short(new.get(k))}" for k in keys[:limit])
+            out.append(f"{key}: {shown}{f' and {len(keys) - limit} more' if len(keys) > limit else ''}")
+        elif _is_slide_list(old) and _is_slide_list(new):
+            before, after = dict(map(tuple, old)), dict(map(tuple, new))
+            parts = [f"{n} slide{'s' if n != 1 else ''} {what}" for n, what in (
+                (len(after.keys() - before.keys()), "added"), (len(before.keys() - after.keys()), "removed"),
+                (sum(before[s] != after[s] for s in before.keys() & after.keys()), "relabelled")) if n]
+            out.append(f"{key}: {', '.join(parts) or 'slide order changed'}")
+        else:
+            out.append(f"{key}: {_short(old)} -> {_short(new)}")
+    return out
+
+
+def _is_slide_list(value) -> bool:
+    return isinstance(value, list) and all(isinstance(v, (list, tuple)) and len(v) == 2 for v in value)
+
+
+def _short(value, width: int = 40) -> str:
+    text = repr(value)
+    return text if len(text) <= width else text[: width - 3] + "..."

@@ -297,8 +297,10 @@ class SlideTask(Task):
         self.train_set.epoch = epoch
 
     def fingerprint(self) -> dict:
+        val = self.val_set or None  # e2e's K study has none
         return {"config": asdict(self.cfg), "classes": list(self.classes),
-                "train": [[s, int(y)] for s, y in zip(self.train_set.slide_ids, self.train_set.labels)]}
+                "train": [[s, int(y)] for s, y in zip(self.train_set.slide_ids, self.train_set.labels)],
+                "val": [[s, int(y)] for s, y in zip(val.slide_ids, val.labels)] if val is not None else []}
 
 
 class MILTask(SlideTask):

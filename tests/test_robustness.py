@@ -1,0 +1,217 @@
+"""Killed writers, corrupt files and several users: temporaries are never taken for outputs and are
+cleaned by the next run; a truncated bag, coordinates file, mask or checkpoint fails in one line
+naming the file; GPU claims work across users."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from msamil_core.errors import MsamilError
+from msamil_core.features.bags import Bag, load_bag, save_bag
+from msamil_core.fileio import FOREIGN_TEMP_AGE_S, TEMP_PREFIX, is_temporary, remove_stale_temporaries
+from msamil_core.reporting.tables import bag_counts
+from msamil_core.wsi.coords import read_coords, write_coords
+from msamil_core.wsi.masks import load_mask, save_mask
+
+REPO = Path(__file__).resolve().parents[1]
+ENV = dict(os.environ, PYTHONPATH=str(REPO))
+
+# A writer that stops half-way through a real bag's bytes, as a job does when SIGKILLed mid-write.
+HALF_WRITER = """
+import sys, time
+from msamil_core.fileio import atomic_path
+data = open(sys.argv[1], "rb").read()
+with atomic_path(sys.argv[2]) as tmp:
+    with open(tmp, "wb") as f:
+        f.write(data[: len(data) // 2])
+        f.flush()
+    print(tmp, flush=True)
+    time.sleep(300)
+"""
+
+
+def small_bag(slide_id: str = "s1", n: int = 40) -> Bag:
+    rng = np.random.default_rng(0)
+    return Bag(features=torch.from_numpy(rng.normal(size=(n, 8)).astype(np.float32)),
+               coords=torch.from_numpy(rng.integers(0, 4000, (n, 2))), scales=torch.from_numpy(rng.integers(0, 3, n)),
+               patch_size_level0=torch.full((n,), 512), slide_id=slide_id, encoder="synthetic")
+
+
+def half_written(source: Path, target: Path) -> tuple[subprocess.Popen, Path]:
+    """A writer process stopped half-way into ``target``'s temporary (the temporary's path)."""
+    proc = subprocess.Popen([sys.executable, "-c", HALF_WRITER, str(source), str(target)], stdout=subprocess.PIPE,
+                            text=True, env=ENV)
+    return proc, Path(proc.stdout.readline().strip())
+
+
+def test_a_killed_writers_temporary_is_never_an_output_and_the_next_run_removes_it(tmp_path):
+    features = tmp_path / "features"
+    save_bag(features / "s0.pt", small_bag("s0"))
+    source = tmp_path / "source.pt"
+    save_bag(source, small_bag("s1"))
+
+    killed, leftover = half_written(source, features / "s1.pt")
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    assert leftover.exists() and leftover.stat().st_size == source.stat().st_size // 2
+    assert leftover.parent == features and leftover.name.startswith(TEMP_PREFIX) and is_temporary(leftover)
+    # no glob of ours takes a temporary for an output
+    for pattern in ("*.pt", "*.h5", "*.json", "*.png", "*.csv", "fold*", "s1*"):
+        assert not [p for p in features.glob(pattern) if is_temporary(p)], pattern
+    # a hidden leftover of an older version's naming (.s1.pt.XXXX.pt) is skipped too
+    (features / ".s3.pt.k2j4h1.pt").write_bytes(leftover.read_bytes())
+    assert bag_counts(features) == {"s0": (40, 40)}
+
+    # a second writer starting in that folder removes the killed writer's temporary
+    running, live = half_written(source, features / "s2.pt")
+    try:
+        assert not leftover.exists() and live.exists()
+        # and a third leaves the running writer's temporary alone
+        subprocess.run([sys.executable, "-c", "import sys; from msamil_core.fileio import write_json; "
+                        "write_json(sys.argv[1], {'ok': 1})", str(features / "other.json")], check=True, env=ENV)
+        assert live.exists() and (features / "other.json").exists()
+    finally:
+        running.kill()
+        running.wait()
+    assert remove_stale_temporaries(features) == [live]
+    assert sorted(p.name for p in features.iterdir()) == [".s3.pt.k2j4h1.pt", "other.json", "s0.pt"]
+
+
+def test_temporaries_of_another_machine_go_once_they_are_old(tmp_path):
+    """On a shared file system a writer's liveness cannot be checked from another host: its
+    temporary is removed once unmodified for a day."""
+    other = "elsewhere" if socket.gethostname() != "elsewhere" else "elsewhere2"
+    fresh, old = (tmp_path / f"{TEMP_PREFIX}{other}+123+456+s{i}.pt.abc.tmp" for i in (1, 2))
+    for path in (fresh, old):
+        path.write_bytes(b"partial")
+    os.utime(old, (time.time() - FOREIGN_TEMP_AGE_S - 60,) * 2)
+    assert remove_stale_temporaries(tmp_path) == [old]
+    assert fresh.exists()
+
+
+def truncate(path: Path, keep: float = 0.5) -> Path:
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+    return path
+
+
+def one_line_naming(exc: pytest.ExceptionInfo, path: Path) -> str:
+    message = str(exc.value)
+    assert str(path) in message and "\n" not in message, message
+    return message
+
+
+def test_truncated_bags_coordinates_and_masks_name_the_file(tmp_path):
+    bag = small_bag()
+    pt = tmp_path / "s1.pt"
+    save_bag(pt, bag)
+    with pytest.raises(MsamilError) as exc:
+        load_bag(truncate(pt))
+    assert "rerun" in one_line_naming(exc, pt)
+    with pytest.raises(MsamilError) as exc:
+        bag_counts(tmp_path)
+    assert "rerun" in one_line_naming(exc, pt)
+
+    h5 = tmp_path / "s1.h5"
+    write_coords(h5, np.arange(2000, dtype=np.int64).reshape(-1, 2), {"patch_size_level0": 512})
+    with pytest.raises(MsamilError) as exc:
+        read_coords(truncate(h5))
+    assert "rerun" in one_line_naming(exc, h5)
+
+    mask = tmp_path / "tissue_mask.png"
+    rng = np.random.default_rng(1)
+    for keep in (0.5, 0.02):  # cut in the pixel data, and in the header
+        save_mask(mask, rng.random((300, 400)) > 0.5)  # noise: a PNG of many compressed blocks
+        with pytest.raises(MsamilError) as exc:
+            load_mask(truncate(mask, keep))
+        assert "rerun" in one_line_naming(exc, mask)
+
+
+def test_a_truncated_checkpoint_names_the_file(tmp_path):
+    from msamil_core.mil import create_model
+    from msamil_core.training.mil import load_checkpoint
+
+    model = create_model("abmil.base", in_dim=8, num_classes=2)
+    ckpt = tmp_path / "fold0" / "checkpoint.pt"
+    from msamil_core.fileio import save_torch
+
+    save_torch(ckpt, {"model_name": "abmil.base", "model_args": dict(model.model_args), "state_dict": model.state_dict(),
+                      "classes": ["a", "b"], "encoder": "synthetic", "config": {"scales": ["20x"]}})
+    load_checkpoint(ckpt)  # whole: reads
+    with pytest.raises(MsamilError) as exc:
+        load_checkpoint(truncate(ckpt))
+    assert "truncated" in one_line_naming(exc, ckpt)
+
+
+# ----------------------------------------------------------------------------- GPU claims, two users
+
+CLAIM = """
+import os, sys, time
+from msamil_core.runtime import claim_free, gpu_lock_dir
+uid = int(sys.argv[2])
+os.umask(0o077)  # a cautious user's umask must not lock others out
+if uid:
+    os.setgroups([])
+    os.setresgid(uid, uid, uid)
+    os.setresuid(uid, uid, uid)
+print(claim_free(["gpu-a", "gpu-b", "gpu-c"], gpu_lock_dir(sys.argv[1])), flush=True)
+if sys.argv[3] == "hold":
+    time.sleep(300)
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="switching to two other users needs root")
+def test_gpu_claims_work_for_several_users():
+    """Jobs of different users share the GPU locks: each claims a GPU no other user's job holds,
+    and no user's job fails on another's lock file. Each process imports as root (the venv may
+    not be readable by others) and then becomes its user before claiming."""
+    base = Path(tempfile.mkdtemp(prefix="msamil-test-users-", dir="/tmp"))
+    os.chmod(base, 0o1777)  # like /tmp: every user may create files in it
+    holders = []
+
+    def claim(uid: int, hold: bool) -> str:
+        proc = subprocess.Popen([sys.executable, "-c", CLAIM, str(base), str(uid), "hold" if hold else "once"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+        if hold:
+            holders.append(proc)
+            line = proc.stdout.readline().strip()
+            if not line:
+                proc.wait()
+                pytest.fail(proc.stderr.read())
+            return line
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err
+        assert "Error" not in err and "warning" not in err.lower(), err
+        return out.strip()
+
+    try:
+        assert claim(54321, hold=True) == "0"  # user A makes the lock folder and the lock of gpu-a
+        assert claim(54322, hold=True) == "1"  # user B takes gpu-b: A's lock files do not stop B
+        assert claim(54321, hold=False) == "2"
+        assert claim(0, hold=False) == "2"
+        lock_dir = base / "msamil-gpu-locks"
+        assert oct(lock_dir.stat().st_mode & 0o7777) == "0o1777"
+        owners = {p.name: (p.stat().st_uid, oct(p.stat().st_mode & 0o777)) for p in lock_dir.iterdir()}
+        assert owners["msamil-gpu-a.lock"] == (54321, "0o666") and owners["msamil-gpu-b.lock"] == (54322, "0o666")
+        killed = holders.pop(0)
+        killed.kill()  # user A's job is killed: its GPU is free for user B
+        killed.wait()
+        assert claim(54322, hold=False) == "0"
+    finally:
+        for proc in holders:
+            proc.kill()
+            proc.wait()
+        import shutil
+
+        shutil.rmtree(base)
