@@ -257,4 +257,4 @@ def torch_load(path: str | os.PathLike, what: str, allow_numpy: bool = False) ->
             reason = f"it pickles {name}; only tensors, numbers and plain containers are read"
             raise MsamilError(f"{what} {path}: cannot read it ({reason})") from None
         raise MsamilError(f"{what} {path}: cannot read it (not a PyTorch file, or truncated; {type(exc).__name__}); "
-                          "rerun the step that wrote it, or copy the file again") from None
+                          "delete it and rerun the step that wrote it, or copy it again") from None

@@ -140,7 +140,7 @@ def read_coords(path: str | os.PathLike) -> tuple[np.ndarray, dict]:
             coords = np.asarray(ds[()], dtype=np.int64).reshape(-1, 2)
             attrs = {k: _plain(v) for k, v in ds.attrs.items()}
     except OSError as exc:
-        raise MsamilError(f"{path}: cannot read HDF5 ({exc}); rerun the step that wrote it") from None
+        raise MsamilError(f"{path}: cannot read HDF5 ({exc}); delete it and rerun the step that wrote it") from None
     return coords, attrs
 
 

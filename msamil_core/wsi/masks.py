@@ -26,7 +26,7 @@ def load_mask(path: str | os.PathLike) -> np.ndarray:
         with Image.open(path) as img:
             arr = np.asarray(img.convert("L"))
     except (OSError, ValueError) as exc:
-        raise MsamilError(f"{path}: cannot read mask image ({exc}); rerun the step that wrote it") from None
+        raise MsamilError(f"{path}: cannot read mask image ({exc}); delete it and rerun the step that wrote it") from None
     return arr > 127
 
 
