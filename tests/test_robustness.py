@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import write_pyramid_tiff
 from msamil_core.errors import MsamilError
 from msamil_core.features.bags import Bag, load_bag, save_bag
 from msamil_core.fileio import FOREIGN_TEMP_AGE_S, TEMP_PREFIX, is_temporary, remove_stale_temporaries
@@ -154,6 +155,63 @@ def test_a_truncated_checkpoint_names_the_file(tmp_path):
     assert "truncated" in one_line_naming(exc, ckpt)
 
 
+# ----------------------------------------------------------------------------- open slides
+
+
+def open_slide_files(paths: list[Path]) -> set[Path]:
+    """The slides among ``paths`` this process has a file descriptor open on."""
+    wanted = {str(p.resolve()): p for p in paths}
+    held = set()
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if target in wanted:
+            held.add(wanted[target])
+    return held
+
+
+def test_e2e_keeps_at_most_open_slides_open(tmp_path):
+    from msamil_core.training.e2e import SlidePatchDataset, SlideSource
+    from msamil_core.wsi.geometry import SCALES
+
+    rng = np.random.default_rng(0)
+    slides, sources = [], []
+    for i in range(5):
+        sid = f"s{i}"
+        slides.append(write_pyramid_tiff(tmp_path / f"{sid}.tiff", rng.integers(0, 255, (512, 640, 3), dtype=np.uint8)))
+        paths = []
+        for scale, size in zip(SCALES, (64, 128, 256)):
+            paths.append(tmp_path / "coords" / scale / f"{sid}.h5")
+            grid = np.array([(x, y) for x in range(0, 640 - size + 1, size) for y in range(0, 512 - size + 1, size)])
+            write_coords(paths[-1], grid, {"target_magnification": int(scale[:-1]), "patch_size_level0": size})
+        sources.append(SlideSource(sid, str(slides[-1]), None, tuple(map(str, paths))))
+    labels = [i % 2 for i in range(5)]
+
+    def read_all(open_slides: int) -> tuple[list, int, int]:
+        ds = SlidePatchDataset(sources, labels, k=6, input_size=32, scales=list(SCALES), open_slides=open_slides)
+        items, most_files, most_cached = [], 0, 0
+        for epoch in range(2):
+            ds.epoch = epoch
+            for i in [0, 1, 2, 0, 3, 4, 1, 2] if epoch else range(5):  # revisits and evictions
+                items.append(ds[i])
+                most_files = max(most_files, len(open_slide_files(slides)))
+                most_cached = max(most_cached, len(ds.slides))
+        ds.close()
+        assert not open_slide_files(slides)
+        return items, most_files, most_cached
+
+    bounded, files, cached = read_all(2)
+    assert files == 2 and cached == 2  # more slides than the bound, never more than 2 open
+    unbounded, files, cached = read_all(10)
+    assert files == 5 and cached == 5  # what the count sees when nothing is closed
+    for a, b in zip(bounded, unbounded):
+        assert a.slide_id == b.slide_id and torch.equal(a.patches, b.patches) and torch.equal(a.coords, b.coords)
+    with pytest.raises(MsamilError, match="open_slides"):
+        SlidePatchDataset(sources, labels, k=6, input_size=32, scales=list(SCALES), open_slides=0)
+
+
 # ----------------------------------------------------------------------------- GPU claims, two users
 
 CLAIM = """
@@ -215,3 +273,44 @@ def test_gpu_claims_work_for_several_users():
         import shutil
 
         shutil.rmtree(base)
+
+
+# ----------------------------------------------------------------------------- sheets without paths
+
+
+@pytest.mark.parametrize("column", ["empty", "absent"])
+def test_train_and_evaluate_on_bags_need_no_slide_paths(tmp_path, column):
+    from msamil_core.cli import main
+    from msamil_core.cohort.sheet import load_sheet
+
+    rows = ["slide_id,path,label,patient_id" if column == "empty" else "slide_id,label,patient_id"]
+    for i in range(8):
+        bag = small_bag(f"s{i}", n=12)
+        bag.features[:3, :2] += 3.0 * (i % 2)
+        save_bag(tmp_path / "bags" / f"s{i}.pt", bag)
+        rows.append(f"s{i},,{'tumor' if i % 2 else 'normal'},p{i}" if column == "empty" else
+                    f"s{i},{'tumor' if i % 2 else 'normal'},p{i}")
+    sheet = tmp_path / "sheet.csv"
+    sheet.write_text("\n".join(rows) + "\n")
+    out = tmp_path / "models"
+    assert main(["splits", "--sheet", str(sheet), "--out", str(tmp_path / "folds.csv"), "--folds", "2"]) == 0
+    assert main(["train", "--features", str(tmp_path / "bags"), "--sheet", str(sheet), "--out", str(out), "--folds",
+                 str(tmp_path / "folds.csv"), "--fold", "0", "--model", "abmil.base", "--epochs", "2",
+                 "--threads", "1", "--evaluate"]) == 0
+    assert (out / "fold0" / "checkpoint.pt").is_file() and (out / "fold0" / "metrics.json").is_file()
+    assert main(["evaluate", "--features", str(tmp_path / "bags"), "--sheet", str(sheet), "--folds",
+                 str(tmp_path / "folds.csv"), "--fold", "0", "--models", str(out), "--threads", "1"]) == 0
+    # what opens slides (the workflow, predict, e2e) still needs every path
+    with pytest.raises(MsamilError, match="empty `path`" if column == "empty" else "missing column.*path"):
+        load_sheet(sheet)
+
+
+@pytest.mark.slow
+def test_the_workflow_still_requires_slide_paths(tmp_path):
+    sheet = tmp_path / "sheet.csv"
+    sheet.write_text("slide_id,path,label,patient_id\ns0,,a,p0\ns1,,b,p1\n")
+    out = subprocess.run([sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory", str(tmp_path),
+                          "--cores", "1", "-n", "--config", f"slides={sheet}"], capture_output=True, text=True,
+                         env=ENV, cwd=tmp_path, timeout=600)
+    assert out.returncode != 0
+    assert f"slide sheet {sheet}, row 2: empty `path`" in out.stdout + out.stderr

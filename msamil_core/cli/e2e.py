@@ -50,6 +50,7 @@ TRAINING_OPTIONS = {
     "patience": "stop after this many epochs without a lower validation loss (0 = never)",
     "chunk_size": "patches per encoder forward",
     "workers": "reader processes reading the next slides' patches",
+    "open_slides": "slides kept open at once per reading process; the least recently read is closed first",
 }
 
 

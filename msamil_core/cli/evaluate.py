@@ -30,7 +30,7 @@ def run(args: argparse.Namespace) -> None:
     from ..training.mil import evaluate_experiment
 
     set_threads(args.threads)
-    sheet = load_sheet(args.sheet)
+    sheet = load_sheet(args.sheet, need_paths=False)  # bags only: no slide is opened
     folds = load_folds(args, sheet)
     evaluate_experiment(args.models, sheet, folds, fold_indices(args, folds), args.features,
                         resolve_device(args.device), args.val_fraction, args.split_seed)

@@ -226,7 +226,8 @@ def class_rules(args: argparse.Namespace):
 
 def add_fold_arguments(parser) -> None:
     """Sheet, folds and task options shared by train, evaluate and e2e."""
-    parser.add_argument("--sheet", required=True, help="slide sheet (CSV/TSV with slide_id, path, label, patient_id)")
+    parser.add_argument("--sheet", required=True, help="slide sheet (CSV/TSV with slide_id, path, label, patient_id; "
+                        "train and evaluate read bags only and need no path)")
     parser.add_argument("--folds", help="folds.csv from `msamil splits`; default: made from the sheet")
     parser.add_argument("--fold", default="all", help="fold index, or `all` (default)")
     parser.add_argument("--n-folds", type=int, default=5, help="folds to make when --folds is not given (default 5)")

@@ -24,7 +24,7 @@ HELP = "slide sheet -> patient-level stratified folds (folds.csv)"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--sheet", required=True, help="slide sheet (CSV or TSV: slide_id, path, label, patient_id)")
+    parser.add_argument("--sheet", required=True, help="slide sheet (CSV or TSV: slide_id, label, patient_id; path may be empty)")
     parser.add_argument("--out", required=True, help="folds CSV to write, e.g. results/splits/folds.csv")
     parser.add_argument("--folds", type=int, default=5, metavar="K", help="number of folds, >= 2 (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the placement order and validation ranks (default: %(default)s)")

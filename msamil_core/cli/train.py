@@ -79,7 +79,7 @@ def run(args: argparse.Namespace) -> None:
     from ..training.mil import FoldData, train_experiment
 
     set_threads(args.threads)
-    sheet = load_sheet(args.sheet)
+    sheet = load_sheet(args.sheet, need_paths=False)  # bags only: no slide is opened
     folds = load_folds(args, sheet, Path(args.out))
     data = FoldData(args.features, sheet, folds, args.val_fraction, args.split_seed, args.classes)
     train_experiment(experiment_options(args), data, fold_indices(args, folds), args.out, resolve_device(args.device),

@@ -36,11 +36,13 @@ def read_table(path: str | os.PathLike) -> pd.DataFrame:
         raise MsamilError(f"slide sheet {path}: cannot parse ({exc}); save it as plain CSV or TSV") from None
 
 
-def load_sheet(path: str | os.PathLike) -> pd.DataFrame:
+def load_sheet(path: str | os.PathLike, need_paths: bool = True) -> pd.DataFrame:
     """Read and check a slide sheet; returns it indexed by ``slide_id``.
 
     ``path`` and ``annotation`` come back as absolute paths (relative ones are taken from the
-    sheet's folder), ``mpp`` as float (NaN where empty), every other column as str.
+    sheet's folder), ``mpp`` as float (NaN where empty), every other column as str. Commands that
+    never open a slide (training and evaluation on bags) pass ``need_paths=False``: the ``path``
+    column may then be missing or empty ("" where empty).
 
     Raises:
         MsamilError: a missing column, an empty or unusable slide_id, a duplicate slide_id,
@@ -48,15 +50,18 @@ def load_sheet(path: str | os.PathLike) -> pd.DataFrame:
     """
     path = Path(path)
     df = read_table(path)
-    return check_sheet(df, path)
+    return check_sheet(df, path, need_paths)
 
 
-def check_sheet(df: pd.DataFrame, path: str | os.PathLike) -> pd.DataFrame:
+def check_sheet(df: pd.DataFrame, path: str | os.PathLike, need_paths: bool = True) -> pd.DataFrame:
     """The checks and normalisation of :func:`load_sheet` on an already read table."""
     path = Path(path)
     df = df.copy()
     df.columns = [str(c).strip() for c in df.columns]
-    missing = [c for c in REQUIRED_COLUMNS if c not in df.columns]
+    required = REQUIRED_COLUMNS if need_paths else tuple(c for c in REQUIRED_COLUMNS if c != "path")
+    if "path" not in df.columns and not need_paths:
+        df["path"] = ""
+    missing = [c for c in required if c not in df.columns]
     if missing:
         raise MsamilError(
             f"slide sheet {path}: missing column(s) {', '.join(missing)}; "
@@ -69,9 +74,9 @@ def check_sheet(df: pd.DataFrame, path: str | os.PathLike) -> pd.DataFrame:
             df[col] = df[col].astype(str).str.strip()
     for i, row in df.iterrows():
         where = f"slide sheet {path}, row {i + 2}"  # +1 header, +1 one-based
-        for col in REQUIRED_COLUMNS:
+        for col in required:
             if not row[col]:
-                raise MsamilError(f"{where}: empty `{col}`; every slide needs {', '.join(REQUIRED_COLUMNS)}")
+                raise MsamilError(f"{where}: empty `{col}`; every slide needs {', '.join(required)}")
         sid = row["slide_id"]
         if sid in (".", "..") or any(ch in _BAD_ID_CHARS for ch in sid):
             raise MsamilError(
@@ -91,7 +96,7 @@ def check_sheet(df: pd.DataFrame, path: str | os.PathLike) -> pd.DataFrame:
             "a patient must have one label: fix the rows or split the patient ids"
         )
     base = path.resolve().parent
-    df["path"] = [str(_resolve(p, base)) for p in df["path"]]
+    df["path"] = [str(_resolve(p, base)) if p else "" for p in df["path"]]  # "" only without need_paths
     if "annotation" in df.columns:
         df["annotation"] = [str(_resolve(p, base)) if p else "" for p in df["annotation"]]
     if "mpp" in df.columns:

@@ -49,7 +49,7 @@ from ..fileio import atomic_path, save_torch, torch_load, write_json
 from ..runtime import autocast, distributed, is_main_process
 from ..wsi.coords import read_patch_table
 from ..wsi.geometry import SCALES, scale_index
-from ..wsi.slide import Slide, open_slide
+from ..wsi.slide import OpenSlides
 from .engine import TrainingConfig, fit
 from .mil import BALANCE_CHOICES, SlideTask, validation_metrics
 
@@ -83,6 +83,7 @@ class E2EConfig(TrainingConfig):
     workers: int = 0  # DataLoader processes reading the next slides' patches
     standardize: bool = True  # z-score features with the initial encoder's statistics on training patches
     patience: int = 0  # epochs without a lower validation loss before stopping; 0 = never
+    open_slides: int = 8  # slides kept open at once per reading process (least recently read closed first)
 
     OPTION = "e2e"
     CHOICES = {"balance": BALANCE_CHOICES}
@@ -92,7 +93,8 @@ class E2EConfig(TrainingConfig):
         self.scales = [SCALES[scale_index(s)] for s in self.scales]
         self.check((bool(self.scales), "e2e needs at least one scale (20x, 10x, 5x)"),
                    (self.k >= 1 and self.chunk_size >= 1, "e2e options k and chunk_size must be at least 1"),
-                   (self.epochs >= 1 and self.grad_accum >= 1, "e2e options epochs and grad_accum must be at least 1"))
+                   (self.epochs >= 1 and self.grad_accum >= 1, "e2e options epochs and grad_accum must be at least 1"),
+                   (self.open_slides >= 1, "e2e option open_slides must be at least 1"))
 
 
 # ----------------------------------------------------------------------------- data
@@ -133,11 +135,12 @@ class SlidePatchDataset(torch.utils.data.Dataset):
 
     Coordinates are read (and checked) when the dataset is made, so a missing file fails
     before training. ``epoch`` selects the sample: patches are resampled every epoch. Slides
-    open lazily in whichever process reads, and stay open there.
+    open lazily in whichever process reads; at most ``open_slides`` stay open there
+    (:class:`~msamil_core.wsi.slide.OpenSlides`).
     """
 
     def __init__(self, sources: list[SlideSource], labels: list[int], k: int, input_size: int,
-                 scales: list[str], seed: int = 0):
+                 scales: list[str], seed: int = 0, open_slides: int = 8):
         self.sources, self.labels = list(sources), list(labels)
         self.k, self.input_size, self.seed = int(k), int(input_size), seed
         keep = [scale_index(s) for s in scales]
@@ -150,7 +153,7 @@ class SlidePatchDataset(torch.utils.data.Dataset):
                                   "drop the slide from the sheet or lower patches.min_fraction")
             self.tables.append((table.coords[rows], table.scales[rows], table.patch_size_level0[rows]))
         self.epoch = 0
-        self._open: dict[int, Slide] = {}
+        self.slides = OpenSlides(open_slides)
 
     @property
     def slide_ids(self) -> list[str]:
@@ -163,21 +166,14 @@ class SlidePatchDataset(torch.utils.data.Dataset):
         coords, scales, sizes = self.tables[i]
         idx = sample_patches(len(coords), self.k, self.seed, self.epoch, i)
         src = self.sources[i]
-        if i not in self._open:
-            self._open[i] = open_slide(src.path, src.slide_id, src.mpp)
-        slide = self._open[i]
+        slide = self.slides.get(src.path, src.slide_id, src.mpp)
         patches = np.stack([slide.read_patch(int(coords[j, 0]), int(coords[j, 1]), int(sizes[j]), self.input_size)
                             for j in idx])
         return SlidePatches(src.slide_id, torch.from_numpy(patches), torch.from_numpy(coords[idx]),
                             torch.from_numpy(scales[idx]), self.labels[i])
 
-    def __getstate__(self) -> dict:
-        return {**self.__dict__, "_open": {}}
-
     def close(self) -> None:
-        for slide in self._open.values():
-            slide.close()
-        self._open.clear()
+        self.slides.close()
 
 
 # ----------------------------------------------------------------------------- model
@@ -368,7 +364,8 @@ class E2ETask(SlideTask):
                                                              bf16=self.cfg.bf16))
 
     def fingerprint(self) -> dict:
-        return {**super().fingerprint(), "config": {**asdict(self.cfg), "encoder_spec": spec_dict(self.spec)}}
+        config = {k: v for k, v in asdict(self.cfg).items() if k != "open_slides"}  # does not change results
+        return {**super().fingerprint(), "config": {**config, "encoder_spec": spec_dict(self.spec)}}
 
 
 def train_e2e(cfg: E2EConfig, spec: EncoderSpec, train_set: SlidePatchDataset, val_set: SlidePatchDataset,
@@ -518,7 +515,7 @@ def run_e2e(options: dict, spec: EncoderSpec, sheet, folds, fold_list: list[int]
         ids, labels = select_slides(fold_parts(folds, k, val_fraction=val_fraction, seed=split_seed)[part], sheet, mapping)
         sources = [SlideSource(s, sheet.loc[s, "path"], slide_mpp(sheet.loc[s]),
                                tuple(str(coords_dir / scale / f"{s}.h5") for scale in SCALES)) for s in ids]
-        return SlidePatchDataset(sources, labels, cfg.k, spec.input_size, cfg.scales, cfg.seed)
+        return SlidePatchDataset(sources, labels, cfg.k, spec.input_size, cfg.scales, cfg.seed, cfg.open_slides)
 
     if k_study_ks:
         if any(k < 1 for k in k_study_ks) or k_study_steps < 1:

@@ -278,7 +278,7 @@ def split_sheet(sheet_path: str | os.PathLike, out: str | os.PathLike, n_folds: 
     (a folds file, which may be ``out`` itself: it is read first) keep their fold."""
     from ..cohort.sheet import load_sheet
 
-    sheet = load_sheet(sheet_path)
+    sheet = load_sheet(sheet_path, need_paths=False)  # folds need patients and labels only
     earlier = read_folds(previous) if previous and Path(previous).exists() else None
     folds = make_folds(sheet, n_folds=n_folds, seed=seed, previous=earlier)
     write_folds(out, folds)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -381,3 +382,41 @@ def open_slide(
     if direct_tiles:
         slide.use_direct_tiles()
     return slide
+
+
+class OpenSlides:
+    """Open slides for a reader that visits many (end-to-end training, its validation and K
+    study): at most ``capacity`` are open at once, and opening one more closes the least recently
+    read, so file handles and OpenSlide's caches stay bounded whatever the cohort's size.
+
+    A copy made by pickling (a DataLoader worker's) starts empty and opens its own handles: each
+    reading process holds at most ``capacity`` slides.
+    """
+
+    def __init__(self, capacity: int = 8, direct_tiles: bool = True):
+        if int(capacity) < 1:
+            raise MsamilError(f"open_slides (slides kept open at once) must be at least 1, got {capacity}")
+        self.capacity, self.direct_tiles = int(capacity), direct_tiles
+        self._slides: OrderedDict[tuple, Slide] = OrderedDict()
+
+    def get(self, path: str | os.PathLike, slide_id: str | None = None, mpp: float | None = None) -> Slide:
+        """The open slide of ``path`` (opened by :func:`open_slide` if it is not open now)."""
+        key = (str(path), slide_id, None if mpp is None or math.isnan(mpp) else float(mpp))
+        slide = self._slides.get(key)
+        if slide is not None:
+            self._slides.move_to_end(key)
+            return slide
+        while len(self._slides) >= self.capacity:
+            self._slides.popitem(last=False)[1].close()
+        slide = self._slides[key] = open_slide(path, slide_id, mpp, self.direct_tiles)
+        return slide
+
+    def __len__(self) -> int:
+        return len(self._slides)
+
+    def close(self) -> None:
+        while self._slides:
+            self._slides.popitem(last=False)[1].close()
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_slides": OrderedDict()}
