@@ -11,7 +11,9 @@ the same way for every task, read top to bottom like nanoGPT's ``train.py``:
   the monitored metric, early stopping after ``patience`` epochs without improvement, history;
 * ``resume.pt`` after every epoch and, on SIGTERM (SLURM preemption, ``scancel``), at the next
   optimizer step; a rerun with the same task continues exactly where the run stopped, mid-epoch
-  included (model, optimizer, loop state, torch's RNG and the task's own random state);
+  included (model, optimizer, loop state, torch's RNG and the task's own random state); a
+  resume.pt written for another run (its fingerprint: config, classes, training and validation
+  slides) or one that cannot be read starts the run over, with a log line saying why;
 * DDP under ``torchrun``: an optimizer step covers ``grad_accum x world`` items, each rank takes
   its own contiguous share of them (ranks with nothing left in a short last step contribute
   zeros), and the summed gradients divided by the world size are exactly those of one process
