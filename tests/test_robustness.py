@@ -5,6 +5,7 @@ naming the file; GPU claims work across users."""
 from __future__ import annotations
 
 import os
+import pickle
 import signal
 import socket
 import subprocess
@@ -124,6 +125,18 @@ def test_truncated_bags_coordinates_and_masks_name_the_file(tmp_path):
         bag_counts(tmp_path)
     assert "rerun" in one_line_naming(exc, pt)
 
+    import h5py
+
+    trident = tmp_path / "trident" / "s1.h5"  # a TRIDENT/CLAM feature file
+    trident.parent.mkdir()
+    with h5py.File(trident, "w") as f:
+        f.create_dataset("features", data=bag.features.numpy())
+        f.create_dataset("coords", data=bag.coords.numpy()).attrs["patch_size_level0"] = 512
+    load_bag(trident)
+    with pytest.raises(MsamilError) as exc:
+        load_bag(truncate(trident))
+    one_line_naming(exc, trident)
+
     h5 = tmp_path / "s1.h5"
     write_coords(h5, np.arange(2000, dtype=np.int64).reshape(-1, 2), {"patch_size_level0": 512})
     with pytest.raises(MsamilError) as exc:
@@ -198,6 +211,8 @@ def test_e2e_keeps_at_most_open_slides_open(tmp_path):
                 items.append(ds[i])
                 most_files = max(most_files, len(open_slide_files(slides)))
                 most_cached = max(most_cached, len(ds.slides))
+        copy = pickle.loads(pickle.dumps(ds))  # as a DataLoader worker gets it: no handle travels
+        assert len(copy.slides) == 0 and copy.slides.capacity == open_slides and len(ds.slides) > 0
         ds.close()
         assert not open_slide_files(slides)
         return items, most_files, most_cached
