@@ -12,7 +12,6 @@ ids say ``reduced``.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import subprocess
@@ -28,39 +27,10 @@ from msamil_core.features.encoders import (EncoderSpec, PresetEncoder, build_enc
                                            encoder_id, load_preset_weights, weights_file)
 from msamil_core.features.presets import PRESETS
 
-REVISION = "0123456789abcdef0123456789abcdef01234567"
+from conftest import HUB_REVISION as REVISION, write_hub_cache
+
 FULL_SIZE = {"resnet50_trunc", "phikon"}  # small enough to load at full size here
 REDUCED_DEPTH = {"h_optimus_0": 1, "h_optimus_1": 1, "gigapath": 1}  # ViT-g: one block; other ViTs two
-
-
-def write_hub_cache(cache: Path, repo_id: str, files: dict[str, bytes], revision: str = REVISION) -> None:
-    """Lay ``files`` out as huggingface_hub's cache does: blobs named by content hash, a snapshot
-    folder of relative symlinks to them, and refs/main naming the snapshot's commit."""
-    repo = cache / f"models--{repo_id.replace('/', '--')}"
-    (repo / "blobs").mkdir(parents=True, exist_ok=True)
-    (repo / "snapshots" / revision).mkdir(parents=True, exist_ok=True)
-    (repo / "refs").mkdir(exist_ok=True)
-    for name, data in files.items():
-        blob = hashlib.sha256(data).hexdigest()
-        (repo / "blobs" / blob).write_bytes(data)
-        link = repo / "snapshots" / revision / name
-        link.unlink(missing_ok=True)
-        link.symlink_to(Path("..", "..", "blobs", blob))
-    (repo / "refs" / "main").write_text(revision)
-
-
-@pytest.fixture
-def hub_cache(tmp_path, monkeypatch):
-    """An empty Hugging Face cache, made the default one, with HF_HUB_OFFLINE=1."""
-    import huggingface_hub.constants as constants
-
-    cache = tmp_path / "hf-cache"
-    cache.mkdir()
-    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    return cache
 
 
 # -- published layouts, written from the model families' own key names (not from our converter)

@@ -32,13 +32,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
+    import logging
+
     from ..errors import MsamilError
     from ..features.encoders import fetch_weights
     from ..fileio import write_json
 
-    name = args.encoder or args.name
-    if not name:
+    name = args.encoder or args.name or ("" if args.weights else None)  # a bare repo: default file names
+    if name is None:
         raise MsamilError("name the encoder: msamil fetch-weights <preset> (or --encoder NAME --weights hf-hub:...)")
+    for noisy in ("httpx", "httpx2", "httpcore"):  # one log line per HTTP request otherwise
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     fetched = fetch_weights(name, args.weights, args.local_dir)
     if args.record:
         write_json(args.record, {"encoder": name, **fetched})

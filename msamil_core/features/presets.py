@@ -28,7 +28,7 @@ timm model, so it cannot be built here without that code.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any
 
@@ -200,21 +200,6 @@ def _presets() -> dict[str, Preset]:
                   "position embedding, which the card does not cover",
         ),
         Preset(
-            name="h_optimus_1",
-            description="H-optimus-1 (Bioptimus), ViT-g/14 with 4 registers",
-            architecture="vit_giant_patch14_reg4_dinov2",
-            timm_kwargs={**vit, "img_size": 224, "init_values": 1e-5, "global_pool": "token"},
-            input_size=224, size_multiple=14, mean=HOPTIMUS_MEAN, std=HOPTIMUS_STD,
-            output="cls", width=1536,
-            repo_id="bioptimus/H-optimus-1", files=("pytorch_model.bin",), config_file="config.json",
-            licence="proprietary, non-commercial (card: access on request)", gated=True,
-            card_resize="no resize on the card: 224 px tiles at 0.5 um/px",
-            params_m=1100.0,
-            source="huggingface.co/bioptimus/H-optimus-1 model card (same architecture and mean/std as "
-                   "H-optimus-0, access requests reviewed by Bioptimus); TRIDENT load.py HOptimus1InferenceEncoder",
-            notes="the exact licence name was not readable offline; treat as non-commercial and check the card",
-        ),
-        Preset(
             name="gigapath",
             description="Prov-GigaPath tile encoder (Providence/Microsoft), ViT-g/16 DINOv2",
             architecture="vit_giant_patch14_dinov2",
@@ -268,6 +253,17 @@ def _presets() -> dict[str, Preset]:
                   "DINOv2 default, and only the shape matters for loading)",
         ),
     ]
+    h_optimus_0 = next(p for p in presets if p.name == "h_optimus_0")
+    presets.insert(presets.index(h_optimus_0) + 1, replace(
+        h_optimus_0,
+        name="h_optimus_1",
+        description="H-optimus-1 (Bioptimus), ViT-g/14 with 4 registers",
+        repo_id="bioptimus/H-optimus-1",
+        licence="proprietary, non-commercial (card: access on request)",
+        source="huggingface.co/bioptimus/H-optimus-1 model card (same architecture, mean/std and usage as "
+               "H-optimus-0; access requests reviewed by Bioptimus); TRIDENT load.py HOptimus1InferenceEncoder",
+        notes="the exact licence name was not readable offline; treat as non-commercial and check the card",
+    ))
     return {p.name: p for p in presets}
 
 

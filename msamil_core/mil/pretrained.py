@@ -1,8 +1,14 @@
 """Load weights into a model of the zoo: our checkpoints and MIL-Lab / FEATHER files.
 
 Accepted: our checkpoint ``.pt`` (a dict whose ``state_dict`` holds the weights), a bare
-state dict (``.pt``, ``.pth``, ``.bin``, ``.ckpt``), a ``.safetensors`` file, or a directory
-holding ``model.safetensors`` or ``pytorch_model.bin`` (a Hugging Face snapshot). Keys may
+state dict (``.pt``, ``.pth``, ``.bin``, ``.ckpt``), a ``.safetensors`` file, a directory
+holding ``model.safetensors`` or ``pytorch_model.bin`` (a Hugging Face snapshot), or
+``hf-hub:<org>/<repo>`` such as MIL-Lab's FEATHER models (``hf-hub:MahmoodLab/abmil.base.uni_v2.pc108-24k``:
+``model.safetensors`` + ``config.json``), read from the Hugging Face cache that ``msamil
+fetch-weights --weights hf-hub:...`` fills.
+
+:func:`check_transfer` refuses bags of another encoder than the one the weights were trained on
+(MIL-Lab names carry it as their third part, our checkpoints store it). Keys may
 carry ``model.`` (MIL-Lab's wrapper), ``module.`` (DataParallel/DDP) or ``_orig_mod.``
 (``torch.compile``) prefixes. Nothing is unpickled: ``torch.load(..., weights_only=True)``
 and ``safetensors.torch.load_file`` only.
@@ -21,9 +27,10 @@ import torch
 from torch import Tensor
 
 from ..errors import MsamilError
+from ._registry import ENCODER_DIMS
 from .base import MILModel
 
-__all__ = ["LoadResult", "load_pretrained", "read_state_dict"]
+__all__ = ["LoadResult", "check_transfer", "encoder_name", "load_pretrained", "pretrained_encoder", "read_state_dict"]
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +58,10 @@ class LoadResult:
 
 
 def _weights_file(path: Path) -> Path:
+    from ..hub import hub_file, is_hub_ref
+
+    if is_hub_ref(str(path)):
+        return hub_file(str(path), _DIRECTORY_FILES)
     if path.is_dir():
         for name in _DIRECTORY_FILES:
             if (path / name).is_file():
@@ -81,7 +92,7 @@ def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[st
     """Read the weights in ``path`` without unpickling: (state dict, metadata). The metadata
     are the non-weight entries of one of our checkpoints (``model_name``, ``model_args``,
     ``classes``, ...), empty for other files."""
-    file = _weights_file(Path(path))
+    file = _weights_file(path if isinstance(path, str) and path.startswith(("hf-hub:", "hf_hub:")) else Path(path))
     try:
         if file.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -96,6 +107,8 @@ def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[st
             "(.pt/.pth/.bin) or a .safetensors file"
         ) from None
     meta = {k: v for k, v in obj.items() if not isinstance(v, (Mapping, Tensor))} if isinstance(obj, Mapping) else {}
+    if isinstance(obj, Mapping) and isinstance(obj.get("model_args"), Mapping):
+        meta["model_args"] = dict(obj["model_args"])
     return _find_state_dict(obj, file), meta
 
 
@@ -182,3 +195,65 @@ def load_pretrained(
         log.warning("%s: %d weights in the file unused by %s: %s", path, len(unexpected), name, ", ".join(unexpected))
     log.info("%s: loaded into %s", path, name)
     return LoadResult(str(path), missing, unexpected, reset)
+
+
+# MIL-Lab's encoder names (third part of e.g. abmil.base.uni_v2.pc108-24k; its ENCODER_DIM_MAPPING)
+# -> the msamil encoder preset that makes such features.
+MIL_LAB_ENCODERS = {"uni": "uni_v1", "hoptimus": "h_optimus_0", "hoptimus1": "h_optimus_1", "resnet50": "resnet50_trunc"}
+
+
+def encoder_name(encoder: str) -> str:
+    """The encoder name of a bag's or checkpoint's encoder id (``uni_v1-3fa9c0d1e2`` -> ``uni_v1``)."""
+    import re
+
+    match = re.fullmatch(r"(.+)-[0-9a-f]{10}", encoder or "")
+    return match.group(1) if match else (encoder or "")
+
+
+def _mil_lab_name(path: str) -> str | None:
+    """A MIL-Lab model name (model.config.encoder.task) found in a weights reference: its hub repo
+    name, the cache folder (models--org--name) or the file name."""
+    import re
+
+    for part in reversed(re.split(r"[/:@]|--", str(path))):
+        stem = part[: -len(".safetensors")] if part.endswith(".safetensors") else part
+        pieces = stem.split(".")
+        if len(pieces) == 4 and pieces[2] in ENCODER_DIMS:
+            return stem
+    return None
+
+
+def pretrained_encoder(path: str | os.PathLike) -> tuple[str | None, int | None]:
+    """(encoder name, feature width) the weights at ``path`` were trained on; None where unknown.
+
+    Our checkpoints store the encoder id and ``model_args.in_dim``; MIL-Lab files and FEATHER hub
+    repos name the encoder in their model name (``abmil.base.uni_v2.pc108-24k``).
+    """
+    _, meta = read_state_dict(path)
+    encoder = meta.get("encoder")
+    in_dim = (meta.get("model_args") or {}).get("in_dim", meta.get("in_dim"))
+    if isinstance(encoder, str) and encoder:
+        return encoder_name(encoder), int(in_dim) if in_dim else None
+    name = meta.get("model_name") if isinstance(meta.get("model_name"), str) else None
+    name = name if name and len(name.split(".")) == 4 else _mil_lab_name(str(path))
+    if name:
+        lab = name.split(".")[2]
+        if lab in ENCODER_DIMS:
+            return MIL_LAB_ENCODERS.get(lab, lab), int(in_dim) if in_dim else ENCODER_DIMS[lab]
+    return None, int(in_dim) if in_dim else None
+
+
+def check_transfer(init_from: str | os.PathLike, bag_encoder: str, bag_dim: int, bag_where: str) -> None:
+    """Refuse bags whose encoder (name, width) is not the one ``init_from`` was trained on.
+
+    Raises:
+        MsamilError: one line naming the weights, their encoder and the bags' encoder.
+    """
+    name, dim = pretrained_encoder(init_from)
+    found = encoder_name(bag_encoder)
+    if (dim is not None and dim != bag_dim) or (name and found and name != found):
+        raise MsamilError(
+            f"transfer mismatch: {init_from} was trained on {name or 'unknown'} features ({dim or '?'}-d), but "
+            f"{bag_where} come from {found or 'an unnamed encoder'} ({bag_dim}-d); extract the features with the "
+            f"encoder {name or 'it was trained on'} (`msamil list-models`) or train without init_from"
+        )
