@@ -9,15 +9,6 @@ localrules:
     fetch_weights,
 
 
-def extract_weights(wildcards):
-    """The encoder's weights file or folder, or its fetch record for hub weights."""
-    return CFG.weights_inputs(CFG.encoder_keys[wildcards.encoder])
-
-
-def fetch_weights_options(wildcards):
-    return CFG.fetch_weights_options(wildcards.key)
-
-
 rule fetch_weights:
     output:
         "results/weights/{key}.json",

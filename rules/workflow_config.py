@@ -170,7 +170,7 @@ class WorkflowConfig:
                                      "e2e": {"name": run, "frozen": frozen}}
         for name, options in experiments.items():
             source = options.get("init_from")
-            if source and source not in experiments and not os.path.exists(source):
+            if source and source not in experiments and not os.path.exists(source) and not str(source).startswith(HUB):
                 raise MsamilError(
                     f"config: experiment {name!r}: init_from {source!r} is neither an experiment nor an existing file"
                 )

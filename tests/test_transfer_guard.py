@@ -16,7 +16,7 @@ from msamil_core.cli import main
 from msamil_core.errors import MsamilError
 from msamil_core.features.bags import Bag, save_bag
 from msamil_core.mil import create_model, load_pretrained
-from msamil_core.mil.pretrained import check_transfer, pretrained_encoder
+from msamil_core.mil.transfer import check_transfer, pretrained_encoder
 
 from conftest import SHARED_DATA, write_hub_cache
 

@@ -17,9 +17,10 @@ Key layouts (``layout``): ``timm`` (the file loads into the timm model as is), `
 ``hf_dinov2`` (Hugging Face ``transformers`` ViTModel / Dinov2Model keys, converted to timm by
 :func:`convert_state_dict`, so ``transformers`` is not needed).
 
-Resize: the pipeline reads each patch at its scale and resizes the whole square patch to the
-preset's input size (bilinear, antialiased); ``card_resize`` records the card's own rule where
-it differs (e.g. a centre crop), and the README says what that means for a user.
+Resize: the pipeline reads each patch from the best pyramid level for its scale and resizes the
+whole square patch to the preset's input size (box filter when shrinking, bilinear when
+enlarging; no crop); ``card_resize`` records the card's own rule where it differs (e.g. a
+centre crop of 224 out of 256), and the README says what that means for a user.
 
 ``conch_v15`` (MahmoodLab/conchv1_5) is not offered: its vision tower is a modified iBOT ViT with
 an attentional pooler built by MahmoodLab's own code (TRIDENT ``model_zoo/conchv1_5``), not a

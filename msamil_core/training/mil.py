@@ -208,7 +208,7 @@ def check_feature_dim(paths: list[Path], in_dim: int, where: str, encoder: str |
 def check_init_from(cfg: TrainConfig, bag: Bag, in_dim: int, where: str) -> None:
     """With ``init_from``: the bags come from the encoder (name, width) the weights were trained on."""
     if cfg.init_from:
-        from ..mil.pretrained import check_transfer
+        from ..mil.transfer import check_transfer
 
         check_transfer(cfg.init_from, bag.encoder, in_dim, where)
 
