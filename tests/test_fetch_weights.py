@@ -154,3 +154,41 @@ def test_local_dir_and_unknown_repo(tmp_path, fake_hub):
                  {"HF_ENDPOINT": fake_hub}, tmp_path / "cache")
     assert run.returncode == 1 and "nobody/nothing: not found" in run.stderr
     assert len([line for line in run.stderr.splitlines() if line.strip()]) == 1
+
+
+@pytest.mark.slow
+def test_workflow_fetches_hub_weights_once_before_extraction(tmp_path):
+    """Dry run: one fetch_weights job for a hub encoder, ahead of every extraction job, whose input
+    it is; a local weights file is an input of extraction itself."""
+    import re
+
+    from conftest import REPO, shared_slide
+
+    sheet = tmp_path / "sheet.csv"
+    sheet.write_text("slide_id,path,label,patient_id\n"
+                     f"cmu,{shared_slide('CMU-1-Small-Region.svs')},a,p1\n"
+                     f"dapi,{shared_slide('test3-DAPI-2-(387).ndpi')},b,p2\n")
+    local = tmp_path / "r50.safetensors"
+    local.write_bytes(b"weights")
+    (tmp_path / "hub.yaml").write_text(
+        "patches: {patch_size: 256, min_fraction: 0.4, strategy: tissue}\nexport_geojson: false\n"
+        "experiments:\n  - {name: e, model: abmil.base}\n  - {name: f, model: abmil.base, encoder: r50}\n"
+        "encoders:\n  uni: {name: uni_v1, weights: 'hf-hub:MahmoodLab/UNI'}\n"
+        f"  r50: {{name: resnet50_trunc, weights: '{local}', input_size: 64}}\n"
+        "features: {default_encoder: uni}\n")
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    run = subprocess.run([sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory", str(tmp_path),
+                          "--cores", "1", "-n", "--until", "extract_features", "--configfile", "hub.yaml",
+                          "--config", f"slides={sheet}"], capture_output=True, text=True, env=env, cwd=tmp_path,
+                         timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    jobs = {m.group(1): int(m.group(2)) for m in re.finditer(r"^(\w+)\s+(\d+)$", run.stdout.split("Job stats:")[-1], re.M)}
+    assert jobs["fetch_weights"] == 1 and jobs["extract_features"] == 4
+    blocks = run.stdout.split("\nrule ")
+    extract = [b for b in blocks if b.startswith("extract_features:")]
+    uni = [b for b in extract if "/uni-" in b]
+    r50 = [b for b in extract if "/r50-" in b]
+    assert len(uni) == 2 and all("results/weights/uni.json" in b.split("output:")[0] for b in uni)
+    assert len(r50) == 2 and all(str(local) in b.split("output:")[0] for b in r50)
+    fetch = next(b for b in blocks if b.startswith("fetch_weights:"))
+    assert "output: results/weights/uni.json" in fetch
