@@ -250,6 +250,15 @@ def extract_options(wildcards):
     )
 
 
+def extract_weights(wildcards):
+    """The encoder's weights file or folder, or the fetch_weights record for hub weights."""
+    return CFG.weights_inputs(CFG.encoder_keys[wildcards.encoder])
+
+
+def fetch_weights_options(wildcards):
+    return CFG.fetch_weights_options(wildcards.key)
+
+
 def experiment_features(wildcards):
     return feature_dir(wildcards.experiment, getattr(wildcards, "fold", 0))
 

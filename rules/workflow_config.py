@@ -33,6 +33,14 @@ def encoder_folder(key: str, spec: Mapping) -> str:
     return f"{key}-{digest}"
 
 
+HUB = ("hf-hub:", "hf_hub:")
+
+
+def weights_record(key: str) -> str:
+    """The file fetch_weights writes for the encoder ``key`` (what was fetched, its sha256)."""
+    return f"results/weights/{key}.json"
+
+
 def feature_set_name(encoder_dir: str, strategy: str) -> str:
     """A feature folder name: the encoder folder (:func:`encoder_folder`) and the patch strategy."""
     return f"{encoder_dir}-{strategy}"
@@ -162,7 +170,7 @@ class WorkflowConfig:
                                      "e2e": {"name": run, "frozen": frozen}}
         for name, options in experiments.items():
             source = options.get("init_from")
-            if source and source not in experiments and not os.path.exists(source):
+            if source and source not in experiments and not os.path.exists(source) and not str(source).startswith(HUB):
                 raise MsamilError(
                     f"config: experiment {name!r}: init_from {source!r} is neither an experiment nor an existing file"
                 )
@@ -264,7 +272,9 @@ class WorkflowConfig:
     def encoder_options(self, key: str) -> str:
         """The encoder options of ``msamil extract`` / ``e2e`` / ``predict`` for the encoder ``key``."""
         spec = self.config["encoders"][key]
-        opts = ["--encoder", spec["name"], "--input-size", spec.get("input_size", 224), "--seed", spec.get("seed", 0)]
+        opts = ["--encoder", spec["name"], "--seed", spec.get("seed", 0)]
+        if spec.get("input_size"):  # else the preset's (224 for other names)
+            opts += ["--input-size", spec["input_size"]]
         if spec.get("weights"):
             opts += ["--weights", spec["weights"]]
         for name in ("mean", "std"):
@@ -273,6 +283,23 @@ class WorkflowConfig:
         for name, value in (spec.get("options") or {}).items():
             opts += ["--encoder-arg", f"{name}={json.dumps(value)}"]
         return _args(*opts)
+
+    def hub_encoders(self) -> list[str]:
+        """Encoder keys whose weights are ``hf-hub:`` references: fetched once by fetch_weights."""
+        return [k for k, spec in self.config["encoders"].items() if str(spec.get("weights") or "").startswith(HUB)]
+
+    def weights_inputs(self, key: str) -> list[str]:
+        """What extraction with encoder ``key`` reads besides the slide: the local weights file or
+        folder, or the record fetch_weights writes for hub weights; [] for random initialisation."""
+        weights = self.config["encoders"][key].get("weights")
+        if not weights:
+            return []
+        return [weights_record(key)] if str(weights).startswith(HUB) else [str(weights)]
+
+    def fetch_weights_options(self, key: str) -> str:
+        """``msamil fetch-weights`` (fetch_weights) for the encoder ``key``."""
+        spec = self.config["encoders"][key]
+        return _args("--encoder", spec["name"], "--weights", spec["weights"])
 
     def extract_runtime_options(self) -> str:
         f = self.config["features"]

@@ -48,3 +48,38 @@ def blank_slide(tmp_path) -> Path:
     rng = np.random.default_rng(0)
     glass = np.clip(242 + rng.normal(0, 2, size=(1024, 1536, 3)), 0, 255).astype(np.uint8)
     return write_pyramid_tiff(tmp_path / "blank.tiff", glass)
+
+
+HUB_REVISION = "0123456789abcdef0123456789abcdef01234567"
+
+
+def write_hub_cache(cache: Path, repo_id: str, files: dict[str, bytes], revision: str = HUB_REVISION) -> None:
+    """Lay ``files`` out as huggingface_hub's cache does: blobs named by content hash, a snapshot
+    folder of relative symlinks to them, and refs/main naming the snapshot's commit."""
+    import hashlib
+
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    (repo / "blobs").mkdir(parents=True, exist_ok=True)
+    (repo / "snapshots" / revision).mkdir(parents=True, exist_ok=True)
+    (repo / "refs").mkdir(exist_ok=True)
+    for name, data in files.items():
+        blob = hashlib.sha256(data).hexdigest()
+        (repo / "blobs" / blob).write_bytes(data)
+        link = repo / "snapshots" / revision / name
+        link.unlink(missing_ok=True)
+        link.symlink_to(Path("..", "..", "blobs", blob))
+    (repo / "refs" / "main").write_text(revision)
+
+
+@pytest.fixture
+def hub_cache(tmp_path, monkeypatch):
+    """An empty Hugging Face cache, made the default one, with HF_HUB_OFFLINE=1."""
+    import huggingface_hub.constants as constants
+
+    cache = tmp_path / "hf-cache"
+    cache.mkdir()
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    return cache

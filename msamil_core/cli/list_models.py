@@ -1,12 +1,13 @@
 """List the registered MIL models (for `msamil train --model` and the config's `experiments`)
-and the registered patch encoders (any timm model name works as an encoder too).
+and the patch encoders: the named presets with their output width, input size, licence and
+Hugging Face repo, then the other registered encoders (any timm model name works too).
 """
 
 from __future__ import annotations
 
 import argparse
 
-HELP = "list registered MIL models and patch encoders"
+HELP = "list registered MIL models and patch encoders (presets with width and source)"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -14,12 +15,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
+    from fnmatch import fnmatch
+
     from ..features.encoders import list_encoders
+    from ..features.presets import PRESETS
     from ..mil import list_models
 
     print("MIL models:")
     for name in list_models(args.pattern):
         print(f"  {name}")
-    print("patch encoders (besides any timm model name):")
+    print("patch encoder presets (name, width, input px, weights repo, licence):")
+    for name, p in PRESETS.items():
+        if args.pattern and not fnmatch(name, args.pattern):
+            continue
+        gate = "gated, " if p.gated else ""
+        print(f"  {name:<15} {p.width:>5}  {p.input_size:>4}  hf-hub:{p.repo_id:<28} {gate}{p.licence}")
+        print(f"  {'':<15} {p.description}; source: {p.source.split(';')[0]}")
+    print("other patch encoders (besides any timm model name):")
     for name in list_encoders():
-        print(f"  {name}")
+        if name not in PRESETS and (not args.pattern or fnmatch(name, args.pattern)):
+            print(f"  {name}")

@@ -109,13 +109,18 @@ def add_encoder_arguments(parser: argparse.ArgumentParser) -> None:
     enc.add_argument("--encoder-checkpoint",
                      help="an e2e checkpoint (results/e2e/<name>/fold<k>/checkpoint.pt): its tuned encoder, with the "
                      "name, input size, normalisation and options it was trained with; replaces the other encoder options")
-    enc.add_argument("--encoder", default="msfem", help="msfem or a timm model name (default msfem)")
-    enc.add_argument("--weights", help="local weights file (.safetensors, .bin, .pth); default: random init")
-    enc.add_argument("--input-size", type=int, default=224,
-                     help="patch side fed to the encoder, px (paper: 512; default 224)")
+    enc.add_argument("--encoder", default="msfem",
+                     help="a preset (`msamil list-models`: uni_v1, virchow2, resnet50_trunc, ...), msfem or a timm model "
+                     "name (default msfem)")
+    enc.add_argument("--weights", help="weights: a local file (.safetensors, .bin, .pth), a folder with the model's "
+                     "published files, or hf-hub:<org>/<repo> fetched by `msamil fetch-weights`; default: random init")
+    enc.add_argument("--input-size", type=int,
+                     help="patch side fed to the encoder, px (default: the preset's, else 224; paper: 512)")
     rgb = ("R", "G", "B")
-    enc.add_argument("--mean", type=float, nargs=3, metavar=rgb, help="normalisation mean (default ImageNet)")
-    enc.add_argument("--std", type=float, nargs=3, metavar=rgb, help="normalisation std (default ImageNet)")
+    enc.add_argument("--mean", type=float, nargs=3, metavar=rgb, help="normalisation mean (default: the preset's, "
+                     "else ImageNet)")
+    enc.add_argument("--std", type=float, nargs=3, metavar=rgb, help="normalisation std (default: the preset's, "
+                     "else ImageNet)")
     enc.add_argument("--encoder-arg", action="append", default=[], metavar="KEY=VALUE",
                      help="encoder option, repeatable; VALUE is read as JSON when it parses (msfem: depth=2 heads=8 "
                      "dim=512 backbone=efficientnet_b3 backbone_weights=FILE; timm: e.g. init_values=1e-5)")
@@ -125,17 +130,16 @@ def add_encoder_arguments(parser: argparse.ArgumentParser) -> None:
 def encoder_spec(args: argparse.Namespace):
     """The :class:`~msamil_core.features.encoders.EncoderSpec` of :func:`add_encoder_arguments`'
     options (an e2e checkpoint's tuned encoder with ``--encoder-checkpoint``)."""
-    from ..features.encoders import IMAGENET_MEAN, IMAGENET_STD, EncoderSpec
+    from ..features.encoders import EncoderSpec
 
     if getattr(args, "encoder_checkpoint", None):
         from ..training.e2e import encoder_spec_from_checkpoint
 
         return encoder_spec_from_checkpoint(args.encoder_checkpoint)
-    if args.input_size < 1:
+    if args.input_size is not None and args.input_size < 1:
         raise MsamilError(f"--input-size must be at least 1, got {args.input_size}")
     return EncoderSpec(name=args.encoder, weights=args.weights, input_size=args.input_size,
-                       mean=tuple(args.mean) if args.mean else IMAGENET_MEAN,
-                       std=tuple(args.std) if args.std else IMAGENET_STD,
+                       mean=tuple(args.mean) if args.mean else None, std=tuple(args.std) if args.std else None,
                        kwargs=parse_encoder_args(args.encoder_arg), seed=args.seed)
 
 

@@ -1,7 +1,12 @@
 """Patch encoders: images [B, 3, S, S] -> features [B, D], built offline from a small registry.
 
-Two kinds of encoder:
+Three kinds of encoder:
 
+* named presets (:mod:`.presets`): pathology foundation models (``uni_v1``, ``virchow2``,
+  ``h_optimus_0``, ``phikon``, ``resnet50_trunc``, ...) built with their published architecture,
+  input size, normalisation and output rule; their weights come from a local file or folder or
+  from ``hf-hub:<org>/<repo>`` (read from the Hugging Face cache that ``msamil fetch-weights``
+  fills; nothing is downloaded here).
 * ``msfem``, the multi-scale feature extraction module of MsaMIL-Net (sec. 3.2): an
   EfficientNet-B3 feature map (16 x 16 x 1536 for a 512-px patch) read as 256 tokens, projected
   to 512, prefixed with a class token, given a learned position embedding and passed through a
@@ -10,10 +15,12 @@ Two kinds of encoder:
   with global pooling and no classifier; ViTs get ``img_size`` when the input size differs from
   their default.
 
-Nothing here touches the network: timm models are always created with ``pretrained=False`` and
-weights come only from a local file (a timm or Hugging Face state dict, ``.bin``/``.pth``/``.pt``
-or ``.safetensors``). Without a file the encoder is randomly initialised from a fixed seed and a
-warning says so. :func:`encoder_id` names the result (``name-<hash>``) so that feature bags of
+Nothing here touches the network: timm models are always created with ``pretrained=False``,
+and constructor options pass an allowlist (no ``checkpoint_path``, ``pretrained``, file or URL
+values), so timm never loads a file or reaches the network by itself. Weights files are read
+without unpickling (safetensors, or ``torch.load(weights_only=True)``). Without weights the
+encoder is randomly initialised from a fixed seed and a warning says so. :func:`encoder_id`
+names the result (``name-<hash>``, the hash covering the weight bytes) so that feature bags of
 different weights never mix.
 """
 
@@ -24,13 +31,16 @@ import json
 import logging
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
 from torch import nn
 
 from ..errors import MsamilError
-from .weights import file_sha256, load_weights
+from ..hub import hub_file, is_hub_ref
+from .presets import Preset, convert_state_dict, get_preset, timm_options
+from .weights import file_sha256, load_weights, read_state_dict
 
 log = logging.getLogger(__name__)
 
@@ -40,20 +50,43 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 # Keys whose value names a local weights file: encoder_id hashes the file's bytes, not its path,
 # so that moving a file keeps the id and replacing it changes the id.
 _WEIGHTS_KWARGS = ("backbone_weights",)
+# Constructor options a config or command line may set (issue: timm must never load files or
+# reach the network by itself). msfem's, then architecture options of timm models.
+_MSFEM_OPTIONS = {"backbone", "dim", "depth", "heads", "mlp_ratio", "grid_size", "dropout", "backbone_weights"}
+_TIMM_OPTIONS = {
+    "drop_rate", "drop_path_rate", "proj_drop_rate", "attn_drop_rate", "pos_drop_rate", "global_pool",
+    "init_values", "dynamic_img_size", "dynamic_img_pad", "img_size", "patch_size", "embed_dim", "depth",
+    "num_heads", "mlp_ratio", "reg_tokens", "no_embed_class", "class_token", "qkv_bias", "qk_norm", "fc_norm",
+    "pre_norm", "output_stride", "in_chans",
+}
+# Presets fix their architecture (the weights depend on it); only regularisation may change.
+_PRESET_OPTIONS = {"drop_rate", "drop_path_rate"}
+_REFUSED_HINT = {
+    "checkpoint_path": "name the weights file in `weights` (--weights) instead",
+    "pretrained": "weights come only from `weights` (--weights): a local file or hf-hub:<org>/<repo>",
+    "pretrained_cfg": "presets and timm names carry their configuration",
+    "pretrained_cfg_overlay": "presets and timm names carry their configuration",
+    "pretrained_strict": "weights are always loaded strictly",
+    "cache_dir": "hub weights are fetched by `msamil fetch-weights`",
+}
 
 
 @dataclass
 class EncoderSpec:
-    """What to build: a registry or timm name, its weights, input size, normalisation and options.
+    """What to build: a preset, registry or timm name, its weights, input size, normalisation, options.
 
     Attributes:
-        name: a registered encoder (see :func:`list_encoders`, e.g. ``msfem``) or a timm model
-            name (``resnet50``, ``vit_base_patch16_224``, with or without a ``.tag``).
-        weights: local state-dict file (``.safetensors``, ``.bin``, ``.pth``, ``.pt``); ``None``
-            means random initialisation from ``seed``.
-        input_size: side of the square patch fed to the network, in pixels (512 in the paper).
-        mean, std: per-channel RGB normalisation of images scaled to [0, 1].
-        kwargs: extra constructor options (timm kwargs, or ``msfem`` options such as ``depth``).
+        name: a preset (see :data:`.presets.PRESETS`, e.g. ``uni_v1``), a registered encoder
+            (``msfem``) or a timm model name (``resnet50``, ``vit_base_patch16_224``).
+        weights: local state-dict file (``.safetensors``, ``.bin``, ``.pth``, ``.pt``), a folder
+            holding the model's published files, or ``hf-hub:<org>/<repo>`` (read from the
+            Hugging Face cache); ``None`` means random initialisation from ``seed``.
+        input_size: side of the square patch fed to the network, in pixels (512 in the paper);
+            ``None``: the preset's (224 for other names).
+        mean, std: per-channel RGB normalisation of images scaled to [0, 1]; ``None``: the
+            preset's (ImageNet's for other names).
+        kwargs: extra constructor options from an allowlist (timm architecture options, or
+            ``msfem`` options such as ``depth``); file, URL and download options are refused.
         seed: seed of the random initialisation (used when ``weights`` is ``None``, and for
             any part a weights file does not cover, e.g. the msfem Transformer with
             ``backbone_weights``).
@@ -61,13 +94,18 @@ class EncoderSpec:
 
     name: str
     weights: str | os.PathLike | None = None
-    input_size: int = 224
-    mean: tuple[float, float, float] = IMAGENET_MEAN
-    std: tuple[float, float, float] = IMAGENET_STD
+    input_size: int | None = None
+    mean: tuple[float, float, float] | None = None
+    std: tuple[float, float, float] | None = None
     kwargs: dict[str, Any] = field(default_factory=dict)
     seed: int = 0
 
     def __post_init__(self) -> None:
+        preset = get_preset(self.name)
+        if self.input_size is None:
+            self.input_size = preset.input_size if preset else 224
+        self.mean = tuple(self.mean) if self.mean is not None else (preset.mean if preset else IMAGENET_MEAN)
+        self.std = tuple(self.std) if self.std is not None else (preset.std if preset else IMAGENET_STD)
         if int(self.input_size) < 16:
             raise MsamilError(f"encoder {self.name}: input size {self.input_size} px is too small; use 16 px or more")
         if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
@@ -78,6 +116,47 @@ class EncoderSpec:
         self.input_size = int(self.input_size)
         self.mean = tuple(float(v) for v in self.mean)
         self.std = tuple(float(v) for v in self.std)
+        if preset and preset.size_multiple and self.input_size % preset.size_multiple:
+            m = preset.size_multiple
+            raise MsamilError(
+                f"encoder {self.name}: input size {self.input_size} px is not a multiple of {m} (its patch size); "
+                f"use {m * max(1, self.input_size // m)} or {m * (self.input_size // m + 1)} (native {preset.input_size})"
+            )
+        check_encoder_options(self.name, self.kwargs)
+
+
+def check_encoder_options(name: str, kwargs: dict[str, Any]) -> None:
+    """Refuse, in one line, constructor options outside the allowlist and file or URL values.
+
+    timm would otherwise load ``checkpoint_path`` files, download ``pretrained`` weights or read
+    ``pretrained_cfg`` overlays by itself, bypassing the weights handling, hashing and offline rule.
+    """
+    if name in _REGISTRY:
+        allowed = _MSFEM_OPTIONS if name == "msfem" else None
+    elif get_preset(name):
+        allowed = _PRESET_OPTIONS
+    else:
+        allowed = _TIMM_OPTIONS
+    for key, value in kwargs.items():
+        if key in _REFUSED_HINT or key.startswith("pretrained_cfg"):
+            hint = _REFUSED_HINT.get(key, _REFUSED_HINT["pretrained_cfg"])
+            raise MsamilError(f"encoder {name}: option {key!r} is not allowed (timm would load files or reach the "
+                              f"network by itself); {hint}")
+        if allowed is not None and key not in allowed:
+            raise MsamilError(f"encoder {name}: option {key!r} is not allowed; allowed: {', '.join(sorted(allowed))}")
+        if key not in _WEIGHTS_KWARGS and _names_file(value):
+            raise MsamilError(f"encoder {name}: option {key}={value!r} names a file or URL, which encoder options may "
+                              "not; weights go in `weights` (--weights)")
+
+
+def _names_file(value: Any) -> bool:
+    """Whether an option value looks like a path, URL or hub reference."""
+    values = value if isinstance(value, (list, tuple)) else [value]
+    for v in values:
+        if isinstance(v, str) and ("://" in v or is_hub_ref(v) or "/" in v or "\\" in v
+                                   or v.lower().endswith((".pt", ".pth", ".bin", ".safetensors", ".ckpt", ".npz"))):
+            return True
+    return False
 
 
 class PatchEncoder(nn.Module):
@@ -116,8 +195,10 @@ def register_encoder(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
 
 
 def list_encoders() -> list[str]:
-    """Registered encoder names; any timm model name is accepted besides these."""
-    return sorted(_REGISTRY)
+    """Preset and registered encoder names; any timm model name is accepted besides these."""
+    from .presets import PRESETS
+
+    return sorted(PRESETS) + sorted(_REGISTRY)
 
 
 class MSFEM(nn.Module):
@@ -231,6 +312,78 @@ def _timm_encoder(name: str, input_size: int, **kwargs) -> nn.Module:
     return model
 
 
+class PresetEncoder(nn.Module):
+    """A preset's backbone (timm keys, as published) and its output rule: [B, 3, S, S] -> [B, width].
+
+    ``cls``: class token after the final norm; ``cls+mean``: class token concatenated with the
+    mean of the patch tokens (register tokens excluded); ``layer3_avgpool``: ResNet stem and
+    layers 1-3, average pooled.
+    """
+
+    def __init__(self, backbone: nn.Module, preset: Preset):
+        super().__init__()
+        self.backbone = backbone
+        self.output = preset.output
+        self.out_dim = preset.width
+
+    def forward_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """ViT output tokens after the final norm: [B, prefix + patches, D], class token first."""
+        return self.backbone.forward_features(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.output == "layer3_avgpool":
+            b = self.backbone
+            x = b.maxpool(b.act1(b.bn1(b.conv1(x))))
+            return b.layer3(b.layer2(b.layer1(x))).mean((2, 3))
+        tokens = self.forward_tokens(x)
+        if self.output == "cls":
+            return tokens[:, 0]
+        if self.output == "cls+mean":
+            patches = tokens[:, self.backbone.num_prefix_tokens:]
+            return torch.cat([tokens[:, 0], patches.mean(1)], dim=-1)
+        raise ValueError(f"unknown output rule {self.output!r}")
+
+
+def build_preset_backbone(preset: Preset, input_size: int | None = None, **overrides) -> nn.Module:
+    """The preset's timm network (random weights, ``pretrained=False``); ``overrides`` replace
+    constructor options (tests build large models at reduced depth)."""
+    import timm
+
+    kwargs = {**timm_options(preset), **overrides}
+    return timm.create_model(preset.architecture, pretrained=False, **kwargs)
+
+
+def load_preset_weights(model: PresetEncoder, preset: Preset, path: str | os.PathLike) -> None:
+    """Read a file in the preset's published layout, convert its keys to timm's and load it
+    strictly into the backbone (``preset.unused_keys`` aside); a mismatch fails naming the file."""
+    state = read_state_dict(path, f"encoder {preset.name} weights")
+    if preset.layout != "timm" and not any(k.startswith("embeddings.") for k in state):
+        layout = "timm"  # already converted, e.g. an e2e checkpoint's tuned encoder
+    else:
+        layout = preset.layout
+    state = convert_state_dict(state, layout, preset.unused_keys)
+    load_weights(model.backbone, state, f"encoder {preset.name}", source=path)
+
+
+def weights_file(spec: EncoderSpec) -> Path | None:
+    """The local file behind ``spec.weights``: the file itself, the published file inside a
+    folder, or the cached file of an ``hf-hub:`` reference (never downloaded here)."""
+    if spec.weights is None:
+        return None
+    preset = get_preset(spec.name)
+    names = preset.files if preset else ("model.safetensors", "pytorch_model.bin")
+    if is_hub_ref(str(spec.weights)):
+        return hub_file(str(spec.weights), names)
+    path = Path(spec.weights)
+    if path.is_dir():
+        found = next((path / n for n in names if (path / n).is_file()), None)
+        if found is None:
+            raise MsamilError(f"encoder {spec.name}: weights folder {path} holds none of {', '.join(names)}; "
+                              "give the folder the model was downloaded to, or the weights file itself")
+        return found
+    return path
+
+
 def build_encoder(spec: EncoderSpec) -> tuple[PatchEncoder, int]:
     """Build ``spec`` in eval mode on the CPU: (encoder [B, 3, S, S] -> [B, D], D).
 
@@ -239,24 +392,31 @@ def build_encoder(spec: EncoderSpec) -> tuple[PatchEncoder, int]:
     unreadable or made for another architecture raises :class:`MsamilError`.
     """
     kwargs = dict(spec.kwargs)
+    preset = get_preset(spec.name)
+    weights = weights_file(spec)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(spec.seed)
-        if spec.name in _REGISTRY:
+        if preset is not None:
+            model = PresetEncoder(build_preset_backbone(preset, **kwargs), preset)
+        elif spec.name in _REGISTRY:
             try:
                 model = _REGISTRY[spec.name](input_size=spec.input_size, **kwargs)
             except TypeError as exc:  # an option the constructor does not take
                 raise MsamilError(f"encoder {spec.name!r}: rejects the options {sorted(kwargs)}: {exc}") from None
         else:
             model = _timm_encoder(spec.name, spec.input_size, **kwargs)
-    if spec.weights is not None:
-        load_weights(model, spec.weights, f"encoder {spec.name}")
+    if weights is not None and preset is not None:
+        load_preset_weights(model, preset, weights)
+    elif weights is not None:
+        load_weights(model, weights, f"encoder {spec.name}")
     elif kwargs.get("backbone_weights"):
         log.info("encoder %s: backbone from %s, the rest randomly initialised (seed %d)",
                  spec.name, kwargs["backbone_weights"], spec.seed)  # fmt: skip
     else:
         log.warning(
             "encoder %s: no weights file given, randomly initialised (seed %d); features carry no "
-            "pretrained knowledge. Name a local state dict (weights / --weights) for real use.",
+            "pretrained knowledge. Name a local state dict or hf-hub:<org>/<repo> (weights / --weights) "
+            "for real use.",
             spec.name,
             spec.seed,
         )
@@ -279,21 +439,67 @@ def encoder_id(spec: EncoderSpec, digits: int = 10) -> str:
     """``<name>-<hash>``: the encoder string of feature bags, deterministic for a given spec.
 
     The hash covers the weights file's bytes (or, with no file, the random-initialisation seed),
-    the constructor options (weight files among them by their bytes) and, for fixed-size models
-    such as ViTs whose parameters depend on it, the input size. Normalisation is not part of it.
+    the constructor options (weight files among them by their bytes) and, for presets and for
+    fixed-size models such as ViTs whose parameters or token grid depend on it, the input size. Normalisation is not part of it.
     """
     kwargs = {
         k: (f"sha256:{file_sha256(v)}" if k in _WEIGHTS_KWARGS and v is not None else v)
         for k, v in sorted(spec.kwargs.items())
     }
     identity: dict[str, Any] = {"name": spec.name, "kwargs": kwargs}
-    if spec.weights is not None:
-        identity["weights"] = f"sha256:{file_sha256(spec.weights)}"
+    weights = weights_file(spec)
+    if weights is not None:
+        identity["weights"] = f"sha256:{file_sha256(weights)}"
     else:
         identity["seed"] = spec.seed  # random initialisation: the seed determines the weights
-    if _fixed_input_size(spec.name):
+    if _fixed_input_size(spec.name) or get_preset(spec.name):
         identity["input_size"] = spec.input_size
     text = json.dumps(identity, sort_keys=True, default=str)
     name = spec.name.replace("/", "_")
     return f"{name}-{hashlib.sha256(text.encode()).hexdigest()[:digits]}"
 
+
+
+# -- fetching -----------------------------------------------------------------------------------
+def hub_reference(name: str, weights: str | None) -> str:
+    """The ``hf-hub:`` reference to fetch for encoder ``name``: ``weights`` when it is one,
+    else the preset's own repo; fails for local weights or a name without a repo."""
+    if weights and is_hub_ref(str(weights)):
+        return str(weights)
+    preset = get_preset(name)
+    if weights:
+        raise MsamilError(f"encoder {name}: weights {weights} are local, nothing to fetch")
+    if preset is None:
+        raise MsamilError(f"encoder {name}: not a preset, so it has no known repo; give --weights hf-hub:<org>/<repo>")
+    return f"hf-hub:{preset.repo_id}"
+
+
+def fetch_weights(name: str, weights: str | None = None, local_dir: str | os.PathLike | None = None) -> dict[str, Any]:
+    """Download the weights (and the config file published beside them) of encoder ``name``
+    once, into the Hugging Face cache or ``local_dir``; returns what was fetched:
+    ``{"ref", "file", "sha256", "bytes"}`` (``file`` is what ``weights`` then resolves to).
+
+    Uses ``HF_TOKEN`` for gated repos; honours ``HF_HUB_OFFLINE`` (then only the cache is read).
+    """
+    ref = hub_reference(name, weights)
+    preset = get_preset(name)
+    names = preset.files if preset else ("model.safetensors", "pytorch_model.bin")
+    extra = (preset.config_file,) if preset and preset.config_file else ()
+    if local_dir is not None:
+        from huggingface_hub import hf_hub_download
+
+        from ..hub import parse_hub_ref
+
+        # hub_file checks access and fills the cache; the copy into local_dir is then local
+        cached = hub_file(ref, names, download=True)
+        repo, revision = parse_hub_ref(ref)
+        file = Path(hf_hub_download(repo, cached.name, revision=revision, local_dir=local_dir))
+        for extra_name in extra:
+            if hub_file(ref, (extra_name,), download=True, required=False) is not None:
+                hf_hub_download(repo, extra_name, revision=revision, local_dir=local_dir)
+    else:
+        file = hub_file(ref, names, download=True)
+        for extra_name in extra:
+            hub_file(ref, (extra_name,), download=True, required=False)
+    log.info("encoder %s: weights %s ready at %s", name, ref, file)
+    return {"ref": ref, "file": str(file), "sha256": file_sha256(file), "bytes": file.stat().st_size}

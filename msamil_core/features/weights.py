@@ -114,14 +114,18 @@ def _adapt(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.
     return state
 
 
-def load_weights(model: nn.Module, path: str | os.PathLike, what: str) -> None:
-    """Load a local state dict into ``model`` strictly, or raise one clear :class:`MsamilError`.
+def load_weights(model: nn.Module, weights: str | os.PathLike | dict[str, torch.Tensor], what: str,
+                 source: str | os.PathLike | None = None) -> None:
+    """Load a state dict (a local file, or tensors already read from ``source``) into ``model``
+    strictly, or raise one clear :class:`MsamilError`.
 
     Accepts timm and Hugging Face (timm-format) state dicts; a classifier head present in the
     file but absent from the pooled backbone is ignored, every other key must match in name
     and shape.
     """
-    state = _adapt(model, read_state_dict(path, f"{what} weights"))
+    path = source if isinstance(weights, dict) else weights
+    state = weights if isinstance(weights, dict) else read_state_dict(weights, f"{what} weights")
+    state = _adapt(model, state)
     missing, unexpected, shapes = _match(model, state)
     if missing or unexpected or shapes:
         parts = []

@@ -1,8 +1,13 @@
 """Load weights into a model of the zoo: our checkpoints and MIL-Lab / FEATHER files.
 
 Accepted: our checkpoint ``.pt`` (a dict whose ``state_dict`` holds the weights), a bare
-state dict (``.pt``, ``.pth``, ``.bin``, ``.ckpt``), a ``.safetensors`` file, or a directory
-holding ``model.safetensors`` or ``pytorch_model.bin`` (a Hugging Face snapshot). Keys may
+state dict (``.pt``, ``.pth``, ``.bin``, ``.ckpt``), a ``.safetensors`` file, a directory
+holding ``model.safetensors`` or ``pytorch_model.bin`` (a Hugging Face snapshot), or
+``hf-hub:<org>/<repo>`` such as MIL-Lab's FEATHER models (``hf-hub:MahmoodLab/abmil.base.uni_v2.pc108-24k``:
+``model.safetensors`` + ``config.json``), read from the Hugging Face cache that ``msamil
+fetch-weights --weights hf-hub:...`` fills.
+
+:mod:`.transfer` checks that the bags come from the encoder the weights were trained on. Keys may
 carry ``model.`` (MIL-Lab's wrapper), ``module.`` (DataParallel/DDP) or ``_orig_mod.``
 (``torch.compile``) prefixes. Nothing is unpickled: ``torch.load(..., weights_only=True)``
 and ``safetensors.torch.load_file`` only.
@@ -51,6 +56,10 @@ class LoadResult:
 
 
 def _weights_file(path: Path) -> Path:
+    from ..hub import hub_file, is_hub_ref
+
+    if is_hub_ref(str(path)):
+        return hub_file(str(path), _DIRECTORY_FILES)
     if path.is_dir():
         for name in _DIRECTORY_FILES:
             if (path / name).is_file():
@@ -81,7 +90,7 @@ def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[st
     """Read the weights in ``path`` without unpickling: (state dict, metadata). The metadata
     are the non-weight entries of one of our checkpoints (``model_name``, ``model_args``,
     ``classes``, ...), empty for other files."""
-    file = _weights_file(Path(path))
+    file = _weights_file(path if isinstance(path, str) and path.startswith(("hf-hub:", "hf_hub:")) else Path(path))
     try:
         if file.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -96,6 +105,8 @@ def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[st
             "(.pt/.pth/.bin) or a .safetensors file"
         ) from None
     meta = {k: v for k, v in obj.items() if not isinstance(v, (Mapping, Tensor))} if isinstance(obj, Mapping) else {}
+    if isinstance(obj, Mapping) and isinstance(obj.get("model_args"), Mapping):
+        meta["model_args"] = dict(obj["model_args"])
     return _find_state_dict(obj, file), meta
 
 
@@ -182,3 +193,4 @@ def load_pretrained(
         log.warning("%s: %d weights in the file unused by %s: %s", path, len(unexpected), name, ", ".join(unexpected))
     log.info("%s: loaded into %s", path, name)
     return LoadResult(str(path), missing, unexpected, reset)
+

@@ -185,8 +185,10 @@ def locate_bags(feature_dir: str | os.PathLike, slide_ids: list[str]) -> list[Pa
     return [find_bag(feature_dir, s) for s in slide_ids]
 
 
-def check_feature_dim(paths: list[Path], in_dim: int, where: str) -> None:
-    """Every bag has ``in_dim`` features, else an error naming the bag and the fix."""
+def check_feature_dim(paths: list[Path], in_dim: int, where: str, encoder: str | None = None) -> None:
+    """Every bag has ``in_dim`` features and one encoder id (``encoder``, else the first bag's),
+    else an error naming two bags (or the bag and the model) and the fix."""
+    reference = (encoder, where) if encoder else None
     for p in paths:
         bag = load_bag(p, require_coords=False)
         if bag.features.shape[1] != in_dim:
@@ -194,8 +196,21 @@ def check_feature_dim(paths: list[Path], in_dim: int, where: str) -> None:
                 f"{p}: bags have {bag.features.shape[1]} features but {where} expects {in_dim}; "
                 "use bags of the same encoder (or the model and weights made for these features)"
             )
+        if reference is None:
+            reference = (bag.encoder, str(p))
+        elif bag.encoder and reference[0] and bag.encoder != reference[0]:
+            raise MsamilError(
+                f"bags of two encoders: {reference[1]} comes from {reference[0]!r} but {p} from {bag.encoder!r}; "
+                "one experiment needs the bags of one encoder (re-extract, or point at one feature folder)"
+            )
 
 
+def check_init_from(cfg: TrainConfig, bag: Bag, in_dim: int, where: str) -> None:
+    """With ``init_from``: the bags come from the encoder (name, width) the weights were trained on."""
+    if cfg.init_from:
+        from ..mil.transfer import check_transfer
+
+        check_transfer(cfg.init_from, bag.encoder, in_dim, where)
 
 
 # ----------------------------------------------------------------------------- model
@@ -376,7 +391,8 @@ def evaluate_fold(fold_dir: str | os.PathLike, k: int, sheet, folds, features: s
     if not test_ids:
         raise MsamilError(f"fold {k} has no test slides for classes {classes}; check folds.csv and the task")
     paths = locate_bags(features, test_ids)
-    check_feature_dim(paths, int(ckpt["model_args"]["in_dim"]), f"the model {fold_dir / 'checkpoint.pt'}")
+    check_feature_dim(paths, int(ckpt["model_args"]["in_dim"]), f"the model {fold_dir / 'checkpoint.pt'}",
+                      encoder=ckpt.get("encoder") or None)
     dataset = BagDataset(paths, test_ids, test_y, checkpoint_scales(ckpt), norm=ckpt.get("feature_norm"))
     probs, loss = predict(model, dataset, device)
     y = np.asarray(test_y)
@@ -430,6 +446,7 @@ def train_experiment(options: dict, data: FoldData, folds: list[int], out: str |
         # every bag the fold will touch, test part included, before any training starts
         check_feature_dim(train_paths + val_paths + locate_bags(data.features, test_ids), in_dim,
                           f"the bags of fold {k} (first: {train_paths[0]})")
+        check_init_from(cfg, first, in_dim, f"the bags of fold {k} (e.g. {train_paths[0]})")
         train_set = BagDataset(train_paths, train_ids, train_y, cfg.scales, cfg.max_instances, cfg.seed, train=True)
         val_set = BagDataset(val_paths, val_ids, val_y, cfg.scales)
         log.info("%s fold %d: %d train / %d val slides, classes %s, model %s on %s", name, k, len(train_ids),

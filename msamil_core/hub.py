@@ -1,0 +1,88 @@
+"""Weights on the Hugging Face Hub: ``hf-hub:<org>/<repo>[@revision]`` references.
+
+Downloads happen only in :func:`hub_file` with ``download=True`` (``msamil fetch-weights`` and
+the workflow's ``fetch_weights`` rule, once, before extraction); every other caller reads the
+local Hugging Face cache (``local_files_only``), so an extraction job never reaches the network.
+The cache is the one huggingface_hub uses (``HF_HOME`` / ``HF_HUB_CACHE``) or ``cache_dir``;
+``HF_TOKEN`` authorises gated repos and ``HF_HUB_OFFLINE=1`` is honoured by huggingface_hub
+itself. Hub failures become one-line :class:`~msamil_core.errors.MsamilError` messages that say
+what to do (accept the licence, set ``HF_TOKEN``, run ``msamil fetch-weights``).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from .errors import MsamilError
+
+HUB_PREFIXES = ("hf-hub:", "hf_hub:")
+
+
+def is_hub_ref(value) -> bool:
+    """Whether ``value`` is an ``hf-hub:`` reference (rather than a local path)."""
+    return isinstance(value, str) and value.startswith(HUB_PREFIXES)
+
+
+def parse_hub_ref(ref: str) -> tuple[str, str | None]:
+    """``hf-hub:org/name[@revision]`` -> (repo id, revision or None)."""
+    body = ref.split(":", 1)[1].strip().strip("/")
+    repo, _, revision = body.partition("@")
+    if repo.count("/") != 1 or not all(repo.split("/")):
+        raise MsamilError(f"{ref!r}: expected hf-hub:<org>/<repo> (optionally @<revision>), e.g. hf-hub:MahmoodLab/UNI")
+    return repo, revision or None
+
+
+def hub_file(ref: str, filenames: tuple[str, ...] | list[str], *, download: bool = False,
+             cache_dir: str | os.PathLike | None = None, required: bool = True) -> Path | None:
+    """Local path of the first of ``filenames`` the repo ``ref`` has, from the Hugging Face cache.
+
+    With ``download`` the file is fetched when missing (once; later calls find it in the cache);
+    without, only the cache is read. ``required=False`` returns None when no file exists
+    (for optional files such as ``config.json``).
+    """
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import (EntryNotFoundError, GatedRepoError, LocalEntryNotFoundError,
+                                        RepositoryNotFoundError, RevisionNotFoundError)
+
+    repo, revision = parse_hub_ref(ref)
+    page = f"https://huggingface.co/{repo}"
+    not_cached = []
+    for name in filenames:
+        try:
+            return Path(hf_hub_download(repo, name, revision=revision, cache_dir=cache_dir,
+                                        local_files_only=not download))
+        except GatedRepoError:
+            raise MsamilError(
+                f"{repo}: gated model, and this account has no access: accept the licence on {page} "
+                "(logged in), then set HF_TOKEN to a read token of that account and rerun"
+            ) from None
+        except RepositoryNotFoundError:
+            raise MsamilError(
+                f"{repo}: not found or not visible without a token: check the repo id; if the model is gated, "
+                f"accept the licence on {page} and set HF_TOKEN"
+            ) from None
+        except RevisionNotFoundError:
+            raise MsamilError(f"{ref}: revision {revision!r} does not exist on {page}") from None
+        except LocalEntryNotFoundError:
+            not_cached.append(name)  # not in the cache (or offline): try the next published name
+        except EntryNotFoundError:
+            continue  # the repo does not publish this name: try the next one
+        except OSError as exc:  # connection refused, disk full, ...
+            raise MsamilError(f"{ref}: cannot fetch {name} ({exc}); check the network or HF_ENDPOINT") from None
+        except Exception as exc:  # HfHubHTTPError and other hub answers
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise MsamilError(f"{ref}: the hub refused {name}: {first}") from None
+    if not required:
+        return None
+    where = f"the cache {cache_dir}" if cache_dir else "the Hugging Face cache (HF_HOME / HF_HUB_CACHE)"
+    if not_cached and not download:
+        offline = " (HF_HUB_OFFLINE is set)" if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true") else ""
+        raise MsamilError(
+            f"{ref}: {' / '.join(filenames)} not in {where}{offline}; fetch it once with "
+            f"`msamil fetch-weights {ref}` (the workflow's fetch_weights rule does this)"
+        )
+    if not_cached:
+        raise MsamilError(f"{ref}: {' / '.join(filenames)} not in {where} and HF_HUB_OFFLINE forbids a download; "
+                          "unset HF_HUB_OFFLINE where the network is reachable")
+    raise MsamilError(f"{ref}: the repo has none of {', '.join(filenames)}; check the repo id or name the file")
