@@ -8,9 +8,9 @@ For each N it writes an N-row sheet whose slides are symbolic links to one real 
 - ``snakemake -n`` of a trivial workflow of 5 chained ``touch`` jobs per slide (the slide ids
   read from the same sheet with the csv module): what Snakemake itself costs per job,
 
-and prints seconds, ms per slide and the peak RSS of each Snakemake process, and their ratio
-(ours / trivial; the goal is <= 1.0). The machine may be shared and noisy: the ratio, measured
-side by side, is the figure that counts.
+and prints wall seconds, CPU seconds (user + system of the Snakemake process: on a shared
+machine the steadier figure), ms per slide and the peak RSS of each Snakemake process, and the
+ratios ours / trivial (goal: <= 1.0), measured side by side.
 
 It then plans adding one slide to a finished run of the first N: the finished run is made by
 creating every output file the first dry run lists (empty) and running ``snakemake --touch``,
@@ -73,14 +73,21 @@ def write_sheet(path: Path, slides_dir: Path, slide: Path, n: int) -> None:
     path.write_text("\n".join(rows) + "\n")
 
 
-def run_snakemake(args: list[str], cwd: Path) -> tuple[float, float, str]:
+class Timing(float):
+    """Wall seconds of a process, with its CPU seconds (``cpu``) beside them."""
+
+    cpu: float
+
+
+def run_snakemake(args: list[str], cwd: Path) -> tuple[Timing, float, str]:
     """(seconds, peak RSS in MB, stdout+stderr) of one Snakemake process."""
     start = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-m", "snakemake", *args], cwd=cwd, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     out = proc.stdout.read()
     _, status, usage = os.wait4(proc.pid, 0)
-    seconds = time.perf_counter() - start
+    seconds = Timing(time.perf_counter() - start)
+    seconds.cpu = usage.ru_utime + usage.ru_stime
     proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode != 0:
         raise SystemExit(f"snakemake {' '.join(args)} failed in {cwd}:\n{out[-4000:]}")
@@ -151,7 +158,7 @@ def add_one_slide(root: Path, slide: Path, n: int, dry_run_out: str) -> None:
     per_slide = {rule: counts.get(rule, 0) for rule in PER_SLIDE_RULES}
     cohort = {rule: c for rule, c in counts.items() if rule not in PER_SLIDE_RULES and rule != "all"}
     ok = all(c == 1 for c in per_slide.values())
-    print(f"add 1 slide to {n}: {seconds:6.2f} s  peak RSS {rss:6.0f} MB  per-slide jobs {per_slide} "
+    print(f"add 1 slide to {n}: {seconds:6.2f} s (CPU {seconds.cpu:6.2f} s)  peak RSS {rss:6.0f} MB  per-slide jobs {per_slide} "
           f"({'only the new slide' if ok else 'NOT only the new slide'}); cohort jobs {cohort}")
 
 
@@ -171,9 +178,10 @@ def main(argv=None) -> None:
     for n in args.slides:
         ours, ours_rss, counts, outs[n] = plan(root, args.slide.resolve(), n)
         trivial, trivial_rss, trivial_counts = plan_trivial(root, n)
-        print(f"N={n:6d}  workflow: {ours:7.2f} s {1000 * ours / n:6.2f} ms/slide peak RSS {ours_rss:6.0f} MB "
-              f"({sum(counts.values())} jobs)  |  trivial: {trivial:7.2f} s {1000 * trivial / n:6.2f} ms/slide "
-              f"peak RSS {trivial_rss:6.0f} MB ({sum(trivial_counts.values())} jobs)  |  ratio {ours / trivial:.2f}",
+        print(f"N={n:6d}  workflow: {ours:7.2f} s (CPU {ours.cpu:7.2f} s) {1000 * ours / n:6.2f} ms/slide "
+              f"peak RSS {ours_rss:6.0f} MB ({sum(counts.values())} jobs)  |  trivial: {trivial:7.2f} s "
+              f"(CPU {trivial.cpu:7.2f} s) {1000 * trivial / n:6.2f} ms/slide peak RSS {trivial_rss:6.0f} MB "
+              f"({sum(trivial_counts.values())} jobs)  |  ratio {ours / trivial:.2f} (CPU {ours.cpu / trivial.cpu:.2f})",
               flush=True)
     if args.incremental:
         n = args.incremental
