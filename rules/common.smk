@@ -3,15 +3,32 @@
 # passes come from rules/workflow_config.py, shell-quoted; the paths are decided here.
 import os
 import re
+import shutil
 import sys
 
 from snakemake.exceptions import WorkflowError
 
 from msamil_core.cohort.sheet import check_sheet, load_sheet, slide_mpp
 from msamil_core.errors import MsamilError
+from msamil_core.fileio import atomic_path
 
 sys.path.insert(0, workflow.current_basedir)  # rules/, where workflow_config.py lives
 from workflow_config import SCALES, WorkflowConfig, feature_set_name  # noqa: E402
+
+
+def _find_msamil():
+    """Rules run `msamil` by name. Snakemake started as `.venv/bin/snakemake` without activating
+    the environment has no `msamil` on PATH: the folder of the Python running Snakemake, where
+    the environment installed it, is added at the end of PATH, which jobs inherit (locally and
+    through sbatch; a `--sdm conda` environment's own folder still comes first)."""
+    if shutil.which("msamil"):
+        return
+    folder = os.path.dirname(sys.executable)
+    if os.access(os.path.join(folder, "msamil"), os.X_OK):
+        os.environ.update(PATH=os.pathsep.join([*os.get_exec_path(), folder]))
+
+
+_find_msamil()
 
 
 wildcard_constraints:
@@ -54,6 +71,10 @@ def _read_slides():
 
 
 SLIDES = _read_slides()
+# Input functions and params run once per job (tens of thousands of calls for 10,000 slides):
+# they look slides up in plain dicts, not in the DataFrame.
+SLIDE_PATHS = dict(zip(SLIDES.index, SLIDES["path"]))
+SLIDE_MPPS = {slide: slide_mpp(row) for slide, row in SLIDES.iterrows()} if "mpp" in SLIDES.columns else {}
 
 try:
     # experiments, encoder folders, e2e runs and strategies in use, checked against each other
@@ -89,7 +110,7 @@ def workflow_path(path):
 
 
 def slide_path(wildcards):
-    return SLIDES.loc[wildcards.slide, "path"]
+    return SLIDE_PATHS[wildcards.slide]
 
 
 def slide_file(wildcards):
@@ -106,7 +127,7 @@ def sheet_file():
 
 def _sheet_mpp(slide):
     """The sheet's level-0 µm/px of a slide (None: the file's)."""
-    return slide_mpp(SLIDES.loc[slide])
+    return SLIDE_MPPS.get(slide)
 
 
 def _annotated_slides():
@@ -186,6 +207,15 @@ def segmentation_checkpoint():
 # ---------------------------------------------------------------- preprocessing
 
 
+def slide_group(masks=False):
+    """The Snakemake group of a per-slide rule: with `group-components` (the SLURM profile), a
+    slide's per-slide jobs go to the cluster as one job (locally, groups are inactive). When the
+    workflow trains the lesion model, it needs the thumbnails and tissue masks (`masks=True`) of
+    the annotated slides before any slide is segmented: those two steps are then a group of
+    their own, or each such slide's group would wait for itself."""
+    return "slide_masks" if masks and CFG.trains_segmentation else "slide"
+
+
 def thumbnail_options(wildcards):
     return CFG.thumbnail_options(_sheet_mpp(wildcards.slide))
 
@@ -204,18 +234,28 @@ def coords_selection(wildcards):
 
 
 def coords_options(wildcards, input):
-    """`--strategy-out STRATEGY:SCALE=H5` for every file of coords_outputs(), and the rest."""
+    """`--strategy-out STRATEGY:SCALE=H5` for every file of coords_outputs(), and the rest.
+    Taking `input` makes it a derived param, which Snakemake's params rerun-trigger leaves out:
+    the settings the coordinates depend on are coords_settings()."""
     outputs = {strategy: coords_paths(wildcards.slide, strategy) for strategy in CFG.coord_strategies}
     return CFG.coords_options(outputs, lesion_mask=input.get("lesion"))
+
+
+def coords_settings():
+    """What the coordinates depend on besides the masks (the grid, the random draw): a param
+    that reruns the coordinates when it changes."""
+    return CFG.coords_settings()
 
 
 def final_outputs():
     """Every slide's coordinates, and the report when experiments are configured."""
     outputs = []
     for slide in SLIDES.index:
-        outputs += coords_files(slide)
+        # the GeoJSON export reads the coordinates: asking for it alone asks for them too
         if config["export_geojson"]:
             outputs.append(f"{slide_dir(slide)}/patches.geojson")
+        else:
+            outputs += coords_files(slide)
     if EXPERIMENTS:
         outputs.append("results/report/index.html")
     for run, entry in E2E_RUNS.items():  # e2e runs whose tuned encoders no experiment uses yet
@@ -234,19 +274,23 @@ def extract_outputs():
 
 
 def extract_coords(wildcards):
-    """Every coordinates file the strategies in use read."""
-    return [path for strategy in CFG.used_strategies for path in coords_files(wildcards.slide, strategy)]
+    """Every coordinates file of the slide (not only the strategies in use): the input set, which
+    Snakemake's rerun-trigger compares, stays the same when experiments come and go."""
+    return [path for strategy in CFG.coord_strategies for path in coords_files(wildcards.slide, strategy)]
 
 
-def extract_options(wildcards):
+def extract_options(wildcards, output):
     """`--bag STRATEGY=PT --bag-coords STRATEGY=H5 ...` for every bag of extract_outputs(), the
-    sheet's mpp and the encoder's options."""
+    encoder's options and batch size. Taking `output` makes it a derived param, which the params
+    rerun-trigger leaves out: which bags a job writes follows the experiments, and a bag that
+    exists is not made again because another strategy's bag is no longer wanted. The encoder's
+    entry names the folder (encoder_folder); what else changes a bag is extract_settings()."""
     slide, encoder = wildcards.slide, wildcards.encoder
     return CFG.extract_options(
         encoder,
         bags={strategy: bag_file(encoder, strategy, slide) for strategy in CFG.used_strategies},
         coords={strategy: coords_paths(slide, strategy) for strategy in CFG.used_strategies},
-        mpp=_sheet_mpp(slide),
+        precision=False,
     )
 
 
@@ -259,6 +303,11 @@ def fetch_weights_options(wildcards):
     return CFG.fetch_weights_options(wildcards.key)
 
 
+def extract_settings(wildcards):
+    """The sheet's mpp and the stored precision: a param that reruns the extraction when it changes."""
+    return CFG.extract_settings(_sheet_mpp(wildcards.slide))
+
+
 def experiment_features(wildcards):
     return feature_dir(wildcards.experiment, getattr(wildcards, "fold", 0))
 
@@ -268,8 +317,34 @@ def experiment_dir(wildcards):
 
 
 def experiment_bags(wildcards):
-    directory = experiment_features(wildcards)
-    return [f"{directory}/{slide}.pt" for slide in SLIDES.index]
+    """The index of the experiment's bags (index_bags): one input instead of one per slide."""
+    return f"{experiment_features(wildcards)}/bags.tsv"
+
+
+def feature_set_bags(wildcards):
+    """Every slide's bag in a feature folder."""
+    return [f"results/features/{wildcards.feature_set}/{slide}.pt" for slide in SLIDES.index]
+
+
+def all_feature_sets():
+    """The feature folders training reads: each experiment's, of every fold it trains."""
+    return sorted({feature_dir(e, k).split("/")[-1] for e in EXPERIMENTS for k in CFG.experiment_folds(e)})
+
+
+wildcard_constraints:
+    feature_set=_alternatives(all_feature_sets()),
+
+
+def write_slide_index(path, **files):
+    """A TSV of the sheet's slides and their files (``files``: column -> one path per slide, in
+    sheet order). Cohort steps that read every slide's files take it as their input: Snakemake
+    then links each of them to one job (index_bags, index_thumbnails) instead of to thousands of
+    files, which is most of the planning time of a large cohort."""
+    columns = list(files)
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8", newline="") as f:
+        f.write("\t".join(["slide_id", *columns]) + "\n")
+        for i, slide in enumerate(SLIDES.index):
+            f.write("\t".join([slide, *(str(files[c][i]) for c in columns)]) + "\n")
 
 
 def _init_checkpoint(experiment, fold):
@@ -341,7 +416,15 @@ def experiment_heatmap_dir(wildcards):
 
 
 def all_thumbnails(wildcards):
-    return [f"{slide_dir(s)}/{name}" for s in SLIDES.index for name in ("thumbnail.png", "meta.json")]
+    """The index of every slide's thumbnail and meta.json (index_thumbnails)."""
+    return "results/thumbnails.tsv"
+
+
+def slide_thumbnails(wildcards):
+    return {
+        "thumbnail": [f"{slide_dir(s)}/thumbnail.png" for s in SLIDES.index],
+        "meta": [f"{slide_dir(s)}/meta.json" for s in SLIDES.index],
+    }
 
 
 def fold_checkpoints(wildcards):
@@ -391,7 +474,7 @@ def report_options():
 # ---------------------------------------------------------------- end-to-end runs
 
 
-def all_coords():
+def all_coords(wildcards):
     return [path for slide in SLIDES.index for path in coords_files(slide)]
 
 

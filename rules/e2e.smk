@@ -4,7 +4,7 @@
 
 rule train_e2e:
     input:
-        coords=all_coords(),
+        coords=all_coords,
         folds="results/splits/folds.csv",
         sheet=sheet_file(),
     output:
@@ -53,7 +53,7 @@ rule extract_e2e_features:
 
 rule run_k_study:
     input:
-        coords=all_coords(),
+        coords=all_coords,
         folds="results/splits/folds.csv",
         sheet=sheet_file(),
     output:

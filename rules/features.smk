@@ -38,11 +38,14 @@ rule extract_features:
         extract_outputs(),
     params:
         path=slide_path,
+        settings=extract_settings,
         options=extract_options,
     log:
         "logs/extract_features/{encoder}/{slide}.log",
     benchmark:
         "benchmarks/extract_features/{encoder}/{slide}.tsv"
+    group:
+        slide_group()
     # one thread per job: two jobs side by side keep both cores busy while one starts up
     threads: 1
     resources:
@@ -52,5 +55,19 @@ rule extract_features:
     conda:
         "../envs/msamil.yaml"
     shell:
-        "msamil extract --slide {params.path:q} --slide-id {wildcards.slide:q} {params.options}"
+        "msamil extract --slide {params.path:q} --slide-id {wildcards.slide:q} {params.settings} {params.options}"
         " --threads {threads} --no-progress 2> {log:q}"
+
+
+# One input for the cohort steps instead of one per slide (common.smk: write_slide_index); it
+# runs in the Snakemake process (a local rule: no cluster job, no process start).
+rule index_bags:
+    input:
+        feature_set_bags,
+    output:
+        "results/features/{feature_set}/bags.tsv",
+    log:
+        "logs/index_bags/{feature_set}.log",
+    localrule: True
+    run:
+        write_slide_index(output[0], bag=input)

@@ -33,6 +33,8 @@ rule make_thumbnail:
         options=thumbnail_options,
     log:
         "logs/make_thumbnail/{slide}.log",
+    group:
+        slide_group(masks=True)
     threads: 1
     resources:
         mem_mb=2000,
@@ -53,6 +55,8 @@ rule make_tissue_mask:
         options=CFG.tissue_options(),
     log:
         "logs/make_tissue_mask/{slide}.log",
+    group:
+        slide_group(masks=True)
     threads: 1
     resources:
         mem_mb=1000,
@@ -72,9 +76,14 @@ rule make_patch_coordinates:
         # every strategy in use: results/coords/{scale}/ (patches.strategy), coords/{strategy}/{scale}/
         coords_outputs(),
     params:
+        # options (the output files) is a derived param, which Snakemake's rerun-trigger leaves
+        # out; settings, in options too, reruns the coordinates when the grid changes
+        settings=coords_settings(),
         options=coords_options,
     log:
         "logs/make_patch_coordinates/{slide}.log",
+    group:
+        slide_group()
     threads: 1
     resources:
         mem_mb=1000,
@@ -83,3 +92,16 @@ rule make_patch_coordinates:
         "../envs/msamil.yaml"
     shell:
         "msamil coords --meta {input.meta:q} --tissue-mask {input.tissue:q} {params.options} 2> {log:q}"
+
+
+# One input for the cohort steps that read every thumbnail (draw_heatmaps); see index_bags.
+rule index_thumbnails:
+    input:
+        unpack(slide_thumbnails),
+    output:
+        "results/thumbnails.tsv",
+    log:
+        "logs/index_thumbnails.log",
+    localrule: True
+    run:
+        write_slide_index(output[0], thumbnail=input.thumbnail, meta=input.meta)

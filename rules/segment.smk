@@ -41,6 +41,8 @@ rule segment_lesions:
         "results/slides/{slide}/lesion_mask.png",
     log:
         "logs/segment_lesions/{slide}.log",
+    group:
+        slide_group()
     threads: 1
     resources:
         mem_mb=2000,
@@ -64,6 +66,8 @@ rule export_geojson:
         masks=geojson_options,
     log:
         "logs/export_geojson/{slide}.log",
+    group:
+        slide_group()
     threads: 1
     resources:
         mem_mb=1000,

@@ -91,8 +91,10 @@ class WorkflowConfig:
             ``encoder`` and ``strategy`` filled in); each experiment an e2e run lists has a twin
             (:func:`e2e_twin`) on the configured strategy, with ``e2e`` = {"name", "frozen"}.
         used_strategies: the strategies experiments use (sorted; ``[strategy]`` without experiments).
-        coord_strategies: the strategies whose coordinates are made per slide: ``strategy`` and
-            ``used_strategies``.
+        coord_strategies: the strategies whose coordinates are made per slide: tissue and random
+            always, lesion when ``strategy`` or an experiment is lesion. Cheap to make, and kept
+            independent of which experiments use them, so that editing the experiment list never
+            changes (and reruns) a slide's coordinates job or the extraction that reads them.
         folds: the fold indices, ``0 .. splits.n_folds - 1``.
         heatmap_experiments: the ``heatmaps.experiments`` that are configured experiments.
         predict_experiments: ``[predict.experiment]`` when ``predict.slides`` is set, else ``[]``.
@@ -106,7 +108,7 @@ class WorkflowConfig:
         self.e2e_runs = self._e2e_runs()
         self.experiments = self._experiments()
         self.used_strategies = sorted({options["strategy"] for options in self.experiments.values()}) or [self.strategy]
-        self.coord_strategies = sorted({self.strategy, *self.used_strategies})
+        self.coord_strategies = sorted({"tissue", "random"} | {"lesion"} & {self.strategy, *self.used_strategies})
         self.folds = list(range(config["splits"]["n_folds"]))
         for run in self.e2e_runs:
             self.e2e_folds(run)
@@ -301,9 +303,16 @@ class WorkflowConfig:
         spec = self.config["encoders"][key]
         return _args("--encoder", spec["name"], "--weights", spec["weights"])
 
-    def extract_runtime_options(self) -> str:
+    def extract_runtime_options(self, precision: bool = True) -> str:
+        """Batch size and readers (they do not change the features) and, with ``precision``,
+        :meth:`precision_options`."""
         f = self.config["features"]
-        return _args("--batch-size", f["batch_size"], "--workers", f["workers"], *(["--fp16"] if f["fp16"] else []))
+        return _joined(_args("--batch-size", f["batch_size"], "--workers", f["workers"]),
+                       self.precision_options() if precision else "")
+
+    def precision_options(self) -> str:
+        """``--fp16`` when features are stored as float16 (it changes the bags)."""
+        return "--fp16" if self.config["features"]["fp16"] else ""
 
     def tissue_options(self) -> str:
         """``msamil tissue`` (make_tissue_mask): the config's `tissue` section."""
@@ -352,16 +361,29 @@ class WorkflowConfig:
         return _joined(_args(*opts), self.random_options() if "random" in outputs else "", self.patch_options())
 
     def extract_options(self, encoder_dir: str, bags: Mapping[str, str],
-                        coords: Mapping[str, Mapping[str, str]], mpp: float | None = None) -> str:
+                        coords: Mapping[str, Mapping[str, str]], mpp: float | None = None,
+                        precision: bool = True) -> str:
         """``msamil extract`` (extract_features) for the encoder folder ``encoder_dir``
         (``<key>-<hash>``): one ``--bag STRATEGY=PT`` per bag in ``bags`` = {strategy: PT} and its
-        coordinates ``--bag-coords STRATEGY=H5`` from ``coords`` = {strategy: {scale: H5}}."""
+        coordinates ``--bag-coords STRATEGY=H5`` from ``coords`` = {strategy: {scale: H5}};
+        ``precision=False`` leaves :meth:`precision_options` to the caller."""
         opts = []
         for strategy, bag in bags.items():
             opts += ["--bag", f"{strategy}={bag}"]
             opts += [item for path in coords[strategy].values() for item in ("--bag-coords", f"{strategy}={path}")]
         return _joined(mpp_option(mpp), _args(*opts), self.encoder_options(self.encoder_keys[encoder_dir]),
-                       self.extract_runtime_options())
+                       self.extract_runtime_options(precision))
+
+    def coords_settings(self) -> str:
+        """What a slide's coordinates depend on besides its masks: the grid and the random draw
+        (the make_patch_coordinates param its rerun-trigger compares)."""
+        return _joined(self.patch_options(), self.random_options())
+
+    def extract_settings(self, mpp: float | None = None) -> str:
+        """What a bag depends on besides the encoder (named by its folder) and the coordinates:
+        the sheet's mpp and the stored precision (the extract_features param its rerun-trigger
+        compares)."""
+        return _joined(mpp_option(mpp), self.precision_options())
 
     def extract_e2e_options(self, mpp: float | None = None) -> str:
         """``msamil extract --encoder-checkpoint`` (extract_e2e_features): the runtime options."""

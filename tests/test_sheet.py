@@ -42,6 +42,10 @@ def test_tsv_sheet(tmp_path):
         (HEADER + "a,,x,p1,\n", r"row 2: empty `path`"),
         (HEADER + "a/b,a.svs,x,p1,\n", r"row 2: slide_id 'a/b' cannot be a file name"),
         (HEADER + "a,a.svs,x,p1,-1\n", r"row 2: mpp '-1' is not a positive number"),
+        (HEADER + "ok,a.svs,x,p1,\ns{1},b.svs,x,p2,\n", r"row 3: slide_id 's\{1\}' holds a brace"),
+        (HEADER + "x}y,a.svs,x,p1,\n", r"row 2: slide_id 'x\}y' holds a brace"),
+        (HEADER + "-rf,a.svs,x,p1,\n", r"row 2: slide_id '-rf' .*starts with '-'"),
+        (HEADER + '"two\nlines",a.svs,x,p1,\n', r"row 2: slide_id 'two\\nlines' holds a brace, a line break"),
         (HEADER, r"no rows"),
     ],
 )
@@ -54,3 +58,10 @@ def test_bad_sheets(tmp_path, text, message):
 def test_missing_sheet(tmp_path):
     with pytest.raises(MsamilError, match="slide sheet not found"):
         load_sheet(tmp_path / "nope.csv")
+
+
+def test_ids_a_shell_would_misread_are_accepted(tmp_path):
+    """The workflow quotes every value: such ids are file names like any other."""
+    ids = ["a b (1)", "it's", "x;y", "$(id)", "&", "naïve é", "a-b"]
+    rows = "".join(f'"{sid}",{i}.svs,x,p{i},\n' for i, sid in enumerate(ids))
+    assert list(load_sheet(write(tmp_path, HEADER + rows)).index) == ids

@@ -22,6 +22,9 @@ REQUIRED_COLUMNS = ("slide_id", "path", "label", "patient_id")
 OPTIONAL_COLUMNS = ("mpp", "annotation")
 # Characters a file name cannot hold on the platforms we run on (and "/" never).
 _BAD_ID_CHARS = set('/\\\0:*?"<>|')
+# Characters the workflow cannot carry in a slide id: Snakemake reads braces in paths as wildcards,
+# and a line break or other control character would split a log line or a sheet row.
+_WORKFLOW_ID_CHARS = set("{}") | {chr(c) for c in range(32)} | {"\x7f"}
 
 
 def read_table(path: str | os.PathLike) -> pd.DataFrame:
@@ -81,6 +84,11 @@ def check_sheet(df: pd.DataFrame, path: str | os.PathLike, need_paths: bool = Tr
         if sid in (".", "..") or any(ch in _BAD_ID_CHARS for ch in sid):
             raise MsamilError(
                 f"{where}: slide_id {sid!r} cannot be a file name; use letters, digits, spaces, '-', '_', '.', '(', ')'"
+            )
+        if any(ch in _WORKFLOW_ID_CHARS for ch in sid) or sid.startswith("-"):
+            raise MsamilError(
+                f"{where}: slide_id {sid!r} holds a brace, a line break or control character, or starts with '-' "
+                "(the workflow would read braces as wildcards and a leading '-' as an option); rename the slide"
             )
     dup = df["slide_id"][df["slide_id"].duplicated()].unique()
     if len(dup):
