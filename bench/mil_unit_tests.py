@@ -21,8 +21,8 @@ instances, half the bags positive.
    positive bag negative under the threshold assumption); negatives hold A only or B only.
 3. ``false_frequency`` (threshold MIL, A and B). Training: positives hold 4-8 A and 1-2 B;
    negatives hold 1-2 A only, or 1-2 B only, so "many A" separates the training classes.
-   Test: positives hold 1-2 A and 1-2 B; negatives hold 4-8 A (no B), or 1-2 B only. A model
-   counting A instead of checking for B fails.
+   Test: positives hold 1-2 A and 1-2 B; negatives hold 4-8 A and no B. A model counting A
+   instead of checking for B fails.
 
 The paper's exact generators (dimensions, counts, concept means) were not reachable from this
 machine (only its abstract and summaries were); the tests above follow its three designs with
@@ -59,6 +59,7 @@ DIM = 16
 CONCEPTS = {"P": 0, "N": 1, "A": 2, "B": 3, "Z": 4}
 TESTS = ("single_concept", "threshold_poison", "false_frequency")
 PASS_AUC, FAIL_AUC = 0.8, 0.5
+SHIFT = 6.0  # concept mean along its axis: far above the max of ~30 background values
 
 
 @dataclass
@@ -74,7 +75,7 @@ def _bag(rng: np.random.Generator, concepts: dict[str, int]) -> torch.Tensor:
     x = rng.standard_normal((n, DIM))
     row = 0
     for name, count in concepts.items():
-        x[row:row + count, CONCEPTS[name]] += 3.0
+        x[row:row + count, CONCEPTS[name]] += SHIFT
         row += count
     return torch.from_numpy(x[rng.permutation(n)].astype(np.float32))
 
@@ -112,8 +113,10 @@ def make_bags(test: str, split: str, n: int, seed: int) -> Bags:
         else:  # false_frequency
             if positive:
                 concepts = {"A": _many(rng) if split == "train" else _few(rng), "B": _few(rng)}
+            elif split == "train":
+                concepts = {"A": _few(rng)} if rng.random() < 0.5 else {"B": _few(rng)}
             else:
-                concepts = {"A": _few(rng) if split == "train" else _many(rng)} if rng.random() < 0.5 else {"B": _few(rng)}
+                concepts = {"A": _many(rng)}
         feats.append(_bag(rng, concepts))
         labels.append(int(positive))
     return Bags(feats, np.asarray(labels))
@@ -168,9 +171,9 @@ def main(argv=None) -> int:
     parser.add_argument("--models", nargs="*", help="registered model names (default: all)")
     parser.add_argument("--tests", nargs="*", default=list(TESTS), choices=TESTS)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--epochs", type=int, default=8)
-    parser.add_argument("--train-bags", type=int, default=100)
-    parser.add_argument("--eval-bags", type=int, default=100)
+    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--train-bags", type=int, default=48)
+    parser.add_argument("--eval-bags", type=int, default=64)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--markdown", action="store_true", help="also print the README table")
     args = parser.parse_args(argv)

@@ -269,16 +269,17 @@ class WorkflowConfig:
     def experiment_options(self, experiment: str, init_checkpoint: str | None = None,
                            e2e_dir: str | None = None, repeat: int = 0) -> dict:
         """The options ``msamil train --experiment`` gets for one repeat: the experiment's,
-        with several repeats ``seed`` plus ``repeat``, ``repeat`` itself and ``repeat_splits`` (the
-        report pairs runs by them), without ``repeats`` and its encoder,
+        for repeat r > 0 ``seed`` plus r and ``repeat`` = r, ``repeat_splits`` when it is false
+        and there are repeats (the report pairs runs by them), without ``repeats`` and its encoder,
         with ``init_from`` naming an experiment replaced by ``init_checkpoint`` (that experiment's
         checkpoint of the fold), the task's label mapping written out, and for an e2e twin
         ``e2e.dir`` = ``e2e_dir`` (its run's folder, where the report finds the K study)."""
         options = dict(self.experiments[experiment])
         options.pop("repeats", None)
-        splits = options.pop("repeat_splits", True)
-        if self.repeats(experiment) > 1:  # one repeat trains exactly as without repeats
-            options.update(seed=options.get("seed", 0) + repeat, repeat=repeat, repeat_splits=splits)
+        if options.pop("repeat_splits", True) is False and self.repeats(experiment) > 1:
+            options["repeat_splits"] = False
+        if repeat:  # the first repeat trains exactly as without repeats (and reuses such models)
+            options.update(seed=options.get("seed", 0) + repeat, repeat=repeat)
         if self.init_experiment(experiment):
             if init_checkpoint is None:
                 raise ValueError(f"experiment {experiment!r} starts from another experiment: give init_checkpoint")
