@@ -98,6 +98,8 @@ wildcard_constraints:
     # only configured feature folders: features/e2e-<run>-fold<k>/ belong to extract_e2e_features
     encoder=_alternatives(CFG.encoder_keys),
     e2e=_alternatives(E2E_RUNS),
+    # repeat r > 0 of an experiment (`repeats`) lives in repeat<r>/ beside repeat 0's fold<k>/
+    repeat=r"(repeat[1-9]\d*/)?",
 
 
 # ---------------------------------------------------------------- the sheet
@@ -183,12 +185,31 @@ def feature_dir(experiment, fold=0):
     return f"results/features/{CFG.experiment_feature_set(experiment)}"
 
 
-def model_dir(experiment):
-    return f"results/models/{experiment}"
+def repeat_prefix(repeat):
+    """The `{repeat}` wildcard's value of a repeat: "" for the first, so one repeat keeps the
+    plain layout (results/models/<experiment>/fold<k>/), else "repeat<r>/"."""
+    return f"repeat{repeat}/" if repeat else ""
 
 
-def fold_checkpoint(experiment, fold):
-    return f"{model_dir(experiment)}/fold{fold}/checkpoint.pt"
+def wildcard_repeat(wildcards):
+    """The repeat of a job (0 for rules without a `{repeat}` wildcard)."""
+    value = getattr(wildcards, "repeat", "")
+    return int(value[len("repeat"):-1]) if value else 0
+
+
+def folds_file(experiment=None, repeat=0):
+    """The folds of an experiment's repeat: results/splits/folds.csv, or with `repeat_splits`
+    results/splits/repeat<r>/folds.csv (msamil splits with seed splits.seed + r)."""
+    split = CFG.split_repeat(experiment, repeat) if experiment else 0
+    return f"results/splits/{repeat_prefix(split)}folds.csv"
+
+
+def model_dir(experiment, repeat=0):
+    return f"results/models/{experiment}/repeat{repeat}" if repeat else f"results/models/{experiment}"
+
+
+def fold_checkpoint(experiment, fold, repeat=0):
+    return f"{model_dir(experiment, repeat)}/fold{fold}/checkpoint.pt"
 
 
 def e2e_dir(run):
@@ -313,7 +334,15 @@ def experiment_features(wildcards):
 
 
 def experiment_dir(wildcards):
-    return model_dir(wildcards.experiment)
+    return model_dir(wildcards.experiment, wildcard_repeat(wildcards))
+
+
+def experiment_folds(wildcards):
+    return folds_file(wildcards.experiment, wildcard_repeat(wildcards))
+
+
+def splits_options(wildcards):
+    return CFG.splits_options(wildcard_repeat(wildcards))
 
 
 def experiment_bags(wildcards):
@@ -347,28 +376,32 @@ def write_slide_index(path, **files):
             f.write("\t".join([slide, *(str(files[c][i]) for c in columns)]) + "\n")
 
 
-def _init_checkpoint(experiment, fold):
+def _init_checkpoint(experiment, fold, repeat=0):
     source = CFG.init_experiment(experiment)
-    return fold_checkpoint(source, fold) if source else None
+    return fold_checkpoint(source, fold, repeat) if source else None
 
 
 def init_checkpoint(wildcards):
     """The checkpoint an experiment starts from, when init_from names another experiment."""
-    return _init_checkpoint(wildcards.experiment, wildcards.fold) or []
+    return _init_checkpoint(wildcards.experiment, wildcards.fold, wildcard_repeat(wildcards)) or []
 
 
 def train_options(wildcards):
     """Folds, classes and the experiment's options (`--experiment` JSON) of `msamil train`."""
     run = CFG.e2e_run(wildcards.experiment)
+    repeat = wildcard_repeat(wildcards)
     return CFG.train_options(
         wildcards.experiment,
-        init_checkpoint=_init_checkpoint(wildcards.experiment, wildcards.fold),
+        init_checkpoint=_init_checkpoint(wildcards.experiment, wildcards.fold, repeat),
         e2e_dir=e2e_dir(run) if run else None,
+        repeat=repeat,
     )
 
 
 def fold_outputs(name):
-    return [f"{model_dir(e)}/fold{k}/{name}" for e in EXPERIMENTS for k in CFG.experiment_folds(e)]
+    """A file of every fold of every repeat of every experiment."""
+    return [f"{model_dir(e, r)}/fold{k}/{name}" for e in EXPERIMENTS for r in range(CFG.repeats(e))
+            for k in CFG.experiment_folds(e)]
 
 
 # ---------------------------------------------------------------- lesion segmentation and QuPath export

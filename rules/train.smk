@@ -6,11 +6,11 @@ rule make_splits:
         sheet=sheet_file(),
     output:
         # update(): the previous folds.csv is read so patients keep their fold as slides are added
-        update("results/splits/folds.csv"),
+        update("results/splits/{repeat}folds.csv"),
     params:
-        options=CFG.splits_options(),
+        options=splits_options,
     log:
-        "logs/make_splits.log",
+        "logs/{repeat}make_splits.log",
     threads: 1
     resources:
         mem_mb=1000,
@@ -24,20 +24,20 @@ rule make_splits:
 rule train_fold:
     input:
         bags=experiment_bags,
-        folds="results/splits/folds.csv",
+        folds=experiment_folds,
         sheet=sheet_file(),
         init=init_checkpoint,
     output:
-        checkpoint="results/models/{experiment}/fold{fold}/checkpoint.pt",
+        checkpoint="results/models/{experiment}/{repeat}fold{fold}/checkpoint.pt",
         # the best checkpoint on the fold's test part (msamil evaluate's outputs, same process)
-        metrics="results/models/{experiment}/fold{fold}/metrics.json",
-        predictions="results/models/{experiment}/fold{fold}/predictions.csv",
+        metrics="results/models/{experiment}/{repeat}fold{fold}/metrics.json",
+        predictions="results/models/{experiment}/{repeat}fold{fold}/predictions.csv",
     params:
         features=experiment_features,
         models=experiment_dir,
         options=train_options,
     log:
-        "logs/train_fold/{experiment}/fold{fold}.log",
+        "logs/train_fold/{experiment}/{repeat}fold{fold}.log",
     # MIL bags are small: one thread per job, and several jobs side by side, beat
     # oversubscribed OpenMP threads on a CPU by a factor of ten
     threads: 1

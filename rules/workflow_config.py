@@ -110,6 +110,7 @@ class WorkflowConfig:
         self.used_strategies = sorted({options["strategy"] for options in self.experiments.values()}) or [self.strategy]
         self.coord_strategies = sorted({"tissue", "random"} | {"lesion"} & {self.strategy, *self.used_strategies})
         self.folds = list(range(config["splits"]["n_folds"]))
+        self._check_repeats()
         for run in self.e2e_runs:
             self.e2e_folds(run)
         # Listed experiments the config does not define are skipped: the default list names demo
@@ -225,6 +226,32 @@ class WorkflowConfig:
         run = self.e2e_run(experiment)
         return self.e2e_folds(run) if run else self.folds
 
+    def repeats(self, experiment: str) -> int:
+        """How many times the experiment's k-fold run is repeated (``repeats``, default 1)."""
+        return int(self.experiments[experiment].get("repeats", 1))
+
+    def split_repeat(self, experiment: str, repeat: int) -> int:
+        """Which split a repeat trains on: ``repeat`` itself, or 0 (every repeat on the first
+        split, seeds differing) with ``repeat_splits: false``."""
+        return repeat if self.experiments[experiment].get("repeat_splits", True) else 0
+
+    def _check_repeats(self) -> None:
+        """A transfer experiment needs its source's checkpoint of every repeat on the same split;
+        an e2e twin trains on the encoders tuned on the first split's folds."""
+        for name in self.experiments:
+            source = self.init_experiment(name)
+            if source and (self.repeats(source) < self.repeats(name) or any(
+                    self.split_repeat(source, r) != self.split_repeat(name, r) for r in range(self.repeats(name)))):
+                raise MsamilError(
+                    f"config: experiment {name!r} starts from {source!r}, which needs at least as many repeats "
+                    f"({self.repeats(name)}) and the same repeat_splits"
+                )
+            if self.e2e_run(name) and any(self.split_repeat(name, r) for r in range(self.repeats(name))):
+                raise MsamilError(
+                    f"config: e2e twin {name!r} has {self.repeats(name)} repeats on different splits, but the e2e run's "
+                    "encoders are tuned on the first split's folds: set repeat_splits: false"
+                )
+
     def init_experiment(self, experiment: str) -> str | None:
         """The experiment whose checkpoint (of the same fold) an experiment starts from, if any."""
         source = self.experiments[experiment].get("init_from")
@@ -250,12 +277,19 @@ class WorkflowConfig:
             )
 
     def experiment_options(self, experiment: str, init_checkpoint: str | None = None,
-                           e2e_dir: str | None = None) -> dict:
-        """The options ``msamil train --experiment`` gets: the experiment's, without its encoder,
+                           e2e_dir: str | None = None, repeat: int = 0) -> dict:
+        """The options ``msamil train --experiment`` gets for one repeat: the experiment's,
+        for repeat r > 0 ``seed`` plus r and ``repeat`` = r, ``repeat_splits`` when it is false
+        and there are repeats (the report pairs runs by them), without ``repeats`` and its encoder,
         with ``init_from`` naming an experiment replaced by ``init_checkpoint`` (that experiment's
         checkpoint of the fold), the task's label mapping written out, and for an e2e twin
         ``e2e.dir`` = ``e2e_dir`` (its run's folder, where the report finds the K study)."""
         options = dict(self.experiments[experiment])
+        options.pop("repeats", None)
+        if options.pop("repeat_splits", True) is False and self.repeats(experiment) > 1:
+            options["repeat_splits"] = False
+        if repeat:  # the first repeat trains exactly as without repeats (and reuses such models)
+            options.update(seed=options.get("seed", 0) + repeat, repeat=repeat)
         if self.init_experiment(experiment):
             if init_checkpoint is None:
                 raise ValueError(f"experiment {experiment!r} starts from another experiment: give init_checkpoint")
@@ -411,14 +445,15 @@ class WorkflowConfig:
             opts += ["--lesion-mask", lesion_mask]
         return _args(*opts)
 
-    def splits_options(self) -> str:
-        """``msamil splits`` (make_splits)."""
-        return _args("--folds", self.config["splits"]["n_folds"], "--seed", self.config["splits"]["seed"])
+    def splits_options(self, repeat: int = 0) -> str:
+        """``msamil splits`` (make_splits) of a repeat's split: seed ``splits.seed + repeat``."""
+        return _args("--folds", self.config["splits"]["n_folds"], "--seed", self.config["splits"]["seed"] + repeat)
 
-    def train_options(self, experiment: str, init_checkpoint: str | None = None, e2e_dir: str | None = None) -> str:
+    def train_options(self, experiment: str, init_checkpoint: str | None = None, e2e_dir: str | None = None,
+                      repeat: int = 0) -> str:
         """``msamil train`` (train_fold): folds, classes and ``--experiment`` JSON
         (:meth:`experiment_options`)."""
-        options = self.experiment_options(experiment, init_checkpoint, e2e_dir)
+        options = self.experiment_options(experiment, init_checkpoint, e2e_dir, repeat)
         return _joined(self.fold_options(), _args("--experiment", json.dumps(options, sort_keys=True)))
 
     def heatmap_options(self) -> str:

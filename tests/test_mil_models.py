@@ -324,3 +324,27 @@ def test_iaam_accepts_float_coords_and_large_bags():
     results, _ = model(h, loss_fn=F.cross_entropy, label=torch.tensor([1]), coords=coords, return_attention=True)
     results["loss"].backward()
     assert results["attention"].shape == (1, 3000) and torch.isfinite(h.grad).all()
+
+
+def test_iaam_ablation_options():
+    from msamil_core.mil import create_model
+
+    torch.manual_seed(0)
+    h = torch.randn(1, 12, 8)
+    scales = torch.randint(0, 3, (1, 12))
+    coords_a, coords_b = torch.randint(0, 5000, (1, 12, 2)), torch.randint(0, 5000, (1, 12, 2))
+
+    def logits(model, coords):
+        return model.eval()(h, coords=coords, scales=scales)[0]["logits"]
+
+    # without both encodings IAAM is a set function: coordinates change nothing
+    blind = create_model("msamil.base", in_dim=8, embed_dim=16, num_heads=2, rank=4,
+                         position_encoding=False, sinusoidal_encoding=False)
+    assert blind.pos_fc is None
+    assert torch.allclose(logits(blind, coords_a), logits(blind, coords_b), atol=1e-5)
+    full = create_model("msamil.base", in_dim=8, embed_dim=16, num_heads=2, rank=4)
+    assert not torch.allclose(logits(full, coords_a), logits(full, coords_b), atol=1e-5)
+    for args in ({"depth": 0}, {"num_queries": 1}, {"gate": "sigmoid"}, {"rank": 16}):
+        model = create_model("msamil.base", in_dim=8, embed_dim=16, num_heads=2, **{"rank": 4, **args})
+        assert logits(model, coords_a).shape == (1, 2)
+    assert len(create_model("msamil.base", in_dim=8, embed_dim=16, num_heads=2, rank=4, depth=0).blocks) == 0

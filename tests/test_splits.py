@@ -249,3 +249,23 @@ def test_val_rank_is_uniform_enough():
     assert all(0.0 <= r < 1.0 for r in ranks)
     assert math.isclose(sum(ranks) / len(ranks), 0.5, abs_tol=0.03)
     assert val_rank("patient_1", seed=0) != val_rank("patient_1", seed=1)
+
+
+def test_training_subset_is_nested_stratified_and_seeded():
+    from msamil_core.training.splits import training_subset
+
+    patients = [f"p{i // 2}" if i < 8 else f"p{i}" for i in range(40)]  # p0..p3 have two slides
+    labels = [i % 2 if i >= 8 else (i // 2) % 2 for i in range(40)]
+    kept = {f: training_subset(patients, labels, f, seed=0) for f in (0.1, 0.25, 0.5, 1.0)}
+    assert kept[1.0] == list(range(40))
+    assert set(kept[0.1]) <= set(kept[0.25]) <= set(kept[0.5])
+    for f, rows in kept.items():
+        for label in (0, 1):
+            n = len({patients[i] for i in range(40) if labels[i] == label})
+            got = {patients[i] for i in rows if labels[i] == label}
+            assert len(got) == max(1, int(f * n + 0.5))
+        # a patient's slides stay together
+        assert all(i in rows for i in range(40) if patients[i] in {patients[j] for j in rows})
+    assert training_subset(patients, labels, 0.25, seed=1) != kept[0.25]
+    with pytest.raises(MsamilError, match="train_fraction"):
+        training_subset(patients, labels, 0.0)

@@ -382,3 +382,34 @@ def test_lesion_strategy_needs_annotations_or_a_checkpoint():
     with_model.check_lesion_source(has_annotations=False)
     assert not with_model.trains_segmentation
     WorkflowConfig(small_config()).check_lesion_source(has_annotations=False)  # tissue: no lesion masks
+
+
+def test_repeats_shift_the_seed_and_pass_the_repeat():
+    cfg = WorkflowConfig(small_config(training={"repeats": 3, "seed": 5}, experiments=[
+        {"name": "a", "model": "abmil.base"},
+        {"name": "b", "model": "abmil.base", "repeats": 1},
+        {"name": "c", "model": "abmil.base", "repeat_splits": False}]))
+    assert [cfg.repeats(e) for e in "abc"] == [3, 1, 3]
+    first, third = cfg.experiment_options("a", repeat=0), cfg.experiment_options("a", repeat=2)
+    assert (first["seed"], third["seed"], third["repeat"]) == (5, 7, 2)
+    assert "repeats" not in third and "repeat_splits" not in third
+    assert cfg.experiment_options("c", repeat=1)["repeat_splits"] is False
+    # the first repeat trains exactly as without repeats
+    assert cfg.experiment_options("b") == first | {"name": "b"}
+    assert [cfg.split_repeat("a", r) for r in range(3)] == [0, 1, 2]
+    assert [cfg.split_repeat("c", r) for r in range(3)] == [0, 0, 0]
+    assert parse("splits", cfg.splits_options(2), "--sheet", "s.csv", "--out", "f.csv").seed == 2
+
+
+def test_repeats_of_transfer_and_e2e_twins_must_fit_their_sources():
+    with pytest.raises(MsamilError, match="at least as many repeats"):
+        WorkflowConfig(small_config(experiments=[
+            {"name": "src", "model": "abmil.base"},
+            {"name": "dst", "model": "abmil.base", "init_from": "src", "repeats": 2}]))
+    with pytest.raises(MsamilError, match="repeat_splits: false"):
+        WorkflowConfig(small_config(
+            experiments=[{"name": "m", "model": "abmil.base", "repeats": 2}],
+            e2e=[{"name": "r", "encoder": "enc", "experiments": ["m"]}]))
+    WorkflowConfig(small_config(
+        experiments=[{"name": "m", "model": "abmil.base", "repeats": 2, "repeat_splits": False}],
+        e2e=[{"name": "r", "encoder": "enc", "experiments": ["m"]}]))

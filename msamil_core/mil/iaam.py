@@ -18,6 +18,10 @@ Dynamic Multi-instance Query (DMQ):
        softmax over the queries by default, or the sigmoid with ``gate="sigmoid"``) and sums
        them into the bag feature; a linear head classifies it.
 
+Ablations (section 3.3; ``config/ablation.yaml``) are model options: ``position_encoding:
+false`` (no FC([x, y, scale])), ``sinusoidal_encoding: false``, ``depth: 0`` (no MHE layer),
+``num_queries: 1``, ``gate: sigmoid``, and ``rank`` equal to the width (full-rank attention).
+
 An input projection maps any ``in_dim`` to the model width (512 in the paper). Attention
 runs through ``torch.nn.functional.scaled_dot_product_attention`` (fused kernels), so bags
 of 20,000 instances fit: no [N, N] tensor is kept for backward, and with
@@ -227,10 +231,14 @@ class MsaMIL(MILModel):
         dropout: float = 0.25,
         block_dropout: float = 0.1,
         attn_dropout: float = 0.0,
+        position_encoding: bool = True,
+        sinusoidal_encoding: bool = True,
     ):
         super().__init__(in_dim, embed_dim, num_classes)
         self.patch_embed = patch_embed(in_dim, embed_dim, 1, dropout)
-        self.pos_fc = nn.Linear(3, embed_dim)
+        # ablations (MsaMIL-Net sec. 3.3): FC([x, y, scale]) and the sinusoidal sequence encoding
+        self.position_encoding, self.sinusoidal_encoding = position_encoding, sinusoidal_encoding
+        self.pos_fc = nn.Linear(3, embed_dim) if position_encoding else None
         self.blocks = nn.ModuleList(
             MHELayer(embed_dim, num_heads, rank, mlp_ratio, block_dropout, attn_dropout) for _ in range(depth)
         )
@@ -241,7 +249,8 @@ class MsaMIL(MILModel):
         init_weights(self)
         # Small position/scale weights: at Kaiming scale one step of the scale index adds a vector
         # as long as a patch embedding, which buries the 5x patches' content at the start.
-        nn.init.normal_(self.pos_fc.weight, std=0.02)
+        if self.pos_fc is not None:
+            nn.init.normal_(self.pos_fc.weight, std=0.02)
 
     def _forward_features(self, h, mask, coords, scales, return_attention) -> tuple[Tensor, dict[str, Any]]:
         B, M, _ = h.shape
@@ -252,7 +261,10 @@ class MsaMIL(MILModel):
             coords = None if coords is None else coords.gather(1, order.unsqueeze(-1).expand(-1, -1, 2))
             scales = None if scales is None else scales.gather(1, order)
         x = self.patch_embed(h)
-        x = x + self.pos_fc(position_features(coords, scales, mask, x)) + sinusoidal_encoding(M, x.shape[-1], x.device, x.dtype)
+        if self.pos_fc is not None:
+            x = x + self.pos_fc(position_features(coords, scales, mask, x))
+        if self.sinusoidal_encoding:
+            x = x + sinusoidal_encoding(M, x.shape[-1], x.device, x.dtype)
         for block in self.blocks:
             x = block(x, mask)
         bag, weights = self.query(self.norm(x), mask, return_attention)

@@ -91,13 +91,18 @@ def plot_roc_curves(path: str | os.PathLike, metrics_per_fold: MetricsPerFold) -
         multiclass = len(next(iter(folds.values()))["classes"]) > 2
         for fold, metrics in folds.items():
             points = roc_points(metrics)
-            label = f"fold {fold}  AUC {_fmt(metrics.get('auc'))}"
+            repeat, k = fold if isinstance(fold, tuple) else (0, fold)
+            # repeats after the first: thin, unlabelled lines (15 entries would hide the panel)
+            label = f"fold {k}  AUC {_fmt(metrics.get('auc'))}" if repeat == 0 else "_nolegend_"
+            if repeat:
+                ax.plot(*(points if points is not None else ([], [])), linewidth=0.6, color="0.55", label=label)
+                continue
             # a perfect fold runs along the frame: keep it visible above the axes' spines
             ax.plot(*(points if points is not None else ([], [])), linewidth=1.6, label=label, clip_on=False, zorder=3)
         ax.plot([0, 1], [0, 1], linestyle="--", color="0.6", linewidth=1, label="chance")
         ax.set(xlim=(-0.02, 1.02), ylim=(-0.02, 1.02), xlabel="False positive rate", ylabel="True positive rate",
                aspect="equal")
-        ax.set_title(f"{experiment}\nAUC {_fmt(mean)} ± {_fmt(sd)} over {len(folds)} folds"
+        ax.set_title(f"{experiment}\nAUC {_fmt(mean)} ± {_fmt(sd)} over {len(folds)} test folds"
                      + (" (macro-average ROC)" if multiclass else ""), fontsize=10)
         ax.grid(color="0.9")
         ax.legend(loc="lower right", fontsize=7, frameon=True)
@@ -138,7 +143,7 @@ def plot_confusion_matrices(path: str | os.PathLike, metrics_per_fold: MetricsPe
         ax.set_xticks(range(n), classes, rotation=45, ha="right", fontsize=8)
         ax.set_yticks(range(n), classes, fontsize=8)
         ax.set(xlabel="Predicted", ylabel="True")
-        ax.set_title(f"{experiment}\nconfusion matrix, summed over {len(folds)} folds", fontsize=10)
+        ax.set_title(f"{experiment}\nconfusion matrix, summed over {len(folds)} test folds", fontsize=10)
     fig.tight_layout()
     save_figure(fig, path)
 
@@ -153,6 +158,26 @@ def plot_curves(path: str | os.PathLike, curves: Mapping[str, tuple[Sequence[flo
     for label, (x, y) in curves.items():
         ax.plot(x, y, linewidth=1.8, label=label)
     ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
+    ax.grid(color="0.9")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
+def plot_learning_curve(path: str | os.PathLike, points: Mapping[str, tuple[Sequence[float], ...]],
+                        title: str = "", ylabel: str = "test AUC") -> None:
+    """AUC against the share of training patients, one line per arm with its 95 % band:
+    ``points`` = {arm: (fractions, mean, low, high)} (NaN bounds draw no band there)."""
+    if not points:
+        raise ValueError("plot_learning_curve: no points")
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for arm, (x, mean, low, high) in points.items():
+        x, mean, low, high = (np.asarray(v, dtype=float) for v in (x, mean, low, high))
+        line, = ax.plot(100 * x, mean, marker="o", linewidth=1.8, label=arm)
+        ax.fill_between(100 * x, low, high, color=line.get_color(), alpha=0.2, linewidth=0)
+    ax.set(xlabel="training patients per fold (%)", ylabel=ylabel, title=title, xscale="log")
+    ax.set_xticks([10, 25, 50, 100], ["10", "25", "50", "100"])
     ax.grid(color="0.9")
     ax.legend(fontsize=8)
     fig.tight_layout()

@@ -2,10 +2,12 @@
 
 :func:`write_report` reads each experiment's ``fold<k>/metrics.json`` and ``checkpoint.pt`` (for its
 config) and writes ``index.html`` (the jinja2 template ``templates/report.html.j2``),
-``summary.csv`` (experiment, metric, mean, sd, n_folds), ``roc.png`` and ``confusion.png`` into the
-report folder. The comparisons (multi against single scale, transfer against scratch, e2e against
-frozen features, patch-selection strategies) are found from the experiments' configs
-(:mod:`.tables`). The page links only files inside or beside the report folder by relative paths,
+``summary.csv`` (experiment, metric, mean, sd, n_folds: over every test fold of every repeat),
+``roc.png``, ``confusion.png`` and ``learning_curve_<i>.png`` into the report folder. The
+comparisons (multi against single scale, transfer against scratch, e2e against frozen features,
+patch-selection strategies, ablations against the full model, learning curves) are found from the
+experiments' configs (:mod:`.tables`), each with the paired difference of AUC and balanced
+accuracy over the runs both experiments share (:mod:`msamil_core.training.stats`). The page links only files inside or beside the report folder by relative paths,
 so it opens offline.
 """
 
@@ -24,24 +26,38 @@ from ..training.metrics import summarize
 from . import tables
 from .pages import render
 
-def load_experiment(directory: str | os.PathLike) -> tuple[dict[int, dict], dict]:
-    """Per-fold metrics ``{fold: metrics}`` and the experiment's config (from fold 0's checkpoint)."""
+def run_dirs(directory: str | os.PathLike) -> dict[tuple[int, int], Path]:
+    """The fold folders of an experiment folder with metrics.json, by (repeat, fold): repeat 0's
+    ``fold<k>/`` and repeat r's ``repeat<r>/fold<k>/``, in (repeat, fold) order."""
     directory = Path(directory)
-    folds: dict[int, dict] = {}
+    runs = {}
+    for fold_dir in [*directory.glob("fold*"), *directory.glob("repeat*/fold*")]:
+        fold, parent = fold_dir.name[4:], fold_dir.parent.name
+        repeat = "0" if fold_dir.parent == directory else parent[len("repeat"):]
+        if fold.isdigit() and repeat.isdigit() and (fold_dir / "metrics.json").exists():
+            runs[(int(repeat), int(fold))] = fold_dir
+    return dict(sorted(runs.items()))
+
+
+def load_experiment(directory: str | os.PathLike) -> tuple[dict[tuple[int, int], dict], dict]:
+    """Per-run metrics ``{(repeat, fold): metrics}`` (with ``training_seconds`` added where the
+    fold's history.json has them) and the experiment's config (from the first checkpoint)."""
+    directory = Path(directory)
+    runs: dict[tuple[int, int], dict] = {}
     config: dict = {}
-    for fold_dir in sorted(directory.glob("fold*")):
-        suffix = fold_dir.name[4:]
-        if not suffix.isdigit() or not (fold_dir / "metrics.json").exists():
-            continue
-        folds[int(suffix)] = json.loads((fold_dir / "metrics.json").read_text())
+    for run, fold_dir in run_dirs(directory).items():
+        runs[run] = json.loads((fold_dir / "metrics.json").read_text())
+        seconds = tables.training_seconds(fold_dir)
+        if seconds is not None:
+            runs[run]["training_seconds"] = seconds
         ckpt_path = fold_dir / "checkpoint.pt"
         if not config and ckpt_path.exists():
             ckpt = torch_load(ckpt_path, "checkpoint", allow_numpy=True)
             config = dict(ckpt.get("config") or {}, model=ckpt["model_name"], classes=list(ckpt["classes"]),
                           encoder=ckpt.get("encoder", ""))
-    if not folds:
+    if not runs:
         raise MsamilError(f"{directory}: no fold<k>/metrics.json; run `msamil evaluate` for this experiment first")
-    return dict(sorted(folds.items())), config
+    return runs, config
 
 
 def heatmap_links(heatmaps: dict[str, str | os.PathLike], report_dir: str | os.PathLike) -> list[dict]:
@@ -77,7 +93,7 @@ def write_report(experiments: dict[str, str | os.PathLike], out_dir: str | os.Pa
     (experiment -> `msamil heatmap` folder) the attention heatmaps.
     """
     from .heatmaps import INSIDE_FRACTION
-    from .plots import plot_confusion_matrices, plot_roc_curves
+    from .plots import plot_confusion_matrices, plot_learning_curve, plot_roc_curves
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -98,13 +114,29 @@ def write_report(experiments: dict[str, str | os.PathLike], out_dir: str | os.Pa
             image = f"k_study_{name}.png"
             shutil.copyfile(png, out_dir / image)
         k_studies.append((name, study, image))
-    inference = {name: (sum(m["inference_seconds"] for m in folds.values())
+    # inference time of one pass over the cohort: the first repeat's folds
+    inference = {name: (sum(m["inference_seconds"] for (r, _), m in folds.items() if r == 0)
                         if folds and all("inference_seconds" in m for m in folds.values()) else None)
                  for name, folds in per_fold.items()}
+    ratio = tables.test_train_ratio(per_fold)
+    groups = tables.scale_groups(configs)
+    curves = tables.learning_curves(configs, per_fold, ratio)
+    for i, curve in enumerate(curves):
+        curve["image"] = f"learning_curve_{i}.png"
+        plot_learning_curve(out_dir / curve["image"], curve["points"], title=curve["title"])
+    transfer = [pair for pair in tables.transfer_pairs(configs) if "train_fraction" not in configs[pair[0]]]
     page = render(
-        "report.html.j2", title=title, summary_table=wide,
-        scale_tables=[tables.scale_table(wide, configs, g) for g in tables.scale_groups(configs)],
-        transfer=tables.transfer_table(summary, configs), e2e=tables.e2e_table(configs, per_fold), k_studies=k_studies,
+        "report.html.j2", title=title, summary_table=wide, ratio=ratio,
+        repeats=max(r for runs in per_fold.values() for r, _ in runs) + 1,
+        scale_tables=[(tables.scale_table(wide, configs, g),
+                       tables.comparison_table(tables.reference_pairs(g, configs), per_fold, configs, ratio))
+                      for g in groups],
+        transfer=tables.transfer_table(summary, configs),
+        transfer_stats=tables.comparison_table(transfer, per_fold, configs, ratio, labels=("transfer", "scratch")),
+        e2e=tables.e2e_table(configs, per_fold, ratio), k_studies=k_studies,
+        ablation=tables.ablation_table(configs, per_fold, ratio), learning_curves=curves,
+        strategy_stats=[tables.comparison_table(tables.reference_pairs(g, configs), per_fold, configs, ratio)
+                        for g in tables.strategy_groups(configs)],
         strategies=tables.strategy_table(summary, configs, features or {}, benchmarks, inference),
         segmentation=tables.segmentation_table(segmentation) if segmentation else None,
         heatmaps=heatmap_links(heatmaps, out_dir) if heatmaps else [], inside_fraction=INSIDE_FRACTION,

@@ -49,6 +49,89 @@ def summary_table(summary: pd.DataFrame, metrics=HEADLINE) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+# ----------------------------------------------------------------------------- paired comparisons
+
+
+def _split(config: dict, run: tuple[int, int]) -> tuple[int, int]:
+    """(split, fold) of a run: with ``repeat_splits`` (the default) repeat r has its own split."""
+    repeat, fold = run
+    return (repeat if config.get("repeat_splits", True) else 0, fold)
+
+
+def paired_metrics(per_fold: dict[str, dict], configs: dict[str, dict], a: str, b: str) -> tuple[dict, dict]:
+    """The runs of ``a`` and ``b`` that tested the same slides: same repeat and fold, the same
+    split (``repeat_splits``) and the same number of test slides."""
+    pa, pb = {}, {}
+    for run in sorted(set(per_fold[a]) & set(per_fold[b])):
+        ma, mb = per_fold[a][run], per_fold[b][run]
+        if _split(configs[a], run) == _split(configs[b], run) and ma.get("n_slides") == mb.get("n_slides"):
+            pa[run], pb[run] = ma, mb
+    return pa, pb
+
+
+def test_train_ratio(per_fold: dict[str, dict]) -> float:
+    """``n_test / n_train`` of the report's k-fold runs: ``1 / (k - 1)`` for the largest fold count."""
+    from ..training.stats import kfold_test_train_ratio
+
+    k = max((fold + 1 for runs in per_fold.values() for _, fold in runs), default=2)
+    return kfold_test_train_ratio(max(k, 2))
+
+
+def comparison_table(pairs: list[tuple[str, str]], per_fold: dict[str, dict], configs: dict[str, dict],
+                     ratio: float, labels: tuple[str, str] = ("A", "B")) -> pd.DataFrame | None:
+    """One row per (A, B) pair: each side's AUC and balanced accuracy (mean ± sd over the paired
+    runs) and the paired difference A - B with its 95 % interval and p-value of the corrected
+    resampled t-test (:func:`~msamil_core.training.stats.compare`), and whether it is significant."""
+    from ..training.stats import compare, format_difference, format_p
+
+    rows = []
+    for a, b in pairs:
+        if a not in per_fold or b not in per_fold:
+            continue
+        pa, pb = paired_metrics(per_fold, configs, a, b)
+        summary = summarize({a: pa, b: pb}) if pa else None
+        row = {labels[0]: a, labels[1]: b, "runs": len(pa)}
+        flags = []
+        for name, title in (("auc", "AUC"), ("balanced_accuracy", "bal. acc.")):
+            if summary is not None:
+                row[f"{title} {labels[0]}"] = mean_sd(*metric(summary, a, name))
+                row[f"{title} {labels[1]}"] = mean_sd(*metric(summary, b, name))
+            result = compare(pa, pb, name, ratio)
+            row[f"Δ {title} [95% CI]"] = format_difference(result)
+            row[f"p ({title})"] = format_p(result.p_value)
+            flags.append(title if result.significant else None)
+        row["significant (p < 0.05)"] = ", ".join(f for f in flags if f) or "no"
+        rows.append(row)
+    return pd.DataFrame(rows) if rows else None
+
+
+def reference_pairs(group: list[str], configs: dict[str, dict]) -> list[tuple[str, str]]:
+    """The comparisons a group of experiments draws: its first experiment (config order) against
+    each other one, and every same-model pair that differs only in scales (more scales first)."""
+    pairs = [(group[0], other) for other in group[1:]]
+    for i, a in enumerate(group):
+        for b in group[i + 1:]:
+            ca, cb = configs[a], configs[b]
+            if _key(ca, "model", "model_args", "strategy") == _key(cb, "model", "model_args", "strategy") and \
+                    len(ca.get("scales") or []) != len(cb.get("scales") or []):
+                pair = (a, b) if len(ca.get("scales") or []) > len(cb.get("scales") or []) else (b, a)
+                if pair not in pairs and pair[::-1] not in pairs:
+                    pairs.append(pair)
+    return pairs
+
+
+def ablation_pairs(configs: dict[str, dict]) -> list[tuple[str, str]]:
+    """(full model, ablation) for each experiment with ``ablation_of`` naming a reported experiment."""
+    return [(cfg["ablation_of"], name) for name, cfg in configs.items()
+            if cfg.get("ablation_of") in configs]
+
+
+def _main_comparison(cfg: dict) -> bool:
+    """Whether an experiment takes part in the scale and strategy comparisons (not an ablation,
+    not a learning-curve point, trained from scratch)."""
+    return not cfg.get("init_from") and not cfg.get("ablation_of") and cfg.get("train_fraction", 1.0) >= 1.0
+
+
 def _key(config: dict, *fields: str) -> tuple:
     return tuple(json.dumps(config.get(f), sort_keys=True) for f in fields)
 
@@ -57,7 +140,7 @@ def scale_groups(configs: dict[str, dict]) -> list[list[str]]:
     """Groups of from-scratch experiments on the same task that use different scales."""
     groups: dict[tuple, list[str]] = {}
     for name, cfg in configs.items():
-        if not cfg.get("init_from"):
+        if _main_comparison(cfg) and not cfg.get("e2e"):
             groups.setdefault(_key(cfg, "task"), []).append(name)
     return [g for g in groups.values() if len({json.dumps(configs[n].get("scales")) for n in g}) > 1]
 
@@ -77,8 +160,8 @@ def transfer_pairs(configs: dict[str, dict]) -> list[tuple[str, str]]:
         if not cfg.get("init_from"):
             continue
         for other, ocfg in configs.items():
-            if other != name and not ocfg.get("init_from") and _key(cfg, "model", "task", "scales") == _key(
-                    ocfg, "model", "task", "scales"):
+            if other != name and not ocfg.get("init_from") and _key(cfg, "model", "task", "scales", "train_fraction") \
+                    == _key(ocfg, "model", "task", "scales", "train_fraction"):
                 pairs.append((name, other))
                 break
     return pairs
@@ -96,23 +179,109 @@ def transfer_table(summary: pd.DataFrame, configs: dict[str, dict]) -> pd.DataFr
     return pd.DataFrame(rows) if rows else None
 
 
-def e2e_table(configs: dict[str, dict], per_fold: dict[str, dict[int, dict]]) -> pd.DataFrame | None:
-    """e2e-tuned against frozen-encoder features: each twin (config ``e2e`` = {"name", "frozen",
-    "dir"}) beside its frozen experiment on the twin's folds."""
-    rows = []
+def training_seconds(fold_dir: Path) -> float | None:
+    """Seconds the fold's training epochs took (history.json), None when unknown."""
+    path = fold_dir / "history.json"
+    if not path.exists():
+        return None
+    history = json.loads(path.read_text())
+    seconds = [epoch.get("seconds") for epoch in history] if isinstance(history, list) else []
+    return float(sum(seconds)) if seconds and all(isinstance(x, (int, float)) for x in seconds) else None
+
+
+def e2e_pairs(configs: dict[str, dict], per_fold: dict[str, dict]) -> list[tuple[str, str]]:
+    """(e2e twin, its frozen-encoder experiment) for each twin (config ``e2e`` = {"name", "frozen", "dir"})."""
+    return [(name, cfg["e2e"]["frozen"]) for name, cfg in configs.items()
+            if isinstance(cfg.get("e2e"), dict) and cfg["e2e"].get("frozen") in per_fold]
+
+
+def _mean_seconds(runs: dict, key: str = "training_seconds") -> float | None:
+    values = [m.get(key) for m in runs.values()]
+    return float(sum(values) / len(values)) if values and all(v is not None for v in values) else None
+
+
+def e2e_encoder_seconds(run_dir: str | os.PathLike, folds) -> float | None:
+    """Mean seconds per fold the e2e run took to tune its encoder (its folds' history.json)."""
+    values = [training_seconds(Path(run_dir) / f"fold{k}") for k in sorted(set(folds))]
+    return float(sum(values) / len(values)) if values and all(v is not None for v in values) else None
+
+
+def e2e_table(configs: dict[str, dict], per_fold: dict[str, dict], ratio: float) -> pd.DataFrame | None:
+    """e2e-tuned against frozen-encoder features on the twin's runs: :func:`comparison_table`
+    with the training time per fold of each arm (MIL training; for the e2e arm also the
+    end-to-end tuning of the encoder on that fold)."""
+    pairs = e2e_pairs(configs, per_fold)
+    table = comparison_table(pairs, per_fold, configs, ratio, labels=("e2e-tuned", "frozen"))
+    if table is None:
+        return None
+    e2e_s, frozen_s, tune_s = [], [], []
+    for twin, frozen in pairs:
+        pa, pb = paired_metrics(per_fold, configs, twin, frozen)
+        info = configs[twin]["e2e"]
+        tune = e2e_encoder_seconds(info["dir"], [k for _, k in pa]) if info.get("dir") else None
+        mil_twin, mil_frozen = _mean_seconds(pa), _mean_seconds(pb)
+        tune_s.append(None if tune is None else round(tune, 1))
+        e2e_s.append(None if tune is None or mil_twin is None else round(tune + mil_twin, 1))
+        frozen_s.append(None if mil_frozen is None else round(mil_frozen, 1))
+    table.insert(2, "e2e run", [configs[t]["e2e"].get("name") for t, _ in pairs])
+    table["encoder tuning (s/fold)"] = tune_s
+    table["training e2e arm (s/fold)"] = e2e_s
+    table["training frozen arm (s/fold)"] = frozen_s
+    return table
+
+
+def ablation_table(configs: dict[str, dict], per_fold: dict[str, dict], ratio: float) -> pd.DataFrame | None:
+    """Each ablation (``ablation_of``) beside its full model: :func:`comparison_table` and the
+    model options the ablation changes."""
+    pairs = ablation_pairs(configs)
+    table = comparison_table(pairs, per_fold, configs, ratio, labels=("full model", "ablation"))
+    if table is None:
+        return None
+    changed = []
+    for full, ablation in pairs:
+        a, b = configs[full].get("model_args") or {}, configs[ablation].get("model_args") or {}
+        diff = {k: b.get(k) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
+        if configs[full].get("model") != configs[ablation].get("model"):
+            diff = {"model": configs[ablation].get("model"), **diff}
+        changed.append(json.dumps(diff, sort_keys=True) if diff else "(same options)")
+    table.insert(2, "changed", changed)
+    return table
+
+
+def learning_curves(configs: dict[str, dict], per_fold: dict[str, dict], ratio: float) -> list[dict]:
+    """Learning curves: experiments with ``train_fraction``, grouped by (model, task, scales);
+    per group its arms (``transfer`` when ``init_from`` is set, else ``scratch``) as
+    ``{arm: [(fraction, experiment), ...]}``, the AUC points ``{arm: (fractions, mean, low,
+    high)}`` (95 % interval of the mean over runs, corrected as the paired test) and the
+    transfer-against-scratch :func:`comparison_table` per fraction."""
+    from ..training.stats import corrected_ttest
+
+    groups: dict[tuple, dict[str, list]] = {}
     for name, cfg in configs.items():
-        info = cfg.get("e2e")
-        if not isinstance(info, dict) or info.get("frozen") not in per_fold:
-            continue
-        frozen, folds = info["frozen"], sorted(per_fold[name])
-        summary = summarize({name: per_fold[name], frozen: {k: per_fold[frozen][k] for k in folds if k in per_fold[frozen]}})
-        (t, tsd), (f, fsd) = metric(summary, name, "auc"), metric(summary, frozen, "auc")
-        rows.append({"e2e run": info.get("name"), "experiment": frozen, "folds": " ".join(map(str, folds)),
-                     "AUC frozen encoder": mean_sd(f, fsd), "AUC e2e-tuned encoder": mean_sd(t, tsd),
-                     "difference": "n/a" if math.isnan(t - f) else f"{t - f:+.3f}",
-                     "bal. acc. frozen": mean_sd(*metric(summary, frozen, "balanced_accuracy")),
-                     "bal. acc. e2e-tuned": mean_sd(*metric(summary, name, "balanced_accuracy"))})
-    return pd.DataFrame(rows) if rows else None
+        if "train_fraction" in cfg and not cfg.get("ablation_of"):
+            arm = "transfer" if cfg.get("init_from") else "scratch"
+            groups.setdefault(_key(cfg, "model", "task", "scales"), {}).setdefault(arm, []).append(
+                (float(cfg["train_fraction"]), name))
+    out = []
+    for key, arms in groups.items():
+        points = {}
+        for arm, members in arms.items():
+            members.sort()
+            rows = []
+            for fraction, name in members:
+                values = [m.get("auc") for m in per_fold[name].values()]
+                result = corrected_ttest([v for v in values if v is not None], ratio)
+                rows.append((fraction, result.mean, result.ci_low, result.ci_high))
+            points[arm] = tuple(list(col) for col in zip(*rows))
+        pairs = [(t, s) for f, t in arms.get("transfer", []) for g, s in arms.get("scratch", []) if f == g]
+        table = comparison_table(pairs, per_fold, configs, ratio, labels=("transfer", "scratch"))
+        if table is not None:
+            table.insert(0, "fraction", [configs[t]["train_fraction"] for t, _ in pairs])
+        first = next(iter(arms.values()))[0][1]
+        title = " ".join(str(x) for x in (configs[first].get("model"), configs[first].get("task") or "", "+".join(
+            configs[first].get("scales") or [])) if x)
+        out.append({"title": title, "arms": arms, "points": points, "table": table})
+    return out
 
 
 def k_studies(configs: dict[str, dict]) -> list[tuple[str, pd.DataFrame, Path | None]]:
@@ -135,7 +304,7 @@ def strategy_groups(configs: dict[str, dict]) -> list[list[str]]:
     """Groups of from-scratch experiments identical but for ``strategy`` (two or more strategies)."""
     groups: dict[tuple, list[str]] = {}
     for name, cfg in configs.items():
-        if cfg.get("strategy") and not cfg.get("init_from") and not cfg.get("e2e"):
+        if cfg.get("strategy") and _main_comparison(cfg) and not cfg.get("e2e"):
             groups.setdefault(_key(cfg, "model", "model_args", "task", "scales"), []).append(name)
     return [g for g in groups.values() if len({configs[n]["strategy"] for n in g}) > 1]
 

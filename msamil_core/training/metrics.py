@@ -30,7 +30,7 @@ from ..fileio import atomic_path
 log = logging.getLogger("msamil.metrics")
 
 # Keys of a metrics dict that are counts, not scores: left out of the summary over folds.
-_NOT_SCORES = frozenset({"n_slides", "inference_seconds"})
+_NOT_SCORES = frozenset({"n_slides", "inference_seconds", "training_seconds"})
 
 
 def _check_inputs(y_true: Any, probs: Any, classes: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:

@@ -430,7 +430,9 @@ def train_experiment(options: dict, data: FoldData, folds: list[int], out: str |
     task = options.pop("task", None)
     name = options.pop("name", Path(out).name)
     options.pop("encoder", None)  # the workflow's feature set; the bags say which encoder made them
-    extra = {key: options.pop(key) for key in ("strategy", "e2e") if options.get(key)}  # for the report
+    # for the report: repeat (with repeats), learning-curve share and ablation pairing
+    extra = {key: options.pop(key) for key in ("strategy", "e2e", "repeat", "repeat_splits", "train_fraction",
+                                               "ablation_of") if options.get(key) is not None}
     cfg = TrainConfig.from_dict(options)
     classes, mapping = task_classes(data.sheet, task, data.classes)
     out = Path(out)
@@ -438,6 +440,8 @@ def train_experiment(options: dict, data: FoldData, folds: list[int], out: str |
         parts = fold_parts(data.folds, k, val_fraction=data.val_fraction, seed=data.split_seed)
         (train_ids, train_y), (val_ids, val_y), (test_ids, _) = (
             select_slides(parts[p], data.sheet, mapping) for p in ("train", "val", "test"))
+        if extra.get("train_fraction", 1.0) < 1.0:
+            train_ids, train_y = learning_curve_subset(train_ids, train_y, data.sheet, extra)
         if not train_ids:
             raise MsamilError(f"fold {k} has no training slides for classes {classes}; check folds.csv and the task")
         train_paths, val_paths = locate_bags(data.features, train_ids), locate_bags(data.features, val_ids)
@@ -459,6 +463,17 @@ def train_experiment(options: dict, data: FoldData, folds: list[int], out: str |
         if evaluate and is_main_process():
             evaluate_fold(out / f"fold{k}", k, data.sheet, data.folds, data.features, device,
                           val_fraction=data.val_fraction, split_seed=data.split_seed)
+
+
+def learning_curve_subset(train_ids: list[str], train_y: list[int], sheet, extra: dict) -> tuple[list[str], list[int]]:
+    """A fold's training slides and labels cut to ``train_fraction`` of its patients per class
+    (:func:`~.splits.training_subset`, seeded by the repeat so that each repeat draws anew)."""
+    from .splits import training_subset
+
+    patients = [str(sheet.loc[s, "patient_id"]) for s in train_ids]
+    kept = training_subset(patients, train_y, extra["train_fraction"], seed=int(extra.get("repeat", 0)))
+    log.info("train_fraction %s: %d of %d training slides", extra["train_fraction"], len(kept), len(train_ids))
+    return [train_ids[i] for i in kept], [train_y[i] for i in kept]
 
 
 def evaluate_experiment(models: str | os.PathLike, sheet, folds, fold_list: list[int], features: str | os.PathLike,

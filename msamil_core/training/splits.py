@@ -225,6 +225,31 @@ def fold_parts(folds_df: pd.DataFrame, fold: int, val_fraction: float = 0.2, see
     return {name: [s for s, q in zip(folds_df["slide_id"], part) if q == name] for name in PARTS}
 
 
+def training_subset(patient_ids: list[str], labels: list, fraction: float,
+                    seed: int = 0) -> list[int]:
+    """Which of a fold's training slides a share of its patients keeps (a learning curve's point).
+
+    Per label (the class the experiment trains on), the ``max(1, round_half_up(fraction * n))``
+    of the label's ``n`` patients with the lowest ``(_unit_hash("train-subset", seed,
+    patient_id), patient_id)`` are kept, with all their slides. The rank does not depend on the
+    fraction, so smaller shares are subsets of larger ones, and it depends on the patients and
+    ``seed`` only, so every experiment of a fold (transfer and scratch) gets the same subset.
+
+    Returns:
+        The indices of the kept slides, ascending.
+    """
+    if not 0.0 < fraction <= 1.0:
+        raise MsamilError(f"train_fraction must be in (0, 1], got {fraction}")
+    by_label: dict[str, set[str]] = {}
+    for patient, label in zip(patient_ids, labels):
+        by_label.setdefault(str(label), set()).add(str(patient))
+    keep: set[str] = set()
+    for patients in by_label.values():
+        ranked = sorted(patients, key=lambda p: (_unit_hash("train-subset", seed, p), p))
+        keep.update(ranked[: max(1, math.floor(fraction * len(ranked) + 0.5))])
+    return [i for i, p in enumerate(patient_ids) if str(p) in keep]
+
+
 def read_folds(path: str | os.PathLike) -> pd.DataFrame:
     """Read and check a folds CSV (columns :data:`REQUIRED_COLUMNS`, optional ``n_folds``, ``val_rank``).
 
