@@ -9,7 +9,7 @@ leaves out only the annotation (the slide is still segmented, trained on and eva
 screened sheet (kept slides; absolute paths; bad annotations blanked) is what every later step
 reads, and ``left_out.csv`` lists what was left out; the report shows it.
 
-Verdicts are cached by the slide file's identity (size and sampled digest), the annotation's and
+Verdicts are cached by the slide and annotation files' path, size and modification time and by
 the settings, so a rerun screens only new or changed files: a fixed file comes back in.
 
 Whether a run may leave slides out is :class:`ScreenPolicy`: by default it may, up to a share of
@@ -72,23 +72,23 @@ def _one_line(exc: BaseException) -> str:
     return " ".join(text.split()) or type(exc).__name__
 
 
-def _identity(path: str) -> dict | None:
-    from ..wsi.thumbnail import file_identity
-
+def _stat(path: str) -> dict | None:
+    """A file as the cache knows it: resolved path, size and modification time (None: absent).
+    A file replaced, fixed or touched gets a new entry; reading no byte keeps a rerun over
+    thousands of unchanged slides at a stat each."""
     try:
-        ident = file_identity(path)
+        st = os.stat(path)
     except OSError:
         return None
-    return {"size": ident["size"], "digest": ident["digest"]}
+    return {"path": str(Path(path).resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
 def screen_key(row: pd.Series, settings: ScreenSettings) -> str:
-    """What a verdict depends on: the files (by identity), the sheet's mpp and the settings."""
+    """What a verdict depends on: the files (path, size, mtime), the sheet's mpp and the settings."""
     annotation = row.get("annotation", "") or ""
-    mpp = slide_mpp(row)
-    key = {"slide": _identity(row["path"]) if row["path"] else None,
-           "annotation": _identity(annotation) if annotation else None,
-           "mpp": mpp, "settings": settings.key()}
+    key = {"slide": _stat(row["path"]) if row["path"] else None,
+           "annotation": _stat(annotation) if annotation else None,
+           "mpp": slide_mpp(row), "settings": settings.key()}
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
 
 
