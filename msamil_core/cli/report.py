@@ -28,6 +28,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--heatmaps", action="append", default=[], metavar="NAME=DIR",
                         help="an experiment's `msamil heatmap` folder (summary.csv + <slide>/), linked with its "
                         "attention inside vs outside the lesions (repeatable)")
+    parser.add_argument("--left-out", metavar="CSV",
+                        help="left_out.csv of `msamil screen`: the slides and annotations left out, with reasons")
     parser.add_argument("--out-dir", required=True, help="report directory to write")
     parser.add_argument("--title", default="msamil report")
 
@@ -38,4 +40,4 @@ def run(args: argparse.Namespace) -> None:
     write_report(dict(named(args.experiment, "--experiment")), args.out_dir, title=args.title,
                  sections=named(args.section, "--section"), features=dict(named(args.features, "--features")),
                  benchmarks=args.benchmarks, segmentation=args.segmentation,
-                 heatmaps=dict(named(args.heatmaps, "--heatmaps")))
+                 heatmaps=dict(named(args.heatmaps, "--heatmaps")), left_out=args.left_out)

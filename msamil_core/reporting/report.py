@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from ..cohort.screening import read_left_out
 from ..errors import MsamilError
 from ..fileio import atomic_path, torch_load
 from ..training.metrics import summarize
@@ -84,13 +85,15 @@ def heatmap_links(heatmaps: dict[str, str | os.PathLike], report_dir: str | os.P
 def write_report(experiments: dict[str, str | os.PathLike], out_dir: str | os.PathLike, title: str = "msamil report",
                  sections: list[tuple[str, str | os.PathLike]] = (), features: dict[str, str] | None = None,
                  benchmarks: str | os.PathLike | None = None, segmentation: str | os.PathLike | None = None,
-                 heatmaps: dict[str, str | os.PathLike] | None = None) -> pd.DataFrame:
+                 heatmaps: dict[str, str | os.PathLike] | None = None,
+                 left_out: str | os.PathLike | None = None) -> pd.DataFrame:
     """Write the report for ``{experiment name: experiment directory}``; returns the summary.
 
     ``sections``: extra (title, CSV file) tables. ``features`` (experiment -> feature folder) and
     ``benchmarks`` (Snakemake's benchmark folder) add the patch-selection comparison;
     ``segmentation`` (segment-train's metrics.json) the lesion segmentation IoU; ``heatmaps``
-    (experiment -> `msamil heatmap` folder) the attention heatmaps.
+    (experiment -> `msamil heatmap` folder) the attention heatmaps; ``left_out`` (the screening's
+    left_out.csv) the slides and annotations left out of the run, with their reasons.
     """
     from .heatmaps import INSIDE_FRACTION
     from .plots import plot_confusion_matrices, plot_learning_curve, plot_roc_curves
@@ -140,6 +143,7 @@ def write_report(experiments: dict[str, str | os.PathLike], out_dir: str | os.Pa
         strategies=tables.strategy_table(summary, configs, features or {}, benchmarks, inference),
         segmentation=tables.segmentation_table(segmentation) if segmentation else None,
         heatmaps=heatmap_links(heatmaps, out_dir) if heatmaps else [], inside_fraction=INSIDE_FRACTION,
+        left_out=read_left_out(left_out) if left_out else None,
         sections=[(heading, pd.read_csv(path)) for heading, path in sections], all_metrics=summary.round(4),
         configs=[(name, json.dumps(cfg, indent=2, sort_keys=True, default=str)) for name, cfg in configs.items()],
     )

@@ -1,0 +1,216 @@
+"""Screening: which slides and annotations a run can use, and why the others are left out.
+
+In a cohort of thousands a few files are always unreadable, truncated, blank or mislabelled. The
+workflow screens every slide of the sheet once, before any per-slide step, with what those steps
+would do first: the slide opens, its µm/px is known, its thumbnail-level image decodes, it holds
+tissue (the tissue step's own mask and threshold), and its annotation, if any, parses and fits
+the slide. A slide that fails is left out of the run with its one-line reason; a bad annotation
+leaves out only the annotation (the slide is still segmented, trained on and evaluated). The
+screened sheet (kept slides; absolute paths; bad annotations blanked) is what every later step
+reads, and ``left_out.csv`` lists what was left out; the report shows it.
+
+Verdicts are cached by the slide and annotation files' path, size and modification time and by
+the settings, so a rerun screens only new or changed files: a fixed file comes back in.
+
+Whether a run may leave slides out is :class:`ScreenPolicy`: by default it may, up to a share of
+the sheet, above which the screening fails (nothing is written) and names the first reasons.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from ..errors import MsamilError
+from ..fileio import atomic_path, write_json
+from ..wsi.tissue import TissueParams
+from .sheet import slide_mpp
+
+log = logging.getLogger(__name__)
+
+LEFT_OUT_COLUMNS = ("slide_id", "patient_id", "label", "what", "reason")
+
+
+@dataclass(frozen=True)
+class ScreenSettings:
+    """What the screening checks a slide with: the thumbnail step's long side and the tissue
+    step's settings (the same decision they will make), and the annotation bounds tolerance."""
+
+    long_side: int = 1024
+    tissue: TissueParams = field(default_factory=TissueParams)
+    min_tissue_fraction: float = 1e-3
+    tolerance: float | None = None
+
+    def key(self) -> dict:
+        return {"long_side": self.long_side, "tissue": asdict(self.tissue),
+                "min_tissue_fraction": self.min_tissue_fraction, "tolerance": self.tolerance}
+
+
+@dataclass(frozen=True)
+class ScreenPolicy:
+    """Whether slides may be left out (``leave_out``) and up to which share of the sheet."""
+
+    leave_out: bool = True
+    max_left_out: float = 0.1
+
+    def __post_init__(self):
+        if not 0.0 <= self.max_left_out <= 1.0:
+            raise MsamilError(f"screening max_left_out {self.max_left_out} must be a share between 0 and 1")
+
+
+def _one_line(exc: BaseException) -> str:
+    """An exception as one line: our own messages as they are, others with their type."""
+    text = str(exc) if isinstance(exc, MsamilError) else f"{type(exc).__name__}: {exc}"
+    return " ".join(text.split()) or type(exc).__name__
+
+
+def _stat(path: str) -> dict | None:
+    """A file as the cache knows it: resolved path, size and modification time (None: absent).
+    A file replaced, fixed or touched gets a new entry; reading no byte keeps a rerun over
+    thousands of unchanged slides at a stat each."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return {"path": str(Path(path).resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def screen_key(row: pd.Series, settings: ScreenSettings) -> str:
+    """What a verdict depends on: the files (path, size, mtime), the sheet's mpp and the settings."""
+    annotation = row.get("annotation", "") or ""
+    key = {"slide": _stat(row["path"]) if row["path"] else None,
+           "annotation": _stat(annotation) if annotation else None,
+           "mpp": slide_mpp(row), "settings": settings.key()}
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+
+
+def screen_slide(row: pd.Series, settings: ScreenSettings) -> dict:
+    """The verdict on one sheet row: ``{"slide": reason or None, "annotation": reason or None}``.
+
+    Anything that goes wrong while opening, reading or judging the slide is a reason (one line),
+    not an exception: screening exists to keep such files out of the run.
+    """
+    from ..wsi.annotations import DEFAULT_TOLERANCE, annotation_mask
+    from ..wsi.slide import open_slide
+    from ..wsi.thumbnail import thumbnail_and_meta
+    from ..wsi.tissue import slide_tissue_mask
+
+    sid = str(row["slide_id"])
+    verdict: dict = {"slide": None, "annotation": None}
+    try:
+        if not row["path"]:
+            raise MsamilError(f"slide {sid!r}: the sheet gives no path; add the slide file's path")
+        with open_slide(row["path"], sid, slide_mpp(row)) as slide:
+            rgb, meta = thumbnail_and_meta(slide, settings.long_side)
+        slide_tissue_mask(rgb, settings.tissue, settings.min_tissue_fraction, sid)
+    except Exception as exc:  # noqa: BLE001 - any failure to read a slide is a reason to leave it out
+        verdict["slide"] = _one_line(exc)
+        return verdict
+    annotation = row.get("annotation", "") or ""
+    if annotation:
+        try:
+            annotation_mask(annotation, sid, (meta["width"], meta["height"]),
+                            (meta["thumbnail"]["width"], meta["thumbnail"]["height"]),
+                            tolerance=DEFAULT_TOLERANCE if settings.tolerance is None else settings.tolerance)
+        except Exception as exc:  # noqa: BLE001
+            verdict["annotation"] = _one_line(exc)
+    return verdict
+
+
+def _read_cache(path: Path | None) -> dict:
+    if path is None or not path.exists():
+        return {}
+    try:
+        cache = json.loads(path.read_text())
+        return cache if isinstance(cache, dict) else {}
+    except (OSError, ValueError):
+        log.warning("screening cache %s is unreadable; every slide is screened again", path)
+        return {}
+
+
+def screen_cohort(sheet: pd.DataFrame, settings: ScreenSettings, cache: str | os.PathLike | None = None,
+                  threads: int = 1) -> dict[str, dict]:
+    """Verdicts of every slide of a checked sheet (indexed by slide_id), reusing the cached ones
+    whose files and settings are unchanged; the cache is rewritten with the current verdicts."""
+    cache_path = Path(cache) if cache is not None else None
+    cached = _read_cache(cache_path)
+    keys = {sid: screen_key(row, settings) for sid, row in sheet.iterrows()}
+    verdicts = {sid: cached[sid]["verdict"] for sid, key in keys.items()
+                if isinstance(cached.get(sid), dict) and cached[sid].get("key") == key}
+    todo = [sid for sid in sheet.index if sid not in verdicts]
+    log.info("screening %d slides (%d unchanged since the last screening)", len(todo), len(verdicts))
+    with ThreadPoolExecutor(max(1, threads)) as pool:
+        for sid, verdict in zip(todo, pool.map(lambda s: screen_slide(sheet.loc[s], settings), todo)):
+            verdicts[sid] = verdict
+            if verdict["slide"]:
+                log.warning("left out: %s", verdict["slide"])
+            elif verdict["annotation"]:
+                log.warning("annotation left out: %s", verdict["annotation"])
+    if cache_path is not None:
+        cache_path.parent.mkdir(parents=True, exist_ok=True)
+        write_json(cache_path, {sid: {"key": keys[sid], "verdict": verdicts[sid]} for sid in sheet.index})
+    return verdicts
+
+
+def select_slides(sheet: pd.DataFrame, verdicts: dict[str, dict], policy: ScreenPolicy,
+                  what: str = "the sheet") -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(screened sheet, left-out table) under ``policy``; raises when it forbids the result."""
+    bad = [sid for sid in sheet.index if verdicts[sid]["slide"]]
+    rows = [(sid, sheet.at[sid, "patient_id"], sheet.at[sid, "label"], "slide", verdicts[sid]["slide"]) for sid in bad]
+    rows += [(sid, sheet.at[sid, "patient_id"], sheet.at[sid, "label"], "annotation", verdicts[sid]["annotation"])
+             for sid in sheet.index if not verdicts[sid]["slide"] and verdicts[sid]["annotation"]]
+    left_out = pd.DataFrame(rows, columns=list(LEFT_OUT_COLUMNS))
+    if bad:
+        examples = "; ".join(verdicts[sid]["slide"] for sid in bad[:3]) + ("; ..." if len(bad) > 3 else "")
+        share = len(bad) / len(sheet)
+        if not policy.leave_out:
+            raise MsamilError(
+                f"{what}: {len(bad)} of {len(sheet)} slides cannot be used ({examples}); fix or remove them, "
+                "or set screening.leave_out: true to run without them"
+            )
+        if share > policy.max_left_out + 1e-12:
+            raise MsamilError(
+                f"{what}: {len(bad)} of {len(sheet)} slides ({share:.0%}) cannot be used, more than "
+                f"screening.max_left_out ({policy.max_left_out:.0%}): {examples}; fix the files (or the sheet) "
+                "or raise screening.max_left_out"
+            )
+    kept = sheet.drop(index=bad).copy()
+    if "annotation" in kept.columns:
+        for sid in kept.index:
+            if verdicts[sid]["annotation"]:
+                kept.at[sid, "annotation"] = ""
+    if kept.empty:
+        raise MsamilError(f"{what}: no slide can be used ({examples}); fix the files or the sheet")
+    return kept, left_out
+
+
+def write_screened(kept: pd.DataFrame, left_out: pd.DataFrame, sheet_out: str | os.PathLike,
+                   left_out_path: str | os.PathLike) -> None:
+    """The screened sheet (CSV, absolute paths, the mpp column as numbers or empty) and the
+    left-out table (CSV: slide_id, patient_id, label, what, reason)."""
+    kept = kept.reset_index(drop=True)
+    if "mpp" in kept.columns:
+        kept["mpp"] = ["" if (isinstance(v, float) and math.isnan(v)) else repr(float(v)) for v in kept["mpp"]]
+    for frame, target in ((left_out, left_out_path), (kept, sheet_out)):  # the sheet last: it marks completion
+        Path(target).parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(target) as tmp:
+            frame.to_csv(tmp, index=False)
+
+
+def read_left_out(path: str | os.PathLike) -> pd.DataFrame:
+    """A ``left_out.csv`` (empty table when the file is absent)."""
+    path = Path(path)
+    if not path.exists():
+        return pd.DataFrame(columns=list(LEFT_OUT_COLUMNS))
+    try:
+        return pd.read_csv(path, dtype=str, keep_default_na=False)
+    except (OSError, ValueError, pd.errors.ParserError) as exc:
+        raise MsamilError(f"left-out list {path}: unreadable ({exc}); delete it and rerun the screening") from None
