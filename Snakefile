@@ -33,5 +33,5 @@ include: "rules/report.smk"
 
 rule all:
     input:
-        final_outputs(),
+        final_outputs,
     default_target: True

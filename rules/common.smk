@@ -1,12 +1,13 @@
 # The slide sheet, wildcards, paths and input functions shared by all rules. What the config
 # means (experiments, feature sets, e2e runs, their checks) and every command-line option a rule
 # passes come from rules/workflow_config.py, shell-quoted; the paths are decided here.
+import json
 import os
 import re
 import shutil
 import sys
 
-from snakemake.exceptions import WorkflowError
+from snakemake.exceptions import IncompleteCheckpointException, WorkflowError
 
 from msamil_core.cohort.sheet import check_sheet, load_sheet, slide_mpp
 from msamil_core.errors import MsamilError
@@ -130,6 +131,85 @@ def sheet_file():
 def _sheet_mpp(slide):
     """The sheet's level-0 µm/px of a slide (None: the file's)."""
     return SLIDE_MPPS.get(slide)
+
+
+# ---------------------------------------------------------------- screening
+# The checkpoint screen_slides (msamil screen) decides which slides the run uses: an unusable
+# slide is left out, a malformed annotation too, each with its reason in left_out.csv. Every
+# cohort step reads the screened sheet, and the per-slide jobs are planned for the kept slides
+# only, once the screening has run (or from its earlier result when nothing it reads changed).
+SCREENED_SHEET = "results/cohort/slides.csv"
+LEFT_OUT = "results/cohort/left_out.csv"
+SCREEN_RECORD = "results/cohort/screening_record.json"
+SCREEN_CACHE = "results/cohort/screening.json"  # verdicts by file (msamil screen --cache)
+_KEPT = {}
+
+
+def screening_inputs():
+    """The files the screening reads besides the sheet: every slide and annotation that exists
+    (a missing one is left out by the screening and comes in when it appears)."""
+    paths = list(SLIDES["path"]) + [p for p in SLIDES.get("annotation", []) if p]
+    return [workflow_path(p) for p in paths if DEMO or os.path.exists(p)]
+
+
+def _screened(path):
+    """(kept slides in sheet order, kept slides with an annotation) of a screened sheet."""
+    stamp = os.stat(path).st_mtime_ns
+    if _KEPT.get("stamp") != (path, stamp):
+        table = load_sheet(path)
+        annotated = set(table.index[table["annotation"] != ""]) if "annotation" in table.columns else set()
+        _KEPT.update(stamp=(path, stamp), slides=list(table.index), annotated=annotated)
+    return _KEPT["slides"], _KEPT["annotated"]
+
+
+def _forecast():
+    """What a dry run plans before the screening has run: every slide but those whose earlier
+    verdict (the screening's cache) still holds and left them out, annotations likewise."""
+    from msamil_core.cohort.screening import cached_verdicts
+
+    verdicts = cached_verdicts(SLIDES, CFG.screen_settings()[0], SCREEN_CACHE)
+    gone = {s for s, v in verdicts.items() if v["slide"]}
+    kept = [s for s in SLIDES.index if s not in gone]
+    return kept, {s for s in ANNOTATED if s not in gone and not verdicts.get(s, {}).get("annotation")}
+
+
+def kept_slides():
+    """Slides the screening kept, in sheet order (call from input functions only)."""
+    return _kept()[0]
+
+
+def kept_annotated():
+    """Kept slides whose annotation the screening kept."""
+    return [s for s in kept_slides() if s in _kept()[1]]
+
+
+def _screening_current():
+    """Whether the screened sheet is newer than the sheet and every file the screening read, and
+    was made with this config's settings from the files present now. Then the jobs after it are
+    planned from it directly, as for any finished step (dry runs and --until see them); else
+    through the checkpoint, once the screening has run again."""
+    if "current" not in _KEPT:
+        try:
+            stamp = os.stat(SCREENED_SHEET).st_mtime
+            with open(SCREEN_RECORD) as f:
+                recorded = json.load(f)
+        except (OSError, ValueError):
+            _KEPT["current"] = False
+            return False
+        newer = any(os.stat(p).st_mtime > stamp for p in [sheet_file(), *screening_inputs()] if os.path.exists(p))
+        _KEPT["current"] = not newer and recorded == CFG.screen_record(SLIDES)
+    return _KEPT["current"]
+
+
+def _kept():
+    if _screening_current():
+        return _screened(SCREENED_SHEET)
+    try:
+        return _screened(checkpoints.screen_slides.get().output.sheet)
+    except IncompleteCheckpointException:
+        if workflow.dryrun:
+            return _forecast()
+        raise
 
 
 def _annotated_slides():
@@ -268,10 +348,10 @@ def coords_settings():
     return CFG.coords_settings()
 
 
-def final_outputs():
-    """Every slide's coordinates, and the report when experiments are configured."""
-    outputs = []
-    for slide in SLIDES.index:
+def final_outputs(wildcards):
+    """Every kept slide's coordinates, and the report when experiments are configured."""
+    outputs = [LEFT_OUT]
+    for slide in kept_slides():
         # the GeoJSON export reads the coordinates: asking for it alone asks for them too
         if config["export_geojson"]:
             outputs.append(f"{slide_dir(slide)}/patches.geojson")
@@ -352,7 +432,7 @@ def experiment_bags(wildcards):
 
 def feature_set_bags(wildcards):
     """Every slide's bag in a feature folder."""
-    return [f"results/features/{wildcards.feature_set}/{slide}.pt" for slide in SLIDES.index]
+    return [f"results/features/{wildcards.feature_set}/{slide}.pt" for slide in kept_slides()]
 
 
 def all_feature_sets():
@@ -365,14 +445,14 @@ wildcard_constraints:
 
 
 def write_slide_index(path, **files):
-    """A TSV of the sheet's slides and their files (``files``: column -> one path per slide, in
+    """A TSV of the kept slides and their files (``files``: column -> one path per slide, in
     sheet order). Cohort steps that read every slide's files take it as their input: Snakemake
     then links each of them to one job (index_bags, index_thumbnails) instead of to thousands of
     files, which is most of the planning time of a large cohort."""
     columns = list(files)
     with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8", newline="") as f:
         f.write("\t".join(["slide_id", *columns]) + "\n")
-        for i, slide in enumerate(SLIDES.index):
+        for i, slide in enumerate(kept_slides()):
             f.write("\t".join([slide, *(str(files[c][i]) for c in columns)]) + "\n")
 
 
@@ -408,15 +488,14 @@ def fold_outputs(name):
 
 
 def segmentation_inputs(wildcards):
-    """Thumbnails (with meta.json and tissue mask beside them) and annotation files of the annotated slides."""
+    """Thumbnails (with meta.json and tissue mask beside them) and annotation files of the kept
+    slides whose annotation the screening kept."""
+    annotated = kept_annotated()
     return {
-        "thumbnails": [f"{slide_dir(s)}/thumbnail.png" for s in ANNOTATED],
-        "meta": [f"{slide_dir(s)}/meta.json" for s in ANNOTATED],
-        "tissue": [f"{slide_dir(s)}/tissue_mask.png" for s in ANNOTATED],
-        # only the files present: a missing one fails segment-train with a message naming it
-        "annotations": [
-            workflow_path(p) for p in SLIDES.loc[ANNOTATED, "annotation"] if DEMO or os.path.exists(p)
-        ],
+        "thumbnails": [f"{slide_dir(s)}/thumbnail.png" for s in annotated],
+        "meta": [f"{slide_dir(s)}/meta.json" for s in annotated],
+        "tissue": [f"{slide_dir(s)}/tissue_mask.png" for s in annotated],
+        "annotations": [workflow_path(SLIDES.at[s, "annotation"]) for s in annotated],
     }
 
 
@@ -455,8 +534,8 @@ def all_thumbnails(wildcards):
 
 def slide_thumbnails(wildcards):
     return {
-        "thumbnail": [f"{slide_dir(s)}/thumbnail.png" for s in SLIDES.index],
-        "meta": [f"{slide_dir(s)}/meta.json" for s in SLIDES.index],
+        "thumbnail": [f"{slide_dir(s)}/thumbnail.png" for s in kept_slides()],
+        "meta": [f"{slide_dir(s)}/meta.json" for s in kept_slides()],
     }
 
 
@@ -501,6 +580,7 @@ def report_options():
         feature_dirs={e: feature_dir(e) for e in EXPERIMENTS},
         heatmap_dirs={e: heatmap_dir(e) for e in CFG.heatmap_experiments},
         segmentation_metrics=segmentation_metrics(),
+        left_out=LEFT_OUT,
     )
 
 
@@ -508,7 +588,7 @@ def report_options():
 
 
 def all_coords(wildcards):
-    return [path for slide in SLIDES.index for path in coords_files(slide)]
+    return [path for slide in kept_slides() for path in coords_files(slide)]
 
 
 def slide_coords(wildcards):

@@ -6,7 +6,7 @@ rule train_e2e:
     input:
         coords=all_coords,
         folds="results/splits/folds.csv",
-        sheet=sheet_file(),
+        sheet=SCREENED_SHEET,
     output:
         "results/e2e/{e2e}/fold{fold}/checkpoint.pt",
     params:
@@ -55,7 +55,7 @@ rule run_k_study:
     input:
         coords=all_coords,
         folds="results/splits/folds.csv",
-        sheet=sheet_file(),
+        sheet=SCREENED_SHEET,
     output:
         curves="results/e2e/{e2e}/k_study.csv",
         summary="results/e2e/{e2e}/k_study_summary.csv",

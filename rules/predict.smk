@@ -9,7 +9,7 @@ rule draw_heatmaps:
         bags=experiment_bags,
         thumbnails=all_thumbnails,
         folds="results/splits/folds.csv",
-        sheet=sheet_file(),
+        sheet=SCREENED_SHEET,
     output:
         "results/heatmaps/{experiment}/fold0/summary.csv",
     params:

@@ -22,6 +22,31 @@ if DEMO:
             "msamil demo --out {params.out_dir:q} {params.options} --threads {threads} 2> {log:q}"
 
 
+checkpoint screen_slides:
+    input:
+        sheet=sheet_file(),
+        files=screening_inputs(),
+    output:
+        sheet=SCREENED_SHEET,
+        left_out=LEFT_OUT,
+        record=SCREEN_RECORD,
+    params:
+        cache=SCREEN_CACHE,
+        options=CFG.screen_options(),
+    log:
+        "logs/screen_slides.log",
+    threads: 2
+    resources:
+        mem_mb=4000,
+        runtime=60,
+    conda:
+        "../envs/msamil.yaml"
+    shell:
+        "msamil screen --sheet {input.sheet:q} --out {output.sheet:q} --left-out {output.left_out:q}"
+        " --record {output.record:q} --cache {params.cache:q} {params.options} --threads {threads}"
+        " 2> {log:q}"
+
+
 rule make_thumbnail:
     input:
         slide=slide_file,

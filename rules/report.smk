@@ -8,6 +8,7 @@ rule make_report:
         segmentation=segmentation_metrics(),
         heatmaps=heatmap_summaries(),
         k_studies=e2e_report_inputs(),
+        left_out=LEFT_OUT,
     output:
         html="results/report/index.html",
         summary="results/report/summary.csv",

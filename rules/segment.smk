@@ -8,7 +8,7 @@
 rule train_segmentation:
     input:
         unpack(segmentation_inputs),
-        sheet=sheet_file(),
+        sheet=SCREENED_SHEET,
     output:
         checkpoint="results/segmentation/checkpoint.pt",
         metrics="results/segmentation/metrics.json",

@@ -3,7 +3,7 @@
 
 rule make_splits:
     input:
-        sheet=sheet_file(),
+        sheet=SCREENED_SHEET,
     output:
         # update(): the previous folds.csv is read so patients keep their fold as slides are added
         update("results/splits/{repeat}folds.csv"),
@@ -25,7 +25,7 @@ rule train_fold:
     input:
         bags=experiment_bags,
         folds=experiment_folds,
-        sheet=sheet_file(),
+        sheet=SCREENED_SHEET,
         init=init_checkpoint,
     output:
         checkpoint="results/models/{experiment}/{repeat}fold{fold}/checkpoint.pt",

@@ -348,6 +348,30 @@ class WorkflowConfig:
         """``--fp16`` when features are stored as float16 (it changes the bags)."""
         return "--fp16" if self.config["features"]["fp16"] else ""
 
+    def screen_options(self) -> str:
+        """``msamil screen`` (screen_slides): the policy, and the thumbnail and tissue settings the
+        screening judges a slide with (the same decision the per-slide steps make)."""
+        s = self.config["screening"]
+        return _joined(_args("--long-side", self.config["thumbnail"]["long_side"], "--max-left-out", s["max_left_out"],
+                             *([] if s["leave_out"] else ["--no-leave-out"])), self.tissue_options())
+
+    def screen_settings(self):
+        """(ScreenSettings, ScreenPolicy) of ``msamil screen`` with this config (screen_options)."""
+        from msamil_core.cohort.screening import ScreenPolicy, ScreenSettings
+        from msamil_core.wsi.tissue import TissueParams
+
+        t, s = self.config["tissue"], self.config["screening"]
+        tissue = TissueParams(**{k: t[k] for k in ("mode", "min_saturation", "remove_pen", "dark_threshold",
+                                                   "close_radius", "min_object_fraction", "max_hole_fraction")})
+        settings = ScreenSettings(self.config["thumbnail"]["long_side"], tissue, t["min_tissue_fraction"])
+        return settings, ScreenPolicy(s["leave_out"], s["max_left_out"])
+
+    def screen_record(self, sheet) -> dict:
+        """The record (msamil screen --record) a screening of ``sheet`` with this config writes."""
+        from msamil_core.cohort.screening import screening_record
+
+        return screening_record(sheet, *self.screen_settings())
+
     def tissue_options(self) -> str:
         """``msamil tissue`` (make_tissue_mask): the config's `tissue` section."""
         t = self.config["tissue"]
@@ -496,9 +520,11 @@ class WorkflowConfig:
                        _args("--k-study", *entry["k_study"], "--k-study-steps", entry["k_study_steps"]))
 
     def report_options(self, experiment_dirs: Mapping[str, str], feature_dirs: Mapping[str, str],
-                       heatmap_dirs: Mapping[str, str], segmentation_metrics: Sequence[str] = ()) -> str:
+                       heatmap_dirs: Mapping[str, str], segmentation_metrics: Sequence[str] = (),
+                       left_out: str | None = None) -> str:
         """``msamil report`` (make_report): each experiment's folder and features (by name, every
-        experiment), the segmentation metrics, and the heatmap folders of ``heatmap_experiments``."""
+        experiment), the segmentation metrics, the heatmap folders of ``heatmap_experiments`` and
+        the screening's left-out table."""
         opts = []
         for name in self.experiments:
             opts += ["--experiment", f"{name}={experiment_dirs[name]}", "--features", f"{name}={feature_dirs[name]}"]
@@ -506,4 +532,6 @@ class WorkflowConfig:
             opts += ["--segmentation", path]
         for name in self.heatmap_experiments:
             opts += ["--heatmaps", f"{name}={heatmap_dirs[name]}"]
+        if left_out:
+            opts += ["--left-out", left_out]
         return _args(*opts)

@@ -237,3 +237,23 @@ def test_each_process_claims_its_own_gpu_until_it_exits(tmp_path):
         holder.kill()
         holder.wait()
     assert other_process() == "1"  # released by SIGKILL
+
+
+def test_a_bag_without_patches_is_left_out_of_training_and_listed_in_evaluation(tmp_path, caplog):
+    bags, sheet = make_cohort(tmp_path, n=12)
+    empty = torch.zeros((0, DIM))
+    for sid in ("s1", "s6"):  # a slide whose lesion kept no patch: an empty bag
+        save_bag(bags / f"{sid}.pt", Bag(features=empty, coords=torch.zeros((0, 2), dtype=torch.int64),
+                                         scales=torch.zeros(0, dtype=torch.int64),
+                                         patch_size_level0=torch.zeros(0, dtype=torch.int64), slide_id=sid,
+                                         encoder="synthetic"))
+    out = tmp_path / "models"
+    assert main(["train", "--features", str(bags), "--sheet", str(sheet), "--out", str(out), "--n-folds", "3",
+                 "--model", "abmil.base", "--epochs", "2", "--threads", "1", "--evaluate"]) == 0
+    left = {}
+    for k in range(3):
+        metrics = json.loads((out / f"fold{k}" / "metrics.json").read_text())
+        left.update(metrics.get("left_out", {}))
+        preds = (out / f"fold{k}" / "predictions.csv").read_text()
+        assert "s1," not in preds and "s6," not in preds
+    assert sorted(left) == ["s1", "s6"] and all("no patch at 20x+10x+5x" in r for r in left.values())

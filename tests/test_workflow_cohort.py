@@ -7,11 +7,14 @@ import json
 import subprocess
 import sys
 
+import shutil
+
 import h5py
 import numpy as np
 import pandas as pd
 import pytest
 
+from conftest import shared_slide
 from test_workflow import planned_jobs, snakemake
 
 pytestmark = pytest.mark.slow
@@ -25,17 +28,21 @@ segmentation: {epochs: 3, input_size: 128, crop_size: 64, batch_size: 4}
 splits: {n_folds: 2, val_fraction: 0.25}
 training: {epochs: 2, patience: 0}
 heatmaps: {experiments: [lesion], top_k: 2}
+screening: {max_left_out: 0.2}
 experiments:
   - {name: lesion, model: abmil.base}
   - {name: tissue, model: abmil.base, strategy: tissue}
   - {name: random, model: abmil.base, strategy: random}
 """
 N_SLIDES = 9
+BROKEN = "broken (scan 2)"
 
 
 @pytest.fixture(scope="module")
 def cohort(tmp_path_factory):
-    """A 9-slide demo cohort; the workflow runs on the first 8, then the 9th is added."""
+    """A 9-slide demo cohort; the workflow runs on the first 8, then the 9th is added. Beside
+    them the sheet has an unreadable slide, and one slide's annotation is malformed: the
+    screening leaves both out and the run goes on to the report."""
     wd = tmp_path_factory.mktemp("cohort")
     subprocess.run(
         [sys.executable, "-m", "msamil_core", "demo", "--out", str(wd / "data"), "--n-slides", str(N_SLIDES),
@@ -45,8 +52,13 @@ def cohort(tmp_path_factory):
     full = pd.read_csv(wd / "data" / "slides.csv")
     # two classes (the architecture), so that 2 folds find patients of each label among 8 slides
     full["label"] = full["label"].str.split("_").str[1]
-    full.iloc[: N_SLIDES - 1].to_csv(wd / "first.csv", index=False)
-    full.to_csv(wd / "all.csv", index=False)
+    (wd / "bad.geojson").write_text('{"type": "FeatureCollection", "features": [{"type": "Feat')
+    full.loc[1, "annotation"] = str(wd / "bad.geojson")
+    shutil.copyfile(shared_slide("unreadable.svs"), wd / "broken.svs")
+    broken = pd.DataFrame([{"slide_id": BROKEN, "path": str(wd / "broken.svs"), "label": "zonal",
+                            "patient_id": "patient_broken", "annotation": ""}])
+    pd.concat([full.iloc[: N_SLIDES - 1], broken]).to_csv(wd / "first.csv", index=False)
+    pd.concat([full.iloc[: N_SLIDES - 1], broken, full.iloc[N_SLIDES - 1:]]).to_csv(wd / "all.csv", index=False)
     (wd / "config.yaml").write_text(CONFIG)
     run = snakemake(wd, "--cores", "2", "--configfile", "config.yaml", "--config", f"slides={wd / 'first.csv'}")
     assert run.returncode == 0, run.stderr[-4000:]
@@ -70,6 +82,12 @@ def test_every_stage_ran_and_the_report_compares_strategies(cohort):
         assert features and all(f["geometry"]["type"] in ("Polygon", "MultiPolygon") for f in features)
     page = (results / "report" / "index.html").read_text()
     assert "Patch-selection strategies" in page and "Lesion segmentation" in page
+    # the screening left out the unreadable slide and the malformed annotation, the report says why
+    left = page.split("<h2>Slides left out</h2>")[1].split("<h2>")[0]
+    assert BROKEN in left and "fail to decode" in left and "bad.geojson" in left
+    assert not (results / "slides" / BROKEN).exists()
+    segmented = sorted(s for part in seg["splits"].values() for s in part)
+    assert segmented == sorted(set(full.slide_id[: N_SLIDES - 1]) - {full.slide_id[1]})  # the 7 good annotations
     for name in ("lesion", "tissue", "random"):
         assert f"<td>{name}</td>" in page
         for k in (0, 1):
@@ -128,9 +146,23 @@ def test_adding_a_slide_plans_only_its_jobs_and_the_cohort_steps(cohort):
     jobs = planned_jobs(dry.stdout)
     per_slide = {"make_thumbnail": 1, "make_tissue_mask": 1, "segment_lesions": 1, "export_geojson": 1,
                  "make_patch_coordinates": 1, "extract_features": 1}
-    cohort_steps = {"train_segmentation": 1, "make_splits": 1, "train_fold": 6,
+    cohort_steps = {"screen_slides": 1, "train_segmentation": 1, "make_splits": 1, "train_fold": 6,
                     "draw_heatmaps": 1, "make_report": 1, "all": 1}
     assert jobs == {**per_slide, **cohort_steps}
     # every per-slide job is the new slide's; no other slide is recomputed
     slides_in_plan = set(np.unique([w for w in __import__("re").findall(r"slide=([^,\n]+)", dry.stdout)]))
     assert slides_in_plan == {new}
+
+
+def test_a_fixed_slide_comes_back_in(cohort):
+    wd, full = cohort
+    shutil.copyfile(wd / "data" / full.path.iloc[0], wd / "broken.svs")  # the scan is redone
+    screen = snakemake(wd, "--cores", "2", "--until", "screen_slides", "--configfile", "config.yaml",
+                       "--config", f"slides={wd / 'first.csv'}")
+    assert screen.returncode == 0, screen.stderr[-3000:]
+    kept = pd.read_csv(wd / "results" / "cohort" / "slides.csv")
+    left = pd.read_csv(wd / "results" / "cohort" / "left_out.csv")
+    assert BROKEN in set(kept.slide_id) and list(left.what) == ["annotation"]
+    dry = snakemake(wd, "--cores", "2", "-n", "--configfile", "config.yaml", "--config", f"slides={wd / 'first.csv'}")
+    assert dry.returncode == 0, dry.stderr[-3000:]
+    assert f"slide={BROKEN}" in dry.stdout and planned_jobs(dry.stdout)["extract_features"] == 1

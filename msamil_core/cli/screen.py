@@ -8,7 +8,7 @@ blanked), which later steps read, and left_out.csv (slide_id, patient_id, label,
 
 More slides left out than --max-left-out of the sheet (or any, with --no-leave-out) fails the
 screening, naming the first reasons, and writes nothing. Verdicts are cached (--cache) by the
-files' identity and the settings: a rerun screens only new or changed files.
+files' path, size and mtime and the settings: a rerun screens only new or changed files.
 """
 
 from __future__ import annotations
@@ -25,6 +25,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="screened sheet to write (CSV)")
     parser.add_argument("--left-out", required=True, help="table of what was left out and why (CSV)")
     parser.add_argument("--cache", help="verdict cache (JSON), reused for unchanged files")
+    parser.add_argument("--record", help="JSON to write what the screening was made from (settings, policy, "
+                        "which files existed): the workflow reads it to know the screened sheet is current")
     parser.add_argument("--long-side", type=int, default=1024, help="thumbnail long side in px, as the thumbnail step")
     parser.add_argument("--max-left-out", type=float, default=0.1,
                         help="largest share of the sheet's slides that may be left out (default %(default)s)")
@@ -35,12 +37,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    from ..cohort.screening import ScreenPolicy, ScreenSettings, screen_cohort, select_slides, write_screened
+    from ..cohort.screening import (ScreenPolicy, ScreenSettings, screen_cohort, screening_record, select_slides,
+                                    write_screened)
     from ..cohort.sheet import load_sheet
+    from ..fileio import write_json
 
     sheet = load_sheet(args.sheet)
     settings = ScreenSettings(args.long_side, tissue_params(args), args.min_tissue_fraction)
+    policy = ScreenPolicy(args.leave_out, args.max_left_out)
     verdicts = screen_cohort(sheet, settings, args.cache, args.threads)
-    kept, left_out = select_slides(sheet, verdicts, ScreenPolicy(args.leave_out, args.max_left_out),
-                                   f"slide sheet {args.sheet}")
+    kept, left_out = select_slides(sheet, verdicts, policy, f"slide sheet {args.sheet}")
+    if args.record:
+        write_json(args.record, screening_record(sheet, settings, policy))
     write_screened(kept, left_out, args.out, args.left_out)

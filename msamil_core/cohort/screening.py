@@ -136,15 +136,23 @@ def _read_cache(path: Path | None) -> dict:
         return {}
 
 
+def cached_verdicts(sheet: pd.DataFrame, settings: ScreenSettings, cache: str | os.PathLike | None,
+                    keys: dict[str, str] | None = None) -> dict[str, dict]:
+    """The verdicts of ``cache`` that still hold for the sheet's rows (files and settings
+    unchanged); rows screened never or since changed are absent."""
+    cached = _read_cache(Path(cache) if cache is not None else None)
+    keys = keys or {sid: screen_key(row, settings) for sid, row in sheet.iterrows()}
+    return {sid: cached[sid]["verdict"] for sid, key in keys.items()
+            if isinstance(cached.get(sid), dict) and cached[sid].get("key") == key}
+
+
 def screen_cohort(sheet: pd.DataFrame, settings: ScreenSettings, cache: str | os.PathLike | None = None,
                   threads: int = 1) -> dict[str, dict]:
     """Verdicts of every slide of a checked sheet (indexed by slide_id), reusing the cached ones
     whose files and settings are unchanged; the cache is rewritten with the current verdicts."""
     cache_path = Path(cache) if cache is not None else None
-    cached = _read_cache(cache_path)
     keys = {sid: screen_key(row, settings) for sid, row in sheet.iterrows()}
-    verdicts = {sid: cached[sid]["verdict"] for sid, key in keys.items()
-                if isinstance(cached.get(sid), dict) and cached[sid].get("key") == key}
+    verdicts = cached_verdicts(sheet, settings, cache_path, keys)
     todo = [sid for sid in sheet.index if sid not in verdicts]
     log.info("screening %d slides (%d unchanged since the last screening)", len(todo), len(verdicts))
     with ThreadPoolExecutor(max(1, threads)) as pool:
@@ -190,6 +198,17 @@ def select_slides(sheet: pd.DataFrame, verdicts: dict[str, dict], policy: Screen
     if kept.empty:
         raise MsamilError(f"{what}: no slide can be used ({examples}); fix the files or the sheet")
     return kept, left_out
+
+
+def screening_record(sheet: pd.DataFrame, settings: ScreenSettings, policy: ScreenPolicy) -> dict:
+    """What a screening was made from: its settings and policy, and a digest of which of the
+    sheet's slide and annotation files existed. The workflow compares it with the config and the
+    files of a later run to know, while it plans, whether the screened sheet is still current."""
+    paths = list(sheet["path"]) + [p for p in sheet.get("annotation", []) if p]
+    present = sorted(str(p) for p in paths if p and os.path.exists(p))
+    record = {"settings": settings.key(), "policy": asdict(policy),
+              "files": hashlib.sha256("\n".join(present).encode()).hexdigest()}
+    return json.loads(json.dumps(record))
 
 
 def write_screened(kept: pd.DataFrame, left_out: pd.DataFrame, sheet_out: str | os.PathLike,

@@ -185,12 +185,18 @@ def locate_bags(feature_dir: str | os.PathLike, slide_ids: list[str]) -> list[Pa
     return [find_bag(feature_dir, s) for s in slide_ids]
 
 
-def check_feature_dim(paths: list[Path], in_dim: int, where: str, encoder: str | None = None) -> None:
+def check_feature_dim(paths: list[Path], in_dim: int, where: str, encoder: str | None = None,
+                      scales: list[str] | None = None) -> set[Path]:
     """Every bag has ``in_dim`` features and one encoder id (``encoder``, else the first bag's),
-    else an error naming two bags (or the bag and the model) and the fix."""
+    else an error naming two bags (or the bag and the model) and the fix. Returns the bags with
+    no instance at ``scales`` (e.g. a slide whose segmented lesion kept no patch)."""
     reference = (encoder, where) if encoder else None
+    keep = scale_indices(scales) if scales else None
+    empty = set()
     for p in paths:
         bag = load_bag(p, require_coords=False)
+        if keep is not None and not bool(torch.isin(bag.scales, keep).any()):
+            empty.add(p)
         if bag.features.shape[1] != in_dim:
             raise MsamilError(
                 f"{p}: bags have {bag.features.shape[1]} features but {where} expects {in_dim}; "
@@ -203,6 +209,20 @@ def check_feature_dim(paths: list[Path], in_dim: int, where: str, encoder: str |
                 f"bags of two encoders: {reference[1]} comes from {reference[0]!r} but {p} from {bag.encoder!r}; "
                 "one experiment needs the bags of one encoder (re-extract, or point at one feature folder)"
             )
+    return empty
+
+
+def without_empty(ids: list[str], labels: list[int], paths: list[Path], empty: set[Path], what: str,
+                  scales: list[str]) -> tuple[list[str], list[int], list[Path], dict[str, str]]:
+    """The slides of a part whose bags hold patches at ``scales``; the others are left out of it
+    with a warning: ({slide: reason} of those left out)."""
+    left = {}
+    for sid, path in zip(ids, paths):
+        if path in empty:
+            left[sid] = f"no patch at {'+'.join(scales)} in its bag {path} (e.g. no lesion found)"
+            log.warning("slide %r left out of %s: %s", sid, what, left[sid])
+    kept = [(s, y, p) for s, y, p in zip(ids, labels, paths) if p not in empty]
+    return [s for s, _, _ in kept], [y for _, y, _ in kept], [p for _, _, p in kept], left
 
 
 def check_init_from(cfg: TrainConfig, bag: Bag, in_dim: int, where: str) -> None:
@@ -391,14 +411,20 @@ def evaluate_fold(fold_dir: str | os.PathLike, k: int, sheet, folds, features: s
     if not test_ids:
         raise MsamilError(f"fold {k} has no test slides for classes {classes}; check folds.csv and the task")
     paths = locate_bags(features, test_ids)
-    check_feature_dim(paths, int(ckpt["model_args"]["in_dim"]), f"the model {fold_dir / 'checkpoint.pt'}",
-                      encoder=ckpt.get("encoder") or None)
-    dataset = BagDataset(paths, test_ids, test_y, checkpoint_scales(ckpt), norm=ckpt.get("feature_norm"))
+    scales = checkpoint_scales(ckpt)
+    empty = check_feature_dim(paths, int(ckpt["model_args"]["in_dim"]), f"the model {fold_dir / 'checkpoint.pt'}",
+                              encoder=ckpt.get("encoder") or None, scales=scales)
+    test_ids, test_y, paths, left_out = without_empty(test_ids, test_y, paths, empty, f"fold {k}'s test part", scales)
+    if not test_ids:
+        raise MsamilError(f"fold {k}: no test slide has patches at {'+'.join(scales)}; check the patch selection")
+    dataset = BagDataset(paths, test_ids, test_y, scales, norm=ckpt.get("feature_norm"))
     probs, loss = predict(model, dataset, device)
     y = np.asarray(test_y)
     metrics = classification_metrics(y, probs, classes)
     metrics["loss"] = loss
     metrics["n_slides"] = len(test_ids)
+    if left_out:
+        metrics["left_out"] = left_out
     metrics["inference_seconds"] = round(time.perf_counter() - started, 3)
     write_predictions(fold_dir / "predictions.csv", test_ids, y, probs, classes)
     write_json(fold_dir / "metrics.json", metrics)
@@ -448,8 +474,15 @@ def train_experiment(options: dict, data: FoldData, folds: list[int], out: str |
         first = load_bag(train_paths[0], require_coords=False)
         in_dim = first.features.shape[1]
         # every bag the fold will touch, test part included, before any training starts
-        check_feature_dim(train_paths + val_paths + locate_bags(data.features, test_ids), in_dim,
-                          f"the bags of fold {k} (first: {train_paths[0]})")
+        empty = check_feature_dim(train_paths + val_paths + locate_bags(data.features, test_ids), in_dim,
+                                  f"the bags of fold {k} (first: {train_paths[0]})", scales=cfg.scales)
+        train_ids, train_y, train_paths, _ = without_empty(train_ids, train_y, train_paths, empty,
+                                                           f"fold {k}'s training", cfg.scales)
+        val_ids, val_y, val_paths, _ = without_empty(val_ids, val_y, val_paths, empty, f"fold {k}'s validation",
+                                                     cfg.scales)
+        if not train_ids:
+            raise MsamilError(f"fold {k}: no training slide has patches at {'+'.join(cfg.scales)}; "
+                              "check the patch selection")
         check_init_from(cfg, first, in_dim, f"the bags of fold {k} (e.g. {train_paths[0]})")
         train_set = BagDataset(train_paths, train_ids, train_y, cfg.scales, cfg.max_instances, cfg.seed, train=True)
         val_set = BagDataset(val_paths, val_ids, val_y, cfg.scales)
