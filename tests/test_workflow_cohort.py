@@ -146,7 +146,8 @@ def test_adding_a_slide_plans_only_its_jobs_and_the_cohort_steps(cohort):
     jobs = planned_jobs(dry.stdout)
     per_slide = {"make_thumbnail": 1, "make_tissue_mask": 1, "segment_lesions": 1, "export_geojson": 1,
                  "make_patch_coordinates": 1, "extract_features": 1}
-    cohort_steps = {"screen_slides": 1, "train_segmentation": 1, "make_splits": 1, "train_fold": 6,
+    cohort_steps = {"screen_slides": 1, "index_thumbnails": 1, "index_bags": 3, "train_segmentation": 1,
+                    "make_splits": 1, "train_fold": 6,
                     "draw_heatmaps": 1, "make_report": 1, "all": 1}
     assert jobs == {**per_slide, **cohort_steps}
     # every per-slide job is the new slide's; no other slide is recomputed
