@@ -8,7 +8,8 @@ Two copies of one small demo cohort are run through the real workflow (`snakemak
 checkout's Snakefile) with the same config:
 
 * clean: one uninterrupted run;
-* chaos: runs in which, at random moments (seeded), a randomly chosen running job is killed:
+* chaos: runs in which, at random moments (seeded), randomly chosen running jobs are killed
+  (spread over the workflow's steps, see :func:`chaos_run`):
   SIGKILL for any `msamil` command, SIGTERM or SIGKILL for the training commands (`train`,
   `e2e`, `segment-train`, which save `resume.pt` on SIGTERM), and now and then the whole run
   (Snakemake and every job, as when a node or a login session dies). Each run that ends with
@@ -151,36 +152,50 @@ def running_jobs(run_pid: int) -> list[tuple[object, str]]:
 
 def chaos_run(workdir: Path, sheet: Path, cores: int, rng: random.Random, kills_left: int,
               delay: tuple[float, float], whole_run_share: float, kills: Counter) -> tuple[int, int]:
-    """One Snakemake run with kills at random moments: (exit status, kills made)."""
+    """One Snakemake run with kills at random moments: (exit status, kills made).
+
+    Each job that starts draws an age (uniform in ``delay`` seconds) at which it may be killed;
+    when it reaches it, it is killed with probability 1 / (1 + 3 n), n the kills its command has
+    had so far, else spared for good. So the kills spread over the workflow's steps (the many
+    short per-slide jobs of the first steps would otherwise take them all) and land at random
+    moments inside jobs, mid-write included."""
     argv = snakemake_argv(workdir, sheet, cores, "--rerun-incomplete", "--keep-going")
     out = open(workdir / "chaos.log", "a")
     run = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=environment(), cwd=workdir,
                            start_new_session=True)
     made = 0
-    next_kill = time.monotonic() + rng.uniform(*delay)
+    due: dict[int, float] = {}  # pid -> age (s) at which the job may be killed; inf once spared
+    per_command: Counter = Counter(k.split(" ")[0] for k in kills.elements())
     while run.poll() is None:
         time.sleep(0.1)
-        if made >= kills_left or time.monotonic() < next_kill:
+        if made >= kills_left:
             continue
-        jobs = running_jobs(run.pid)
-        if not jobs:
-            continue
-        if rng.random() < whole_run_share:
-            os.killpg(run.pid, signal.SIGKILL)
-            kills["whole run (SIGKILL)"] += 1
+        for proc, command in running_jobs(run.pid):
+            try:
+                age = time.time() - proc.create_time()
+            except Exception:  # it ended in between
+                continue
+            if age < due.setdefault(proc.pid, rng.uniform(*delay)):
+                continue
+            if rng.random() >= 1.0 / (1 + 3 * per_command[command]):
+                due[proc.pid] = float("inf")
+                continue
+            if rng.random() < whole_run_share:
+                os.killpg(run.pid, signal.SIGKILL)
+                kills["whole run (SIGKILL)"] += 1
+                made += 1
+                log(f"  kill {sum(kills.values())}: the whole run, during msamil {command}")
+                break
+            sig = rng.choice([signal.SIGTERM, signal.SIGKILL]) if command in TRAINING_COMMANDS else signal.SIGKILL
+            try:
+                proc.send_signal(sig)
+            except Exception:  # it ended in between
+                continue
+            kills[f"{command} ({sig.name})"] += 1
+            per_command[command] += 1
             made += 1
-            log(f"  kill {sum(kills.values())}: the whole run, {len(jobs)} jobs running")
+            log(f"  kill {sum(kills.values())}: {sig.name} to msamil {command} (pid {proc.pid}, {age:.1f} s old)")
             break
-        proc, command = rng.choice(jobs)
-        sig = rng.choice([signal.SIGTERM, signal.SIGKILL]) if command in TRAINING_COMMANDS else signal.SIGKILL
-        try:
-            proc.send_signal(sig)
-        except Exception:  # it ended in between
-            continue
-        kills[f"{command} ({sig.name})"] += 1
-        made += 1
-        log(f"  kill {sum(kills.values())}: {sig.name} to msamil {command} (pid {proc.pid})")
-        next_kill = time.monotonic() + rng.uniform(*delay)
     status = run.wait()
     out.close()
     if status != 0 and made and kills.get("whole run (SIGKILL)"):
@@ -312,8 +327,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="seed of the kill moments and targets (default 0)")
     parser.add_argument("--slides", type=int, default=8, help="slides in the demo cohort (default 8)")
     parser.add_argument("--cores", type=int, default=2, help="snakemake --cores (default 2)")
-    parser.add_argument("--delay", type=float, nargs=2, default=(1.0, 8.0), metavar=("MIN", "MAX"),
-                        help="seconds between kills, drawn uniformly (default 1 8)")
+    parser.add_argument("--delay", type=float, nargs=2, default=(0.3, 6.0), metavar=("MIN", "MAX"),
+                        help="age of a job (seconds) at which it may be killed, drawn uniformly (default 0.3 6)")
     parser.add_argument("--whole-run-share", type=float, default=0.1,
                         help="share of kills that kill the whole run instead of one job (default 0.1)")
     parser.add_argument("--max-runs", type=int, default=0, help="give up after this many runs (default kills + 5)")
@@ -352,7 +367,9 @@ def main(argv: list[str] | None = None) -> int:
             log(f"chaos run {runs} ({left} kills left)")
             status, _ = chaos_run(chaos, sheet, args.cores, rng, left, tuple(args.delay), args.whole_run_share,
                                   kills)
-            if status == 0 and sum(kills.values()) >= args.kills and nothing_to_do(chaos, sheet):
+            if status == 0 and nothing_to_do(chaos, sheet):
+                if sum(kills.values()) < args.kills:
+                    log(f"the run completed before all kills were made ({sum(kills.values())} of {args.kills})")
                 break
             if runs >= max_runs:
                 log(f"chaos: no complete run after {runs} runs; see {chaos / 'chaos.log'}")
