@@ -55,6 +55,8 @@ def planned_commands(stdout: str) -> list[tuple[str, str, str]]:
 def dry_run(tmp_path_factory) -> list[tuple[str, str, str]]:
     wd = tmp_path_factory.mktemp("quoting")
     (wd / "annotations").mkdir()
+    (wd / "my weights").mkdir()  # the encoder's weights file is an input of extraction: it must exist
+    (wd / "my weights" / "r18 (v2).pth").write_bytes(b"")
     (wd / "annotations" / f"{ODD}.geojson").write_text("{}")
     (wd / "sheet.csv").write_text(
         "slide_id,path,label,patient_id,annotation\n"

@@ -14,10 +14,13 @@ encoded once; each bag keeps its own rows and records the pass's patch count
 With --encoder-checkpoint (an `msamil e2e` checkpoint) the encoder is the tuned one, built as it
 was trained; the other encoder options are then ignored.
 
-Encoders: `msfem` (MsaMIL-Net: EfficientNet-B3 feature map + Transformer, 512-d) or any timm
-model by name (resnet50, efficientnet_b3, vit_base_patch16_224, ...). Nothing is downloaded:
-weights come from a local file (--weights: .safetensors, .bin, .pth; a timm or Hugging Face
-state dict); without one the encoder is randomly initialised (--seed) and a warning says so.
+Encoders: a preset (`msamil list-models`: resnet50_trunc, uni_v1, uni_v2, virchow, virchow2,
+h_optimus_0, h_optimus_1, gigapath, phikon, phikon_v2; their input size, normalisation and output
+rule are the model card's), `msfem` (MsaMIL-Net: EfficientNet-B3 feature map + Transformer, 512-d)
+or any timm model by name (resnet50, efficientnet_b3, ...). Nothing is downloaded: weights come
+from a local file or folder (--weights: .safetensors, .bin, .pth; read without unpickling) or
+from hf-hub:<org>/<repo> already in the Hugging Face cache (`msamil fetch-weights` puts it
+there); without weights the encoder is randomly initialised (--seed) and a warning says so.
 
 Examples:
   msamil extract --slide s1.svs --coords coords/20x/s1.h5 coords/10x/s1.h5 coords/5x/s1.h5 \
@@ -26,7 +29,7 @@ Examples:
   msamil extract --slide s1.svs --bag lesion=lesion/s1.pt --bag-coords lesion=coords/20x/s1.h5 ... \
       --bag tissue=tissue/s1.pt --bag-coords tissue=coords/tissue/20x/s1.h5 ... --encoder resnet18
   msamil extract --slide s1.svs --coords coords/20x/s1.h5 --out s1.pt \
-      --encoder vit_large_patch16_224 --encoder-arg init_values=1e-5 --weights uni.bin
+      --encoder uni_v1 --weights hf-hub:MahmoodLab/UNI      # after `msamil fetch-weights uni_v1`
 """
 
 from __future__ import annotations

@@ -290,12 +290,14 @@ def _timm_encoder(name: str, input_size: int, **kwargs) -> nn.Module:
 
     if name.startswith(("hf-hub:", "hf_hub:", "local-dir:")):
         raise MsamilError(
-            f"encoder {name!r}: hub names need a download; give the timm architecture name "
-            "(e.g. vit_large_patch16_224) and the downloaded file as weights (--weights)"
+            f"encoder {name!r}: a hub reference is not an encoder name; name a preset (`msamil list-models`, e.g. "
+            f"uni_v1) or a timm architecture, and give {name} as weights (--weights), fetched once with "
+            "`msamil fetch-weights` (nothing is downloaded during extraction)"
         )
     if not timm.is_model(name):
         raise MsamilError(
-            f"unknown encoder {name!r}: use one of {', '.join(list_encoders())} or a timm model name "
+            f"unknown encoder {name!r}: use a preset or registered encoder ({', '.join(list_encoders())}) or a timm "
+            "model name "
             "(python -c 'import timm; print(timm.list_models())')"
         )
     kwargs = {"num_classes": 0, **kwargs}
