@@ -6,7 +6,7 @@
 rule extract_features:
     input:
         slide=slide_file,
-        coords=extract_coords,
+        coords=extract_coords(),
     output:
         extract_outputs(),
     params:
