@@ -193,7 +193,7 @@ def test_editing_experiments_heatmaps_or_report_reruns_no_per_slide_step(cohort)
     assert jobs.get("draw_heatmaps") == 1
     # an experiment added on existing bags trains only itself
     jobs = _replan(wd, "experiments:\n  - {name: lesion, model: abmil.base}\n  - {name: tissue, model: abmil.base, strategy: tissue}\n"
-                       "  - {name: random, model: abmil.base, strategy: random}\n  - {name: more, model: abmil.base, lr: 0.001}\n")
+                       "  - {name: random, model: abmil.base, strategy: random}\n  - {name: more, model: abmil.base, scales: [20x]}\n")
     assert not PER_SLIDE_RULES & set(jobs), jobs
     assert jobs["train_fold"] == 2
     # an e2e run (as config/e2e-demo.yaml adds) re-extracts with its own encoder only
