@@ -326,11 +326,15 @@ def coords_outputs():
     return [path for strategy in CFG.coord_strategies for path in coords_files("{slide}", strategy)]
 
 
-def coords_selection(wildcards):
+# Per-slide inputs are patterns with {slide}, not input functions, where they can be: Snakemake
+# fills a pattern in far less time than it calls a function (tens of thousands of jobs).
+
+
+def coords_selection():
     """Masks the coordinates job selects on: the tissue mask, and the lesion mask for `lesion`."""
-    masks = {"tissue": f"{slide_dir(wildcards.slide)}/tissue_mask.png"}
+    masks = {"tissue": f"{slide_dir('{slide}')}/tissue_mask.png"}
     if CFG.uses_lesion:
-        masks["lesion"] = f"{slide_dir(wildcards.slide)}/lesion_mask.png"
+        masks["lesion"] = f"{slide_dir('{slide}')}/lesion_mask.png"
     return masks
 
 
@@ -374,10 +378,10 @@ def extract_outputs():
     return [bag_file("{encoder}", strategy, "{slide}") for strategy in CFG.used_strategies]
 
 
-def extract_coords(wildcards):
+def extract_coords():
     """Every coordinates file of the slide (not only the strategies in use): the input set, which
     Snakemake's rerun-trigger compares, stays the same when experiments come and go."""
-    return [path for strategy in CFG.coord_strategies for path in coords_files(wildcards.slide, strategy)]
+    return coords_outputs()
 
 
 def extract_options(wildcards, output):
@@ -504,11 +508,11 @@ def segmentation_metrics():
     return ["results/segmentation/metrics.json"] if CFG.trains_segmentation else []
 
 
-def geojson_inputs(wildcards):
+def geojson_inputs():
     """What the QuPath export of a slide draws: its masks and its kept patch grids."""
-    inputs = {"coords": coords_files(wildcards.slide), "tissue": f"{slide_dir(wildcards.slide)}/tissue_mask.png"}
+    inputs = {"coords": coords_files("{slide}"), "tissue": f"{slide_dir('{slide}')}/tissue_mask.png"}
     if CFG.strategy == "lesion":
-        inputs["lesion"] = f"{slide_dir(wildcards.slide)}/lesion_mask.png"
+        inputs["lesion"] = f"{slide_dir('{slide}')}/lesion_mask.png"
     return inputs
 
 
@@ -591,9 +595,9 @@ def all_coords(wildcards):
     return [path for slide in kept_slides() for path in coords_files(slide)]
 
 
-def slide_coords(wildcards):
+def slide_coords():
     """The coordinates an e2e re-extraction encodes: the configured strategy's."""
-    return coords_files(wildcards.slide)
+    return coords_files("{slide}")
 
 
 def extract_e2e_options(wildcards):

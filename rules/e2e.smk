@@ -29,7 +29,7 @@ rule train_e2e:
 rule extract_e2e_features:
     input:
         slide=slide_file,
-        coords=slide_coords,
+        coords=slide_coords(),
         checkpoint="results/e2e/{e2e}/fold{fold}/checkpoint.pt",
     output:
         "results/features/e2e-{e2e}-fold{fold}/{slide}.pt",

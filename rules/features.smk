@@ -32,7 +32,7 @@ rule fetch_weights:
 rule extract_features:
     input:
         slide=slide_file,
-        coords=extract_coords,
+        coords=extract_coords(),
         weights=extract_weights,
     output:
         extract_outputs(),

@@ -95,7 +95,7 @@ rule make_tissue_mask:
 
 rule make_patch_coordinates:
     input:
-        unpack(coords_selection),
+        **coords_selection(),
         meta="results/slides/{slide}/meta.json",
     output:
         # every strategy in use: results/coords/{scale}/ (patches.strategy), coords/{strategy}/{scale}/

@@ -58,7 +58,7 @@ rule segment_lesions:
 
 rule export_geojson:
     input:
-        unpack(geojson_inputs),
+        **geojson_inputs(),
         meta="results/slides/{slide}/meta.json",
     output:
         "results/slides/{slide}/patches.geojson",

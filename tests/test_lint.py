@@ -31,7 +31,8 @@ def test_the_slurm_profile_sizes_every_rule_and_gives_gpu_rules_a_gpu(tmp_path):
     dry = _snakemake("-n", "--forceall", "--cores", "2", "--directory", str(tmp_path))
     assert dry.returncode == 0, dry.stderr[-3000:]
     gpu = {}
-    for rule, job in re.findall(r"^(?:local)?rule (\w+):\n(.*?)(?=^\S|\Z)", dry.stdout + dry.stderr, re.M | re.S):
+    # jobs of a group (one slide's steps) are printed indented; each job starts with its [time] line
+    for rule, job in re.findall(r"^\s*(?:local)?rule (\w+):\n(.*?)(?=^\s*\[|^\S|\Z)", dry.stdout + dry.stderr, re.M | re.S):
         if rule != "all":
             gpu[rule] = "gpu=1" in job
     assert {"extract_features", "train_fold"} <= {r for r, g in gpu.items() if g}

@@ -27,6 +27,9 @@ pytestmark = pytest.mark.slow
 
 SLURM_PROGRAMS = ("munged", "slurmctld", "slurmd", "sbatch", "srun", "squeue", "sinfo", "scontrol")
 GPU_RULES = {"extract_features", "train_fold"}
+# the per-slide rules of the tiny config: one SLURM job per slide (group `slide`)
+SLIDE_RULES = {"make_thumbnail", "make_tissue_mask", "make_patch_coordinates", "extract_features"}
+LOCAL_RULES = {"index_bags", "index_thumbnails"}  # run in the Snakemake process
 FAKE_GPUS = ["/dev/null", "/dev/zero"]  # gres "gpu" devices: SLURM counts them, torch sees no CUDA
 
 
@@ -253,9 +256,10 @@ def runs(cluster, tmp_path_factory):
 
 
 def _submissions(output: str) -> dict[str, str]:
-    """SLURM job id -> rule, from the executor's 'submitted with SLURM jobid' lines."""
-    found = re.findall(r"submitted with SLURM jobid (\d+) \(log: \S*/rule_(\w+)/", output)
-    return {job: rule for job, rule in found}
+    """SLURM job id -> rule (or `group_<id>_<rules>` for a group job, its log folder), from the
+    executor's 'submitted with SLURM jobid' lines."""
+    found = re.findall(r"submitted with SLURM jobid (\d+) \(log: \S*/(rule_\w+|group_[\w-]+)/", output)
+    return {job: name.removeprefix("rule_") for job, name in found}
 
 
 def _rule_counts(output: str) -> dict[str, int]:
@@ -268,25 +272,42 @@ def _rule_counts(output: str) -> dict[str, int]:
     return counts
 
 
-def test_every_job_goes_through_sbatch(cluster, runs):
+def test_every_job_goes_through_sbatch_and_each_slide_is_one_job(cluster, runs):
     wd, status, output = runs["slurm"]
     assert status == 0, output[-4000:]
     submitted = _submissions(output)
     planned = _rule_counts(output)
-    # every planned job of every rule was submitted, once
-    assert sum(planned.values()) == len(submitted) >= 20
-    assert {r: list(submitted.values()).count(r) for r in planned} == planned
+    slides = planned["make_thumbnail"]
+    assert set(planned) >= SLIDE_RULES | {"index_bags"} and all(planned[r] == slides for r in SLIDE_RULES)
+    # one sbatch per slide for its per-slide steps, one per job of every other rule, none for local rules
+    groups = {job: name for job, name in submitted.items() if name.startswith("group_")}
+    assert len(groups) == slides == 4
+    cohort = {r: n for r, n in planned.items() if r not in SLIDE_RULES | LOCAL_RULES}
+    assert len(submitted) == slides + sum(cohort.values()) and cohort.keys() >= {"make_splits", "train_fold"}
+    assert {r: list(submitted.values()).count(r) for r in cohort} == cohort
+    # each slide job ran every per-slide step of one slide, and no other slide's
+    per_job = {}
+    for job, name in groups.items():
+        (log,) = (wd / "logs" / "slurm" / name).rglob(f"{job}.log")
+        text = log.read_text()
+        steps = set(re.findall(r"^(?:local)?rule (\w+):", text, re.M))
+        ids = set(re.findall(r"slide=([^,\s]+)", text))
+        assert steps == SLIDE_RULES and len(ids) == 1, (job, steps, ids)
+        per_job[ids.pop()] = job
+    assert len(per_job) == slides
     # and SLURM itself ran each one to completion, under this run's job name
     records = cluster.finished_jobs()
     names = {records[job]["Name"] for job in submitted}
     assert len(names) == 1 and all(records[job]["JobState"] == "COMPLETED" for job in submitted)
-    # GPU rules asked SLURM for a GPU (sbatch --gpus=1), the others for none
-    for job, rule in submitted.items():
+    # GPU rules asked SLURM for a GPU (sbatch --gpus=1), the others for none; a slide's job holds
+    # its extraction
+    for job, name in submitted.items():
         tres = cluster.job(job).get("TresPerJob", "")
-        assert ("gpu:1" in tres) == (rule in GPU_RULES), (rule, tres)
+        assert ("gpu:1" in tres) == (name in GPU_RULES or name in groups.values()), (name, tres)
     # each job's SLURM log is where the profile says
-    for job, rule in submitted.items():
-        assert list((wd / "logs" / "slurm" / f"rule_{rule}").rglob(f"{job}.log")), (rule, job)
+    for job, name in submitted.items():
+        folder = name if job in groups else f"rule_{name}"
+        assert list((wd / "logs" / "slurm" / folder).rglob(f"{job}.log")), (name, job)
 
 
 def _shape(path: Path):

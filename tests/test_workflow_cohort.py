@@ -1,20 +1,25 @@
 """The whole workflow, slides to report, on a small synthetic cohort: lesion segmentation, the
-three patch-selection strategies, training, evaluation and the report; then a slide is added."""
+three patch-selection strategies, training, evaluation and the report; then a slide is added,
+and the experiments are edited. Most slides have ids a shell would misread (every value reaching
+a command is quoted), and Snakemake runs without `msamil` on PATH, as `.venv/bin/snakemake`
+does without activating the environment."""
 
 from __future__ import annotations
 
 import json
+import os
+import re
+import shutil
 import subprocess
 import sys
-
-import shutil
+from pathlib import Path
 
 import h5py
 import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import shared_slide
+from conftest import REPO, shared_slide
 from test_workflow import planned_jobs, snakemake
 
 pytestmark = pytest.mark.slow
@@ -36,6 +41,21 @@ experiments:
 """
 N_SLIDES = 9
 BROKEN = "broken (scan 2)"
+# slide ids a shell would misread, and a non-ASCII one (the sheet accepts them all)
+ODD_IDS = ["a b (1)", "it's", "x;y", "$(id)", "&", "naïve é"]
+PER_SLIDE_RULES = {"make_thumbnail", "make_tissue_mask", "segment_lesions", "make_patch_coordinates",
+                   "export_geojson", "extract_features"}
+
+
+def snakemake_unactivated(workdir: Path, *args: str) -> subprocess.CompletedProcess:
+    """Snakemake with the environment's folder (where `msamil` is) taken off PATH: the workflow
+    must find `msamil` beside the Python that runs it."""
+    folder = str(Path(sys.executable).parent)
+    path = os.pathsep.join(p for p in os.environ["PATH"].split(os.pathsep) if p and p != folder)
+    return subprocess.run(
+        [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory", str(workdir), *args],
+        capture_output=True, text=True, env=dict(os.environ, PATH=path), cwd=workdir, timeout=900,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -52,6 +72,7 @@ def cohort(tmp_path_factory):
     full = pd.read_csv(wd / "data" / "slides.csv")
     # two classes (the architecture), so that 2 folds find patients of each label among 8 slides
     full["label"] = full["label"].str.split("_").str[1]
+    full["slide_id"] = ODD_IDS + list(full["slide_id"][len(ODD_IDS):])
     (wd / "bad.geojson").write_text('{"type": "FeatureCollection", "features": [{"type": "Feat')
     full.loc[1, "annotation"] = str(wd / "bad.geojson")
     shutil.copyfile(shared_slide("unreadable.svs"), wd / "broken.svs")
@@ -60,8 +81,10 @@ def cohort(tmp_path_factory):
     pd.concat([full.iloc[: N_SLIDES - 1], broken]).to_csv(wd / "first.csv", index=False)
     pd.concat([full.iloc[: N_SLIDES - 1], broken, full.iloc[N_SLIDES - 1:]]).to_csv(wd / "all.csv", index=False)
     (wd / "config.yaml").write_text(CONFIG)
-    run = snakemake(wd, "--cores", "2", "--configfile", "config.yaml", "--config", f"slides={wd / 'first.csv'}")
+    run = snakemake_unactivated(wd, "--cores", "2", "--configfile", "config.yaml", "--config",
+                                f"slides={wd / 'first.csv'}")
     assert run.returncode == 0, run.stderr[-4000:]
+    assert "command not found" not in run.stderr
     return wd, full
 
 
@@ -151,10 +174,54 @@ def test_adding_a_slide_plans_only_its_jobs_and_the_cohort_steps(cohort):
                     "draw_heatmaps": 1, "make_report": 1, "all": 1}
     assert jobs == {**per_slide, **cohort_steps}
     # every per-slide job is the new slide's; no other slide is recomputed
-    slides_in_plan = set(np.unique([w for w in __import__("re").findall(r"slide=([^,\n]+)", dry.stdout)]))
+    slides_in_plan = set(np.unique(re.findall(r"slide=([^\n]+)", dry.stdout)))
     assert slides_in_plan == {new}
 
 
+def test_odd_slide_ids_went_through_every_step_to_the_report(cohort):
+    wd, full = cohort
+    results = wd / "results"
+    for slide in ODD_IDS:
+        for name in ("thumbnail.png", "tissue_mask.png", "lesion_mask.png", "patches.geojson"):
+            assert (results / "slides" / slide / name).stat().st_size > 0, (slide, name)
+        assert len(list(results.glob(f"features/*/{slide}.pt"))) == 3, slide
+    # fold 0's test slides have heatmaps, the odd ids among them; the report lists every slide
+    summary = pd.read_csv(results / "heatmaps" / "lesion" / "fold0" / "summary.csv", dtype=str, keep_default_na=False)
+    assert set(summary["slide_id"]) & set(ODD_IDS)
+    predictions = pd.concat(pd.read_csv(results / "models" / "lesion" / f"fold{k}" / "predictions.csv",
+                                        dtype=str, keep_default_na=False) for k in (0, 1))
+    assert set(ODD_IDS) <= set(predictions["slide_id"])
+
+
+def _replan(wd, config: str) -> dict[str, int]:
+    (wd / "edited.yaml").write_text(config)
+    dry = snakemake(wd, "--cores", "2", "-n", "--configfile", "config.yaml", "edited.yaml",
+                    "--config", f"slides={wd / 'first.csv'}")
+    assert dry.returncode == 0, dry.stderr[-3000:]
+    return planned_jobs(dry.stdout)
+
+
+def test_editing_experiments_heatmaps_or_report_reruns_no_per_slide_step(cohort):
+    wd, _ = cohort
+    # a subset of the experiments (the lesion one only), other heatmap settings
+    jobs = _replan(wd, "heatmaps: {experiments: [lesion], top_k: 3}\n"
+                       "experiments:\n  - {name: lesion, model: abmil.base}\n")
+    assert not PER_SLIDE_RULES & set(jobs), jobs
+    assert jobs.get("draw_heatmaps") == 1
+    # an experiment added on existing bags trains only itself
+    jobs = _replan(wd, "experiments:\n  - {name: lesion, model: abmil.base}\n  - {name: tissue, model: abmil.base, strategy: tissue}\n"
+                       "  - {name: random, model: abmil.base, strategy: random}\n  - {name: more, model: abmil.base, scales: [20x]}\n")
+    assert not PER_SLIDE_RULES & set(jobs), jobs
+    assert jobs["train_fold"] == 2
+    # an e2e run (as config/e2e-demo.yaml adds) re-extracts with its own encoder only
+    jobs = _replan(wd, (REPO / "config" / "e2e-demo.yaml").read_text()
+                   .replace("resnet18_64", "tiny").replace("k_study: [4, 16, 64]", "k_study: [2]")
+                   .replace("msamil_multiscale", "lesion").replace("model: msamil.base", "model: abmil.base"))
+    assert not PER_SLIDE_RULES & set(jobs), jobs
+    assert jobs["extract_e2e_features"] > 0 and jobs["train_e2e"] == 1
+
+
+# last: it changes the cohort the tests above read
 def test_a_fixed_slide_comes_back_in(cohort):
     wd, full = cohort
     shutil.copyfile(wd / "data" / full.path.iloc[0], wd / "broken.svs")  # the scan is redone

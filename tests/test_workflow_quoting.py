@@ -42,8 +42,8 @@ predict: {slides: "new slides.csv", experiment: on_lesion}
 def planned_commands(stdout: str) -> list[tuple[str, str, str]]:
     """(rule, wildcards, shell command) of each job a `snakemake -n -p` run plans."""
     jobs = []
-    for block in re.split(r"\n(?=(?:local)?rule \w+:)", stdout):
-        rule = re.match(r"(?:local)?rule (\w+):", block)
+    for block in re.split(r"\n(?=\s*(?:local)?rule \w+:)", stdout):  # a group's jobs are indented
+        rule = re.match(r"\s*(?:local)?rule (\w+):", block)
         command = re.search(r"^Shell command: (.*)$", block, re.M)
         if rule and command and command.group(1) != "None":
             wildcards = re.search(r"^\s*wildcards: (.*)$", block, re.M)

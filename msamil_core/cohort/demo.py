@@ -749,6 +749,51 @@ def write_pyramid_tiff(
             )
 
 
+def write_repeated_tile_tiff(
+    path: str | os.PathLike,
+    size: tuple[int, int],
+    tile: np.ndarray,
+    mpp: float = MPP,
+    downsamples: Sequence[int] = (1,),
+) -> None:
+    """Write a JPEG-tiled TIFF of ``size`` (W, H) px whose level 0 repeats ``tile`` [T, T, 3]
+    uint8, T a multiple of every downsample: a slide of any size in seconds and little disk
+    (each tile is encoded once per level and its bytes written for every tile). Levels as in
+    :func:`write_pyramid_tiff`; level ``d`` repeats ``tile`` box-filtered by ``d``, which is
+    level 0 box-filtered where the size is a multiple of T. For memory and speed checks on
+    slides of 100,000s of px (bench/big_slide.py, tests/test_big_slide.py). ``size`` must be a
+    multiple of every downsample, so that each level's downsample is exact."""
+    import io
+
+    import tifffile
+    from PIL import Image
+
+    t = tile.shape[0]
+    if tile.shape != (t, t, 3) or tile.dtype != np.uint8 or t % 16 or any(t % d for d in downsamples):
+        raise ValueError(f"tile must be [T, T, 3] uint8 with T a multiple of 16 and of {list(downsamples)}")
+    if any(side % d for side in size for d in downsamples):
+        raise ValueError(f"size {size} must be a multiple of every downsample {list(downsamples)}")
+    options = dict(photometric="rgb", tile=(t, t), compression="jpeg", compressionargs={"level": JPEG_QUALITY})
+    with atomic_path(path) as tmp, tifffile.TiffWriter(tmp, bigtiff=True) as tiff:
+        for i, downsample in enumerate(downsamples):
+            small = np.asarray(Image.fromarray(tile).reduce(downsample)) if downsample > 1 else tile
+            level_tile = np.tile(small, (downsample, downsample, 1))
+            with io.BytesIO() as buffer:  # tifffile's own encoding of the tile, read back
+                with tifffile.TiffWriter(buffer) as one:
+                    one.write(level_tile, **options)
+                buffer.seek(0)
+                with tifffile.TiffFile(buffer) as encoded:
+                    page = encoded.pages[0]
+                    encoded.filehandle.seek(page.dataoffsets[0])
+                    data = encoded.filehandle.read(page.databytecounts[0])
+            w, h = size[0] // downsample, size[1] // downsample
+            count = -(-w // t) * -(-h // t)
+            px_per_cm = 1e4 / (mpp * downsample)
+            tiff.write((data for _ in range(count)), shape=(h, w, 3), dtype=np.uint8, **options,
+                       resolution=(px_per_cm, px_per_cm), resolutionunit="CENTIMETER",
+                       subfiletype=1 if i else 0, metadata=None, software="msamil")
+
+
 def lesion_geojson(polygons: Sequence[np.ndarray]) -> dict:
     """QuPath-style GeoJSON FeatureCollection of lesion polygons (level-0 px, rings closed).
 

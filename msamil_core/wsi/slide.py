@@ -33,6 +33,10 @@ PLAUSIBLE_MPP = (0.01, 20.0)
 
 # Relative tolerance when comparing downsamples: pyramid levels are often 3.9999 instead of 4.
 _DOWNSAMPLE_RTOL = 1e-3
+# Pixels of a level read at once for a thumbnail (about 50 MB as RGB): a single-level
+# 150,000 x 100,000 px slide is read block by block, never whole.
+_THUMBNAIL_BLOCK_PX = 1 << 24
+_COMPOSITE_ROWS_PX = 1 << 22  # pixels composited onto the background per step
 
 
 @dataclass(frozen=True)
@@ -221,15 +225,9 @@ class Slide:
                 "the file is corrupt or truncated: re-export or re-copy it, or remove it from the sheet"
             ) from None
         arr = np.asarray(rgba)
-        rgb = arr[..., :3]
-        alpha = arr[..., 3]
-        if alpha.min() == 255:
-            return np.ascontiguousarray(rgb)
-        # OpenSlide returns premultiplied alpha: composite onto the background colour.
-        a = alpha[..., None].astype(np.float32) / 255.0
-        bg = np.asarray(self.background, dtype=np.float32)
-        out = rgb.astype(np.float32) + bg * (1.0 - a)
-        return np.clip(out + 0.5, 0, 255).astype(np.uint8)
+        if arr[..., 3].min() == 255:
+            return np.ascontiguousarray(arr[..., :3])
+        return composite(arr, self.background)
 
     def read_patch(self, x: int, y: int, size_level0: int, out_size: int) -> np.ndarray:
         """A square patch as RGB uint8 [out_size, out_size, 3].
@@ -248,17 +246,47 @@ class Slide:
         return np.asarray(img.resize((out_size, out_size), resample))
 
     def read_thumbnail(self, long_side: int) -> np.ndarray:
-        """The whole slide as RGB uint8 with its long side ``long_side`` px, aspect kept."""
+        """The whole slide as RGB uint8 with its long side ``long_side`` px, aspect kept.
+
+        Read from the coarsest level that is fine enough; a level larger than
+        ``_THUMBNAIL_BLOCK_PX`` (a single-level slide, or one whose pyramid stops early) is read
+        and box-filtered block by block, so memory stays bounded whatever the slide's size: each
+        thumbnail pixel averages exactly the level pixels under it, as a whole-level resize does.
+        """
         w0, h0 = self.dimensions
         scale = long_side / max(w0, h0)
         tw, th = max(1, round(w0 * scale)), max(1, round(h0 * scale))
         level = self.level_for_downsample(max(w0 / tw, h0 / th))
         lw, lh = self.level_dimensions[level]
+        if lw * lh > _THUMBNAIL_BLOCK_PX and lw >= tw and lh >= th:
+            return self._thumbnail_by_blocks(level, (tw, th))
         region = self.read_region(0, 0, level, (lw, lh))
         img = Image.fromarray(region)
         if (lw, lh) != (tw, th):
             img = img.resize((tw, th), Image.Resampling.BOX if lw >= tw else Image.Resampling.BILINEAR)
         return np.asarray(img)
+
+    def _thumbnail_by_blocks(self, level: int, size: tuple[int, int]) -> np.ndarray:
+        """The box-filtered thumbnail of ``size`` (w, h) px of a large level, read in blocks of
+        at most about ``_THUMBNAIL_BLOCK_PX`` level pixels."""
+        tw, th = size
+        lw, lh = self.level_dimensions[level]
+        ds = self.level_downsamples[level]
+        sx, sy = lw / tw, lh / th  # level px per thumbnail px
+        # square blocks of thumbnail px, as many as fit; a whole row of tiles is read once
+        side = max(1, int(math.sqrt(_THUMBNAIL_BLOCK_PX / (sx * sy))))
+        out = np.empty((th, tw, 3), dtype=np.uint8)
+        for j0 in range(0, th, side):
+            j1 = min(th, j0 + side)
+            y0, y1 = math.floor(j0 * sy), min(lh, math.ceil(j1 * sy))
+            for i0 in range(0, tw, side):
+                i1 = min(tw, i0 + side)
+                x0, x1 = math.floor(i0 * sx), min(lw, math.ceil(i1 * sx))
+                region = self.read_region(round(x0 * ds), round(y0 * ds), level, (x1 - x0, y1 - y0))
+                box = (i0 * sx - x0, j0 * sy - y0, min(i1 * sx, lw) - x0, min(j1 * sy, lh) - y0)
+                block = Image.fromarray(region).resize((i1 - i0, j1 - j0), Image.Resampling.BOX, box=box)
+                out[j0:j1, i0:i1] = np.asarray(block)
+        return out
 
     # -- lifecycle --------------------------------------------------------------------------
     def use_direct_tiles(self) -> bool:
@@ -310,6 +338,23 @@ class Slide:
 
     def __repr__(self) -> str:
         return f"Slide({self.slide_id!r}, {self.dimensions[0]}x{self.dimensions[1]}, mpp={self.mpp:.4f}, levels={self.level_count})"
+
+
+def composite(rgba: np.ndarray, background) -> np.ndarray:
+    """RGB uint8 [h, w, 3] of OpenSlide's premultiplied RGBA [h, w, 4] on a background colour,
+    a few million pixels at a time (float temporaries of a whole large region would take
+    several times its size)."""
+    h, w = rgba.shape[:2]
+    out = np.empty((h, w, 3), dtype=np.uint8)
+    bg = np.asarray(background, dtype=np.float32)
+    rows = max(1, _COMPOSITE_ROWS_PX // max(1, w))
+    for r0 in range(0, h, rows):
+        chunk = rgba[r0 : r0 + rows]
+        a = chunk[..., 3:4].astype(np.float32) / 255.0
+        mixed = chunk[..., :3].astype(np.float32) + bg * (1.0 - a)
+        np.clip(mixed + 0.5, 0, 255, out=mixed)
+        out[r0 : r0 + rows] = mixed
+    return out
 
 
 def _file_mpp(properties: dict) -> tuple[float | None, str]:
