@@ -237,3 +237,13 @@ def test_each_process_claims_its_own_gpu_until_it_exits(tmp_path):
         holder.kill()
         holder.wait()
     assert other_process() == "1"  # released by SIGKILL
+
+
+def test_classifier_is_kept_only_for_the_same_classes(tmp_path):
+    from msamil_core.training.mil import transfers_classifier
+
+    torch.save({"model_name": "abmil.base", "classes": ["bland", "atypical"], "state_dict": {}}, tmp_path / "c.pt")
+    assert transfers_classifier(tmp_path / "c.pt", ["bland", "atypical"]) is True
+    assert transfers_classifier(tmp_path / "c.pt", ["alternating", "zonal"]) is False  # same count, other task
+    torch.save({"weight": torch.zeros(2)}, tmp_path / "w.pt")  # a plain weights file: its shapes decide
+    assert transfers_classifier(tmp_path / "w.pt", ["a", "b"]) is True
