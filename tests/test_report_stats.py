@@ -119,3 +119,12 @@ def test_e2e_against_frozen_with_training_time(tmp_path):
     assert row["training frozen arm (s/fold)"] == 2.0
     ref = corrected_ttest([per_fold["frozen_e2e_r"][(r, 0)]["auc"] - per_fold["frozen"][(r, 0)]["auc"] for r in range(3)], 0.25)
     assert row["Δ AUC [95% CI]"] == f"{ref.mean:+.3f} [{ref.ci_low:+.3f}, {ref.ci_high:+.3f}]"
+
+
+def test_keys_of_later_repeats_complete_a_reused_first_repeat(tmp_path):
+    base = {"model": "abmil.base", "scales": ["20x"]}
+    _experiment(tmp_path, "x", 0.8, base, repeats=1)
+    for k in range(3):  # repeat 1 trained later with ablation_of; repeat 0 reused from a run without
+        _run(tmp_path / "x" / "repeat1" / f"fold{k}", 0.8, k, {**base, "ablation_of": "full", "repeat": 1, "seed": 1})
+    _, config = load_experiment(tmp_path / "x")
+    assert config["ablation_of"] == "full" and config["repeat"] == 0 and "seed" not in config
