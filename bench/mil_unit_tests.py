@@ -29,9 +29,10 @@ machine (only its abstract and summaries were); the tests above follow its three
 our own parameters, stated here. Per model, test and repeat (seed) a fresh model is trained
 (AdamW, lr 5e-4, ``--epochs`` epochs, one bag per step, cross-entropy plus the model's own
 instance losses) on ``--train-bags`` bags, then scored on held-out bags of the training
-distribution (``train AUC``) and of the test distribution (``test AUC``). Verdict from the mean
-test AUC over repeats: ``pass`` >= 0.8 (the MIL rule), ``fail`` < 0.5 (the shortcut, worse than
-chance), ``partial`` between. A ``fail`` with a high train AUC means the model learned the
+distribution (``train AUC``) and of the test distribution (``test AUC``). Verdict: ``pass`` when
+every repeat's test AUC is at least 0.8 (the MIL rule, every time), ``fail`` when the mean test
+AUC is below 0.5 (the shortcut, worse than chance), ``partial`` otherwise (some repeats learn the
+shortcut, or neither rule fully). A ``fail`` with a high train AUC means the model learned the
 shortcut.
 
 Run: ``.venv/bin/python bench/mil_unit_tests.py`` (all models, 3 repeats; ``--models``,
@@ -162,8 +163,11 @@ def run_test(name: str, test: str, seed: int, epochs: int, n_train: int, n_eval:
     return score(model, held_out), score(model, make_bags(test, "test", n_eval, seed))
 
 
-def verdict(test_auc: float) -> str:
-    return "pass" if test_auc >= PASS_AUC else "fail" if test_auc < FAIL_AUC else "partial"
+def verdict(test_auc: float, worst: float | None = None) -> str:
+    """``pass``: every repeat's test AUC (``worst``, default the mean) at least 0.8; ``fail``: the
+    mean below 0.5 (the shortcut); ``partial`` otherwise (e.g. some repeats learn the shortcut)."""
+    worst = test_auc if worst is None else worst
+    return "pass" if worst >= PASS_AUC else "fail" if test_auc < FAIL_AUC else "partial"
 
 
 def main(argv=None) -> int:
@@ -186,16 +190,17 @@ def main(argv=None) -> int:
             started = time.perf_counter()
             results = [run_test(name, test, seed, args.epochs, args.train_bags, args.eval_bags) for seed in range(args.repeats)]
             train_auc, test_auc = (float(np.mean(v)) for v in zip(*results))
-            cells[test] = (train_auc, test_auc, verdict(test_auc))
+            worst = min(r[1] for r in results)
+            cells[test] = (train_auc, test_auc, worst, verdict(test_auc, worst))
             print(f"{name:28s} {test:17s} train AUC {train_auc:.3f}  test AUC {test_auc:.3f} "
-                  f"(min {min(r[1] for r in results):.3f})  {verdict(test_auc):7s} {time.perf_counter() - started:6.1f} s",
-                  flush=True)
+                  f"(min {worst:.3f})  {verdict(test_auc, worst):7s} {time.perf_counter() - started:6.1f} s", flush=True)
         rows.append((name, cells))
     if args.markdown:
         print("\n| model | " + " | ".join(args.tests) + " |")
         print("|---|" + "---|" * len(args.tests))
         for name, cells in rows:
-            print(f"| {name} | " + " | ".join(f"{v} ({tr:.2f} / {te:.2f})" for tr, te, v in (cells[t] for t in args.tests)) + " |")
+            print(f"| {name} | " + " | ".join(f"{v} ({tr:.2f} / {te:.2f} / {lo:.2f})"
+                                              for tr, te, lo, v in (cells[t] for t in args.tests)) + " |")
     return 0
 
 

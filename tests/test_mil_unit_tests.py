@@ -50,6 +50,7 @@ def test_the_mil_rule_passes_and_the_shortcut_fails(test):
     assert _auc(train, shortcut) > 0.75  # the shortcut fits the training bags ...
     assert _auc(held_out, shortcut) < 0.3  # ... and is turned against the model at test time
     assert bench.verdict(_auc(held_out, mil_rule)) == "pass" and bench.verdict(_auc(held_out, shortcut)) == "fail"
+    assert bench.verdict(0.9, worst=0.3) == "partial"
 
 
 def test_bags_are_seeded_and_balanced():

@@ -100,3 +100,31 @@ def test_runs_on_other_splits_are_not_paired(tmp_path):
     configs = {"same": load_experiment(same)[1], "other": load_experiment(other)[1]}
     pa, _ = paired_metrics(per_fold, configs, "same", "other")
     assert sorted(pa) == [(0, 0), (0, 1), (0, 2)]  # repeat 1 of "same" is on split 0, of "other" on split 1
+
+
+def test_e2e_against_frozen_with_training_time(tmp_path):
+    base = {"model": "msamil.base", "scales": ["20x", "10x", "5x"], "repeat_splits": False}
+    run_dir = tmp_path / "e2e" / "r"
+    (run_dir / "fold0").mkdir(parents=True)
+    (run_dir / "fold0" / "history.json").write_text(json.dumps([{"epoch": 0, "seconds": 30.0}, {"epoch": 1, "seconds": 30.0}]))
+    frozen = _experiment(tmp_path, "frozen", 0.6, base, repeats=3, folds=5)
+    twin = _experiment(tmp_path, "frozen_e2e_r", 0.9, {**base, "e2e": {"name": "r", "frozen": "frozen", "dir": str(run_dir)}},
+                       repeats=3, folds=1)
+    per_fold = {"frozen": load_experiment(frozen)[0], "frozen_e2e_r": load_experiment(twin)[0]}
+    configs = {"frozen": load_experiment(frozen)[1], "frozen_e2e_r": load_experiment(twin)[1]}
+    table = tables.e2e_table(configs, per_fold, 0.25)
+    row = table.iloc[0]
+    assert (row["e2e-tuned"], row["frozen"], row["runs"], row["e2e run"]) == ("frozen_e2e_r", "frozen", 3, "r")
+    assert row["encoder tuning (s/fold)"] == 60.0 and row["training e2e arm (s/fold)"] == 62.0
+    assert row["training frozen arm (s/fold)"] == 2.0
+    ref = corrected_ttest([per_fold["frozen_e2e_r"][(r, 0)]["auc"] - per_fold["frozen"][(r, 0)]["auc"] for r in range(3)], 0.25)
+    assert row["Δ AUC [95% CI]"] == f"{ref.mean:+.3f} [{ref.ci_low:+.3f}, {ref.ci_high:+.3f}]"
+
+
+def test_keys_of_later_repeats_complete_a_reused_first_repeat(tmp_path):
+    base = {"model": "abmil.base", "scales": ["20x"]}
+    _experiment(tmp_path, "x", 0.8, base, repeats=1)
+    for k in range(3):  # repeat 1 trained later with ablation_of; repeat 0 reused from a run without
+        _run(tmp_path / "x" / "repeat1" / f"fold{k}", 0.8, k, {**base, "ablation_of": "full", "repeat": 1, "seed": 1})
+    _, config = load_experiment(tmp_path / "x")
+    assert config["ablation_of"] == "full" and config["repeat"] == 0 and "seed" not in config

@@ -257,3 +257,13 @@ def test_a_bag_without_patches_is_left_out_of_training_and_listed_in_evaluation(
         preds = (out / f"fold{k}" / "predictions.csv").read_text()
         assert "s1," not in preds and "s6," not in preds
     assert sorted(left) == ["s1", "s6"] and all("no patch at 20x+10x+5x" in r for r in left.values())
+
+
+def test_classifier_is_kept_only_for_the_same_classes(tmp_path):
+    from msamil_core.training.mil import transfers_classifier
+
+    torch.save({"model_name": "abmil.base", "classes": ["bland", "atypical"], "state_dict": {}}, tmp_path / "c.pt")
+    assert transfers_classifier(tmp_path / "c.pt", ["bland", "atypical"]) is True
+    assert transfers_classifier(tmp_path / "c.pt", ["alternating", "zonal"]) is False  # same count, other task
+    torch.save({"weight": torch.zeros(2)}, tmp_path / "w.pt")  # a plain weights file: its shapes decide
+    assert transfers_classifier(tmp_path / "w.pt", ["a", "b"]) is True

@@ -1,9 +1,12 @@
 """Write the cohort report: index.html, summary.csv (mean ± sd over folds), ROC and confusion PNGs.
 
 Each --experiment NAME=DIR points at an experiment directory with fold<k>/metrics.json (from
-`msamil evaluate`) and fold<k>/checkpoint.pt (for its config). Transfer experiments are set
-beside their from-scratch twins, and experiments on the same task that use different scales
-are compared, automatically. --section TITLE=CSV adds a table (e.g. patch-selection figures);
+`msamil evaluate`) and fold<k>/checkpoint.pt (for its config), and with repeats
+repeat<r>/fold<k>/ as well; mean ± sd is over all of them. Transfer experiments are set beside
+their from-scratch twins, experiments on the same task that use different scales are compared,
+ablations (`ablation_of`) are set beside their full model and `train_fraction` experiments
+drawn as learning curves, automatically, each comparison with the paired difference over the
+runs both experiments share and its corrected resampled t-test (95 % interval, p-value). --section TITLE=CSV adds a table (e.g. patch-selection figures);
 --heatmaps NAME=DIR links an experiment's attention heatmaps.
 """
 

@@ -46,18 +46,23 @@ def load_experiment(directory: str | os.PathLike) -> tuple[dict[tuple[int, int],
     directory = Path(directory)
     runs: dict[tuple[int, int], dict] = {}
     config: dict = {}
-    for run, fold_dir in run_dirs(directory).items():
+    dirs = run_dirs(directory)
+    for run, fold_dir in dirs.items():
         runs[run] = json.loads((fold_dir / "metrics.json").read_text())
         seconds = tables.training_seconds(fold_dir)
         if seconds is not None:
             runs[run]["training_seconds"] = seconds
-        ckpt_path = fold_dir / "checkpoint.pt"
-        if not config and ckpt_path.exists():
-            ckpt = torch_load(ckpt_path, "checkpoint", allow_numpy=True)
-            config = dict(ckpt.get("config") or {}, model=ckpt["model_name"], classes=list(ckpt["classes"]),
-                          encoder=ckpt.get("encoder", ""))
     if not runs:
         raise MsamilError(f"{directory}: no fold<k>/metrics.json; run `msamil evaluate` for this experiment first")
+    # the first run's config; keys only the last run's has (a first repeat reused from a run
+    # without them, e.g. ablation_of) are added from it
+    for fold_dir in dict.fromkeys([dirs[min(dirs)], dirs[max(dirs)]]):
+        ckpt_path = fold_dir / "checkpoint.pt"
+        if ckpt_path.exists():
+            ckpt = torch_load(ckpt_path, "checkpoint", allow_numpy=True)
+            found = dict(ckpt.get("config") or {}, model=ckpt["model_name"], classes=list(ckpt["classes"]),
+                         encoder=ckpt.get("encoder", ""))
+            config = {**{k: v for k, v in found.items() if not config or k not in ("repeat", "seed")}, **config}
     return runs, config
 
 

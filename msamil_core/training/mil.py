@@ -236,18 +236,31 @@ def check_init_from(cfg: TrainConfig, bag: Bag, in_dim: int, where: str) -> None
 # ----------------------------------------------------------------------------- model
 
 
-def build_model(cfg: TrainConfig, in_dim: int, num_classes: int) -> torch.nn.Module:
-    """Create the experiment's model; load ``init_from`` and freeze as configured."""
+def build_model(cfg: TrainConfig, in_dim: int, num_classes: int, classes: list[str] | None = None) -> torch.nn.Module:
+    """Create the experiment's model; load ``init_from`` and freeze as configured. The classifier
+    is re-initialised when ``init_from`` is our checkpoint of other ``classes``
+    (:func:`transfers_classifier`)."""
     from ..mil import create_model, load_pretrained
 
     model = create_model(cfg.model, in_dim=in_dim, num_classes=num_classes, **cfg.model_args)
     if cfg.init_from:
-        load_pretrained(model, cfg.init_from)
+        load_pretrained(model, cfg.init_from, keep_classifier=transfers_classifier(cfg.init_from, classes))
     if cfg.freeze == "all_but_head":
         head = tuple(model.head_prefixes)
         for name, p in model.named_parameters():
             p.requires_grad_(name.startswith(head))
     return model
+
+
+def transfers_classifier(init_from: str | os.PathLike, classes: list[str] | None) -> bool:
+    """Whether fine-tuning keeps the source's classifier: not when ``init_from`` is our
+    checkpoint of other classes (a cytology head must not start an architecture task, even with
+    the same number of classes); other weight files keep it when its shape fits."""
+    path = Path(init_from)
+    if classes is None or path.suffix != ".pt" or not path.is_file():
+        return True
+    ckpt = torch_load(path, "checkpoint", allow_numpy=True)
+    return not (isinstance(ckpt, dict) and "classes" in ckpt and list(ckpt["classes"]) != list(classes))
 
 
 def forward_bag(model, item: BagItem, device, loss_fn=None, return_attention=False):
@@ -346,7 +359,7 @@ class MILTask(SlideTask):
                  in_dim: int, device: torch.device):
         super().__init__(cfg, train_set, val_set, classes, device)
         torch.manual_seed(cfg.seed)
-        self.model = build_model(cfg, in_dim, len(classes)).to(device)
+        self.model = build_model(cfg, in_dim, len(classes), classes).to(device)
 
     def param_groups(self) -> list[dict]:
         return [{"params": [p for p in self.model.parameters() if p.requires_grad], "lr": self.cfg.lr,
