@@ -175,7 +175,8 @@ def plot_learning_curve(path: str | os.PathLike, points: Mapping[str, tuple[Sequ
     for arm, (x, mean, low, high) in points.items():
         x, mean, low, high = (np.asarray(v, dtype=float) for v in (x, mean, low, high))
         line, = ax.plot(100 * x, mean, marker="o", linewidth=1.8, label=arm)
-        ax.fill_between(100 * x, low, high, color=line.get_color(), alpha=0.2, linewidth=0)
+        # scores live in [0, 1]: the interval of the mean is cut there
+        ax.fill_between(100 * x, np.clip(low, 0, 1), np.clip(high, 0, 1), color=line.get_color(), alpha=0.2, linewidth=0)
     ax.set(xlabel="training patients per fold (%)", ylabel=ylabel, title=title, xscale="log")
     ax.set_xticks([10, 25, 50, 100], ["10", "25", "50", "100"])
     ax.grid(color="0.9")

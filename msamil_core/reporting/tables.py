@@ -277,9 +277,10 @@ def learning_curves(configs: dict[str, dict], per_fold: dict[str, dict], ratio: 
         table = comparison_table(pairs, per_fold, configs, ratio, labels=("transfer", "scratch"))
         if table is not None:
             table.insert(0, "fraction", [configs[t]["train_fraction"] for t, _ in pairs])
-        first = next(iter(arms.values()))[0][1]
-        title = " ".join(str(x) for x in (configs[first].get("model"), configs[first].get("task") or "", "+".join(
-            configs[first].get("scales") or [])) if x)
+        first = configs[next(iter(arms.values()))[0][1]]
+        task = first.get("task") or ""
+        task = " / ".join(task) if isinstance(task, dict) else str(task)  # the classes of a task mapping
+        title = " ".join(x for x in (str(first.get("model")), task, "+".join(first.get("scales") or [])) if x)
         out.append({"title": title, "arms": arms, "points": points, "table": table})
     return out
 
