@@ -228,7 +228,9 @@ def test_workflow_plans_e2e_per_fold_and_compares_on_the_same_folds(tmp_path):
     n_slides = jobs["make_thumbnail"]
     assert jobs["train_e2e"] == 2 and jobs["run_k_study"] == 1
     assert jobs["extract_e2e_features"] == 2 * n_slides
-    assert jobs["train_fold"] == 5 + 2  # the frozen experiment on all folds, its e2e twin on folds 0 and 2
+    repeats = overlay["training"]["repeats"]
+    # each repeat: the frozen experiment on all folds, its e2e twin on folds 0 and 2
+    assert jobs["train_fold"] == repeats * (5 + 2)
     for k in (0, 2):
         assert f"results/features/e2e-r18-fold{k}/demo_000.pt" in dry.stdout
         assert f"results/models/msamil_multiscale_e2e_r18/fold{k}/checkpoint.pt" in dry.stdout

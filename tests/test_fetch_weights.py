@@ -184,7 +184,8 @@ def test_workflow_fetches_hub_weights_once_before_extraction(tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     jobs = {m.group(1): int(m.group(2)) for m in re.finditer(r"^(\w+)\s+(\d+)$", run.stdout.split("Job stats:")[-1], re.M)}
     assert jobs["fetch_weights"] == 1 and jobs["extract_features"] == 4
-    blocks = run.stdout.split("\nrule ")
+    # a rule's block; a group's jobs are indented in a dry run
+    blocks = re.split(r"\n\s*(?:local)?rule ", run.stdout)
     extract = [b for b in blocks if b.startswith("extract_features:")]
     uni = [b for b in extract if "/uni-" in b]
     r50 = [b for b in extract if "/r50-" in b]

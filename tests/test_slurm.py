@@ -263,12 +263,23 @@ def _submissions(output: str) -> dict[str, str]:
 
 
 def _rule_counts(output: str) -> dict[str, int]:
-    """Jobs per rule from the 'Job stats' table Snakemake prints before it starts."""
+    """Jobs per rule that the run announced (a rule's block and its jobid; a group's jobs are
+    indented). Not the 'Job stats' table: it is printed once, before the screening checkpoint
+    has decided which slides the per-slide jobs are for."""
+    jobs, rule = set(), None
+    for line in output.splitlines():
+        m = re.match(r"^\s*(?:local)?(?:rule|checkpoint) (\w+):$", line)
+        if m:
+            rule = m.group(1)
+            continue
+        m = re.match(r"^\s*jobid: (\d+)$", line)
+        if m and rule:
+            jobs.add((rule, m.group(1)))
+            rule = None
     counts = {}
-    for line in output.split("Job stats:")[1].split("\n\n")[0].splitlines():
-        m = re.match(r"^(\w+)\s+(\d+)$", line.strip())
-        if m and m.group(1) not in ("total", "all"):
-            counts[m.group(1)] = int(m.group(2))
+    for rule, _ in jobs:
+        if rule != "all":
+            counts[rule] = counts.get(rule, 0) + 1
     return counts
 
 
