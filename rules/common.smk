@@ -145,11 +145,14 @@ SCREEN_CACHE = "results/cohort/screening.json"  # verdicts by file (msamil scree
 _KEPT = {}
 
 
-def screening_inputs():
+def _screening_inputs():
     """The files the screening reads besides the sheet: every slide and annotation that exists
     (a missing one is left out by the screening and comes in when it appears)."""
     paths = list(SLIDES["path"]) + [p for p in SLIDES.get("annotation", []) if p]
     return [workflow_path(p) for p in paths if DEMO or os.path.exists(p)]
+
+
+SCREENING_INPUTS = _screening_inputs()  # one stat per file, at parse time
 
 
 def _screened(path):
@@ -180,7 +183,8 @@ def kept_slides():
 
 def kept_annotated():
     """Kept slides whose annotation the screening kept."""
-    return [s for s in kept_slides() if s in _kept()[1]]
+    slides, annotated = _kept()
+    return [s for s in slides if s in annotated]
 
 
 def _screening_current():
@@ -196,7 +200,7 @@ def _screening_current():
         except (OSError, ValueError):
             _KEPT["current"] = False
             return False
-        newer = any(os.stat(p).st_mtime > stamp for p in [sheet_file(), *screening_inputs()] if os.path.exists(p))
+        newer = any(os.stat(p).st_mtime > stamp for p in [sheet_file(), *SCREENING_INPUTS] if os.path.exists(p))
         _KEPT["current"] = not newer and recorded == CFG.screen_record(SLIDES)
     return _KEPT["current"]
 

@@ -25,7 +25,7 @@ if DEMO:
 checkpoint screen_slides:
     input:
         sheet=sheet_file(),
-        files=screening_inputs(),
+        files=SCREENING_INPUTS,
     output:
         sheet=SCREENED_SHEET,
         left_out=LEFT_OUT,

@@ -37,7 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    from ..cohort.screening import (ScreenPolicy, ScreenSettings, screen_cohort, screening_record, select_slides,
+    from ..cohort.screening import (ScreenPolicy, ScreenSettings, keep_usable, screen_cohort, screening_record,
                                     write_screened)
     from ..cohort.sheet import load_sheet
     from ..fileio import write_json
@@ -46,7 +46,7 @@ def run(args: argparse.Namespace) -> None:
     settings = ScreenSettings(args.long_side, tissue_params(args), args.min_tissue_fraction)
     policy = ScreenPolicy(args.leave_out, args.max_left_out)
     verdicts = screen_cohort(sheet, settings, args.cache, args.threads)
-    kept, left_out = select_slides(sheet, verdicts, policy, f"slide sheet {args.sheet}")
+    kept, left_out = keep_usable(sheet, verdicts, policy, f"slide sheet {args.sheet}")
     if args.record:
         write_json(args.record, screening_record(sheet, settings, policy))
     write_screened(kept, left_out, args.out, args.left_out)

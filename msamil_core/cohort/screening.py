@@ -42,16 +42,15 @@ LEFT_OUT_COLUMNS = ("slide_id", "patient_id", "label", "what", "reason")
 @dataclass(frozen=True)
 class ScreenSettings:
     """What the screening checks a slide with: the thumbnail step's long side and the tissue
-    step's settings (the same decision they will make), and the annotation bounds tolerance."""
+    step's settings (the same decision they will make)."""
 
     long_side: int = 1024
     tissue: TissueParams = field(default_factory=TissueParams)
     min_tissue_fraction: float = 1e-3
-    tolerance: float | None = None
 
     def key(self) -> dict:
         return {"long_side": self.long_side, "tissue": asdict(self.tissue),
-                "min_tissue_fraction": self.min_tissue_fraction, "tolerance": self.tolerance}
+                "min_tissue_fraction": self.min_tissue_fraction}
 
 
 @dataclass(frozen=True)
@@ -98,7 +97,7 @@ def screen_slide(row: pd.Series, settings: ScreenSettings) -> dict:
     Anything that goes wrong while opening, reading or judging the slide is a reason (one line),
     not an exception: screening exists to keep such files out of the run.
     """
-    from ..wsi.annotations import DEFAULT_TOLERANCE, annotation_mask
+    from ..wsi.annotations import annotation_mask
     from ..wsi.slide import open_slide
     from ..wsi.thumbnail import thumbnail_and_meta
     from ..wsi.tissue import slide_tissue_mask
@@ -118,8 +117,7 @@ def screen_slide(row: pd.Series, settings: ScreenSettings) -> dict:
     if annotation:
         try:
             annotation_mask(annotation, sid, (meta["width"], meta["height"]),
-                            (meta["thumbnail"]["width"], meta["thumbnail"]["height"]),
-                            tolerance=DEFAULT_TOLERANCE if settings.tolerance is None else settings.tolerance)
+                            (meta["thumbnail"]["width"], meta["thumbnail"]["height"]))
         except Exception as exc:  # noqa: BLE001
             verdict["annotation"] = _one_line(exc)
     return verdict
@@ -168,7 +166,7 @@ def screen_cohort(sheet: pd.DataFrame, settings: ScreenSettings, cache: str | os
     return verdicts
 
 
-def select_slides(sheet: pd.DataFrame, verdicts: dict[str, dict], policy: ScreenPolicy,
+def keep_usable(sheet: pd.DataFrame, verdicts: dict[str, dict], policy: ScreenPolicy,
                   what: str = "the sheet") -> tuple[pd.DataFrame, pd.DataFrame]:
     """(screened sheet, left-out table) under ``policy``; raises when it forbids the result."""
     bad = [sid for sid in sheet.index if verdicts[sid]["slide"]]
