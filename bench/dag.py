@@ -3,8 +3,9 @@
 For each N it writes an N-row sheet whose slides are symbolic links to one real slide (default
 ``../shared/data/slides/CMU-1-Small-Region.svs``), then times, in the same run,
 
-- ``snakemake -n`` of this workflow on that sheet (``patches.strategy: tissue``: thumbnail,
-  tissue mask, coordinates, GeoJSON and one extraction per slide, plus the cohort steps), and
+- ``snakemake -n`` of this workflow on that sheet (``patches.strategy: tissue``: per slide one
+  preprocessing job (thumbnail, tissue mask, coordinates, GeoJSON) and one extraction, plus the
+  cohort steps), and
 - ``snakemake -n`` of a trivial workflow of 5 chained ``touch`` jobs per slide (the slide ids
   read from the same sheet with the csv module): what Snakemake itself costs per job,
 
@@ -15,8 +16,9 @@ ratios ours / trivial (goal: <= 1.0), measured side by side.
 It then plans adding one slide to a finished run of the first N: the finished run is made by
 creating every output file the first dry run lists (empty) and running ``snakemake --touch``,
 which touches them job by job in DAG order, so that each output is newer than its inputs, as
-after a real run; one row is then added to the sheet, and the dry run must list that slide's
-per-slide jobs (one each) plus the cohort steps, and nothing for the other slides.
+after a real run (the screened sheet is the sheet itself: every slide kept); one row is then added
+to the sheet, and the dry run must list that slide's per-slide jobs (one each) plus the cohort
+steps, and nothing for the other slides.
 
     python bench/dag.py                       # N = 1000 and 10000, one-slide addition at 1000
     python bench/dag.py --slides 1000 3000 --incremental 0
@@ -36,8 +38,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_SLIDE = REPO.parent / "shared" / "data" / "slides" / "CMU-1-Small-Region.svs"
-PER_SLIDE_RULES = ("make_thumbnail", "make_tissue_mask", "make_patch_coordinates", "export_geojson",
-                   "extract_features")
+PER_SLIDE_RULES = ("preprocess_slide", "extract_features")
 BENCH_CONFIG = "patches: {strategy: tissue}\nexport_geojson: true\n"
 
 TRIVIAL_SNAKEFILE = '''
@@ -146,6 +147,9 @@ def add_one_slide(root: Path, slide: Path, n: int, dry_run_out: str) -> None:
         target = wd / path
         target.parent.mkdir(parents=True, exist_ok=True)
         target.touch()
+    # what later steps read of the screening: every slide kept, none left out
+    (wd / "results/cohort/slides.csv").write_text((wd / "sheet.csv").read_text())
+    (wd / "results/cohort/left_out.csv").write_text("slide_id,patient_id,label,what,reason\n")
     seconds_touch, _, _ = run_snakemake([*workflow_args(wd), "--touch"], wd)
     seconds, rss, out = run_snakemake([*workflow_args(wd), "-n"], wd)
     if "Nothing to be done" not in out:

@@ -191,10 +191,12 @@ def select_grids(meta: dict, tissue: np.ndarray, lesion: np.ndarray | None, stra
 
 
 def make_coordinates(meta: str | os.PathLike, tissue_mask: str | os.PathLike, outputs: dict[str, dict[str, str]],
-                     settings: PatchSettings, lesion_mask: str | os.PathLike | None = None) -> None:
+                     settings: PatchSettings, lesion_mask: str | os.PathLike | None = None,
+                     geojson: str | os.PathLike | None = None, geojson_strategy: str | None = None) -> None:
     """Write the 20x/10x/5x coordinates files of one or more strategies: ``outputs`` maps a
     strategy to ``{scale: HDF5 path}`` with all three scales. Every grid is made before the first
-    file is written."""
+    file is written. With ``geojson``, the masks and the grids of ``geojson_strategy`` (default:
+    the first of ``outputs``) are then exported for QuPath (:func:`~msamil_core.wsi.geojson.export_slide`)."""
     from .wsi.coords import write_coords
     from .wsi.masks import load_mask
     from .wsi.thumbnail import load_meta
@@ -213,6 +215,15 @@ def make_coordinates(meta: str | os.PathLike, tissue_mask: str | os.PathLike, ou
             write_coords(outputs[strategy][scale], grid.coords, grid.attrs)
             log.info("%s %s (%s): %d patches of %d level-0 px", info["slide_id"], scale, strategy, len(grid.coords),
                      grid.attrs["patch_size_level0"])
+    if geojson:
+        from .wsi.geojson import export_slide
+
+        strategy = geojson_strategy or next(iter(outputs))
+        if strategy not in outputs:
+            raise MsamilError(f"--geojson-strategy {strategy}: no coordinates of that strategy are written here "
+                              f"(strategies: {', '.join(outputs)})")
+        export_slide(meta, geojson, lesion_mask=lesion_mask, tissue_mask=tissue_mask,
+                     coords=[outputs[strategy][scale] for scale in SCALES])
 
 
 def make_bags(slide_path: str | os.PathLike, bags: dict[str, tuple[list[str], str]], spec,

@@ -4,6 +4,7 @@
 import json
 import os
 import re
+import shlex
 import shutil
 import sys
 
@@ -67,7 +68,6 @@ def _read_slides():
             sheet = load_sheet(config["slides"])
     except MsamilError as exc:
         raise WorkflowError(str(exc)) from None
-    validate(sheet, "../workflow/schemas/sheet.schema.yaml")
     return sheet
 
 
@@ -76,6 +76,10 @@ SLIDES = _read_slides()
 # they look slides up in plain dicts, not in the DataFrame.
 SLIDE_PATHS = dict(zip(SLIDES.index, SLIDES["path"]))
 SLIDE_MPPS = {slide: slide_mpp(row) for slide, row in SLIDES.iterrows()} if "mpp" in SLIDES.columns else {}
+# A per-slide rule's input or param that is the same for every slide is given as its value, not
+# as a function: Snakemake inspects and calls a function once per job, which is much of the
+# planning time of a large cohort. Most sheets give no mpp, and then the settings below are.
+SHEET_MPPS = any(mpp is not None for mpp in SLIDE_MPPS.values())
 
 try:
     # experiments, encoder folders, e2e runs and strategies in use, checked against each other
@@ -168,12 +172,16 @@ def _screened(path):
 def _forecast():
     """What a dry run plans before the screening has run: every slide but those whose earlier
     verdict (the screening's cache) still holds and left them out, annotations likewise."""
-    from msamil_core.cohort.screening import cached_verdicts
+    if "forecast" not in _KEPT:  # once per run: it stats every slide
+        verdicts = {}
+        if os.path.exists(SCREEN_CACHE):
+            from msamil_core.cohort.screening import cached_verdicts
 
-    verdicts = cached_verdicts(SLIDES, CFG.screen_settings()[0], SCREEN_CACHE)
-    gone = {s for s, v in verdicts.items() if v["slide"]}
-    kept = [s for s in SLIDES.index if s not in gone]
-    return kept, {s for s in ANNOTATED if s not in gone and not verdicts.get(s, {}).get("annotation")}
+            verdicts = cached_verdicts(SLIDES, CFG.screen_settings()[0], SCREEN_CACHE)
+        gone = {s for s, v in verdicts.items() if v["slide"]}
+        kept = [s for s in SLIDES.index if s not in gone]
+        _KEPT["forecast"] = kept, {s for s in ANNOTATED if s not in gone and not verdicts.get(s, {}).get("annotation")}
+    return _KEPT["forecast"]
 
 
 def kept_slides():
@@ -315,14 +323,17 @@ def segmentation_checkpoint():
 def slide_group(masks=False):
     """The Snakemake group of a per-slide rule: with `group-components` (the SLURM profile), a
     slide's per-slide jobs go to the cluster as one job (locally, groups are inactive). When the
-    workflow trains the lesion model, it needs the thumbnails and tissue masks (`masks=True`) of
-    the annotated slides before any slide is segmented: those two steps are then a group of
-    their own, or each such slide's group would wait for itself."""
+    workflow trains the lesion model, it needs the thumbnails and tissue masks (`masks=True`:
+    preprocess_slide) of the annotated slides before any slide is segmented: that job is then a
+    group of its own, or each such slide's group would wait for itself."""
     return "slide_masks" if masks and CFG.trains_segmentation else "slide"
 
 
 def thumbnail_options(wildcards):
-    return CFG.thumbnail_options(_sheet_mpp(wildcards.slide))
+    """The slide, its sheet mpp and the thumbnail size of `msamil thumbnail`: a param, so that a
+    new path or mpp makes the thumbnail again."""
+    slide = wildcards.slide
+    return f"--slide {shlex.quote(SLIDE_PATHS[slide])} {CFG.thumbnail_options(_sheet_mpp(slide))}"
 
 
 def coords_outputs():
@@ -335,19 +346,39 @@ def coords_outputs():
 
 
 def coords_selection():
-    """Masks the coordinates job selects on: the tissue mask, and the lesion mask for `lesion`."""
-    masks = {"tissue": f"{slide_dir('{slide}')}/tissue_mask.png"}
+    """Masks make_patch_coordinates (lesion patches in use) selects on: tissue and lesion."""
+    return {"tissue": f"{slide_dir('{slide}')}/tissue_mask.png", "lesion": f"{slide_dir('{slide}')}/lesion_mask.png"}
+
+
+def preprocess_coords_outputs():
+    """What preprocess_slide writes after the tissue mask: every coordinates file of
+    coords_outputs() and the GeoJSON export, unless the coordinates wait for a lesion mask
+    (make_patch_coordinates writes them then)."""
     if CFG.uses_lesion:
-        masks["lesion"] = f"{slide_dir('{slide}')}/lesion_mask.png"
-    return masks
+        return {}
+    return {"coords": coords_outputs(), **geojson_output()}
 
 
-def coords_options(wildcards, input):
-    """`--strategy-out STRATEGY:SCALE=H5` for every file of coords_outputs(), and the rest.
-    Taking `input` makes it a derived param, which Snakemake's params rerun-trigger leaves out:
-    the settings the coordinates depend on are coords_settings()."""
+def preprocess_coords_options(wildcards, output):
+    """`msamil coords` options of preprocess_slide (none when it stops at the tissue mask); a
+    derived param, see coords_options."""
+    if CFG.uses_lesion:
+        return ""
     outputs = {strategy: coords_paths(wildcards.slide, strategy) for strategy in CFG.coord_strategies}
-    return CFG.coords_options(outputs, lesion_mask=input.get("lesion"))
+    return CFG.coords_options(outputs, geojson=output.get("geojson"))
+
+
+def geojson_output():
+    """With `export_geojson`, the coordinates job also writes the slide's QuPath export."""
+    return {"geojson": f"{slide_dir('{slide}')}/patches.geojson"} if config["export_geojson"] else {}
+
+
+def coords_options(wildcards, input, output):
+    """`--strategy-out STRATEGY:SCALE=H5` for every file of coords_outputs(), the GeoJSON export,
+    and the rest. Taking `input` makes it a derived param, which Snakemake's params rerun-trigger
+    leaves out: the settings the coordinates depend on are coords_settings()."""
+    outputs = {strategy: coords_paths(wildcards.slide, strategy) for strategy in CFG.coord_strategies}
+    return CFG.coords_options(outputs, lesion_mask=input.get("lesion"), geojson=output.get("geojson"))
 
 
 def coords_settings():
@@ -383,9 +414,11 @@ def extract_outputs():
 
 
 def extract_coords():
-    """Every coordinates file of the slide (not only the strategies in use): the input set, which
+    """One coordinates file the coordinates job always writes (the tissue grid at 20x), standing
+    for all of them: the job writes every file at once, and a missing one makes it run again. One
+    file instead of up to nine keeps the planning of a large cohort short, and the input set, which
     Snakemake's rerun-trigger compares, stays the same when experiments come and go."""
-    return coords_outputs()
+    return coords_paths("{slide}", "tissue")[SCALES[0]]
 
 
 def extract_options(wildcards, output):
@@ -395,12 +428,14 @@ def extract_options(wildcards, output):
     exists is not made again because another strategy's bag is no longer wanted. The encoder's
     entry names the folder (encoder_folder); what else changes a bag is extract_settings()."""
     slide, encoder = wildcards.slide, wildcards.encoder
-    return CFG.extract_options(
+    options = CFG.extract_options(
         encoder,
         bags={strategy: bag_file(encoder, strategy, slide) for strategy in CFG.used_strategies},
         coords={strategy: coords_paths(slide, strategy) for strategy in CFG.used_strategies},
         precision=False,
     )
+    # the slide's path (a new path is a new input file, which reruns the job)
+    return f"--slide {shlex.quote(SLIDE_PATHS[slide])} {options}"
 
 
 def extract_weights(wildcards):
@@ -408,13 +443,25 @@ def extract_weights(wildcards):
     return CFG.weights_inputs(CFG.encoder_keys[wildcards.encoder])
 
 
+def encoder_weights():
+    """extract_weights, or its value when it is the same for every encoder folder (one encoder,
+    or none with weights)."""
+    values = {tuple(CFG.weights_inputs(key)) for key in CFG.encoder_keys.values()}
+    return list(values.pop()) if len(values) == 1 else extract_weights
+
+
 def fetch_weights_options(wildcards):
     return CFG.fetch_weights_options(wildcards.key)
 
 
-def extract_settings(wildcards):
-    """The sheet's mpp and the stored precision: a param that reruns the extraction when it changes."""
+def _extract_settings(wildcards):
     return CFG.extract_settings(_sheet_mpp(wildcards.slide))
+
+
+def extract_settings():
+    """The sheet's mpp and the stored precision: a param that reruns the extraction when it
+    changes (the same for every slide when the sheet gives no mpp)."""
+    return _extract_settings if SHEET_MPPS else CFG.extract_settings(None)
 
 
 def experiment_features(wildcards):
@@ -492,7 +539,7 @@ def fold_outputs(name):
             for k in CFG.experiment_folds(e)]
 
 
-# ---------------------------------------------------------------- lesion segmentation and QuPath export
+# ---------------------------------------------------------------- lesion segmentation
 
 
 def segmentation_inputs(wildcards):
@@ -512,18 +559,6 @@ def segmentation_metrics():
     return ["results/segmentation/metrics.json"] if CFG.trains_segmentation else []
 
 
-def geojson_inputs():
-    """What the QuPath export of a slide draws: its masks and its kept patch grids."""
-    inputs = {"coords": coords_files("{slide}"), "tissue": f"{slide_dir('{slide}')}/tissue_mask.png"}
-    if CFG.strategy == "lesion":
-        inputs["lesion"] = f"{slide_dir('{slide}')}/lesion_mask.png"
-    return inputs
-
-
-def geojson_options(wildcards, input):
-    return CFG.export_geojson_options(input.tissue, input.get("lesion"))
-
-
 # ---------------------------------------------------------------- heatmaps, prediction and report
 
 
@@ -540,11 +575,15 @@ def all_thumbnails(wildcards):
     return "results/thumbnails.tsv"
 
 
-def slide_thumbnails(wildcards):
-    return {
-        "thumbnail": [f"{slide_dir(s)}/thumbnail.png" for s in kept_slides()],
-        "meta": [f"{slide_dir(s)}/meta.json" for s in kept_slides()],
-    }
+def slide_metas(wildcards):
+    """Every kept slide's meta.json: it stands for the thumbnail beside it (preprocess_slide
+    writes both), one input per slide instead of two."""
+    return [f"{slide_dir(s)}/meta.json" for s in kept_slides()]
+
+
+def slide_thumbnails():
+    """Every kept slide's thumbnail, in kept_slides() order."""
+    return [f"{slide_dir(s)}/thumbnail.png" for s in kept_slides()]
 
 
 def fold_checkpoints(wildcards):

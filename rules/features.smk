@@ -31,14 +31,14 @@ rule fetch_weights:
 
 rule extract_features:
     input:
-        slide=slide_file,
+        # not the slide: it is preprocess_slide's input, and a new or changed slide file makes
+        # that job, the coordinates and so this one again
         coords=extract_coords(),
-        weights=extract_weights,
+        weights=encoder_weights(),
     output:
         extract_outputs(),
     params:
-        path=slide_path,
-        settings=extract_settings,
+        settings=extract_settings(),
         options=extract_options,
     log:
         "logs/extract_features/{encoder}/{slide}.log",
@@ -55,7 +55,7 @@ rule extract_features:
     conda:
         "../envs/msamil.yaml"
     shell:
-        "msamil extract --slide {params.path:q} --slide-id {wildcards.slide:q} {params.settings} {params.options}"
+        "msamil extract {params.options} --slide-id {wildcards.slide:q} {params.settings}"
         " --threads {threads} --no-progress 2> {log:q}"
 
 

@@ -47,17 +47,28 @@ checkpoint screen_slides:
         " 2> {log:q}"
 
 
-rule make_thumbnail:
+# Per slide, one preprocessing job (msamil preprocess): thumbnail, meta.json, tissue mask, the
+# coordinates of every strategy in use and, with `export_geojson`, the QuPath export. With lesion
+# patches the coordinates wait for the lesion mask (segment.smk): the job then stops at the tissue
+# mask, and make_patch_coordinates follows segment_lesions. One job instead of four keeps the
+# planning of a large cohort and the cluster jobs per slide few; a change to the tissue or patch
+# settings makes the whole job again (the extraction after it runs again anyway).
+rule preprocess_slide:
     input:
         slide=slide_file,
     output:
         png="results/slides/{slide}/thumbnail.png",
         meta="results/slides/{slide}/meta.json",
+        tissue="results/slides/{slide}/tissue_mask.png",
+        # the coordinates and patches.geojson, unless they wait for a lesion mask
+        **preprocess_coords_outputs(),
     params:
-        path=slide_path,
         options=thumbnail_options,
+        tissue=CFG.tissue_options(),
+        settings=coords_settings() if not CFG.uses_lesion else "",
+        coords=preprocess_coords_options,
     log:
-        "logs/make_thumbnail/{slide}.log",
+        "logs/preprocess_slide/{slide}.log",
     group:
         slide_group(masks=True)
     threads: 1
@@ -67,66 +78,48 @@ rule make_thumbnail:
     conda:
         "../envs/msamil.yaml"
     shell:
-        "msamil thumbnail --slide {params.path:q} --slide-id {wildcards.slide:q} {params.options}"
-        " --out {output.png:q} --meta {output.meta:q} 2> {log:q}"
+        "msamil preprocess {params.options} --slide-id {wildcards.slide:q} --thumbnail {output.png:q}"
+        " --meta {output.meta:q} --tissue-mask {output.tissue:q} {params.tissue} {params.coords} 2> {log:q}"
 
 
-rule make_tissue_mask:
-    input:
-        "results/slides/{slide}/thumbnail.png",
-    output:
-        "results/slides/{slide}/tissue_mask.png",
-    params:
-        options=CFG.tissue_options(),
-    log:
-        "logs/make_tissue_mask/{slide}.log",
-    group:
-        slide_group(masks=True)
-    threads: 1
-    resources:
-        mem_mb=1000,
-        runtime=10,
-    conda:
-        "../envs/msamil.yaml"
-    shell:
-        "msamil tissue --thumbnail {input:q} --slide-id {wildcards.slide:q} {params.options}"
-        " --out {output:q} 2> {log:q}"
+if CFG.uses_lesion:
 
-
-rule make_patch_coordinates:
-    input:
-        **coords_selection(),
-        meta="results/slides/{slide}/meta.json",
-    output:
-        # every strategy in use: results/coords/{scale}/ (patches.strategy), coords/{strategy}/{scale}/
-        coords_outputs(),
-    params:
-        # options (the output files) is a derived param, which Snakemake's rerun-trigger leaves
-        # out; settings, in options too, reruns the coordinates when the grid changes
-        settings=coords_settings(),
-        options=coords_options,
-    log:
-        "logs/make_patch_coordinates/{slide}.log",
-    group:
-        slide_group()
-    threads: 1
-    resources:
-        mem_mb=1000,
-        runtime=10,
-    conda:
-        "../envs/msamil.yaml"
-    shell:
-        "msamil coords --meta {input.meta:q} --tissue-mask {input.tissue:q} {params.options} 2> {log:q}"
+    # The coordinates of every strategy in use and, with `export_geojson`, the QuPath export.
+    rule make_patch_coordinates:
+        input:
+            **coords_selection(),
+            meta="results/slides/{slide}/meta.json",
+        output:
+            # every strategy in use: results/coords/{scale}/ (patches.strategy), coords/{strategy}/{scale}/
+            coords_outputs(),
+            **geojson_output(),
+        params:
+            # options (the output files) is a derived param, which Snakemake's rerun-trigger leaves
+            # out; settings, in options too, reruns the coordinates when the grid changes
+            settings=coords_settings(),
+            options=coords_options,
+        log:
+            "logs/make_patch_coordinates/{slide}.log",
+        group:
+            slide_group()
+        threads: 1
+        resources:
+            mem_mb=1000,
+            runtime=10,
+        conda:
+            "../envs/msamil.yaml"
+        shell:
+            "msamil coords --meta {input.meta:q} --tissue-mask {input.tissue:q} {params.options} 2> {log:q}"
 
 
 # One input for the cohort steps that read every thumbnail (draw_heatmaps); see index_bags.
 rule index_thumbnails:
     input:
-        unpack(slide_thumbnails),
+        slide_metas,
     output:
         "results/thumbnails.tsv",
     log:
         "logs/index_thumbnails.log",
     localrule: True
     run:
-        write_slide_index(output[0], thumbnail=input.thumbnail, meta=input.meta)
+        write_slide_index(output[0], thumbnail=slide_thumbnails(), meta=input)

@@ -54,26 +54,3 @@ rule segment_lesions:
         " --tissue-mask {input.tissue:q} --slide-id {wildcards.slide:q} --out {output:q}"
         " --reuse results/segmentation/probabilities"
         " --threads {threads} 2> {log:q}"
-
-
-rule export_geojson:
-    input:
-        **geojson_inputs(),
-        meta="results/slides/{slide}/meta.json",
-    output:
-        "results/slides/{slide}/patches.geojson",
-    params:
-        masks=geojson_options,
-    log:
-        "logs/export_geojson/{slide}.log",
-    group:
-        slide_group()
-    threads: 1
-    resources:
-        mem_mb=1000,
-        runtime=10,
-    conda:
-        "../envs/msamil.yaml"
-    shell:
-        "msamil export-geojson --meta {input.meta:q} {params.masks} --coords {input.coords:q}"
-        " --out {output:q} 2> {log:q}"

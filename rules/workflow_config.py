@@ -373,7 +373,8 @@ class WorkflowConfig:
         return screening_record(sheet, *self.screen_settings())
 
     def tissue_options(self) -> str:
-        """``msamil tissue`` (make_tissue_mask): the config's `tissue` section."""
+        """``msamil tissue`` options (``msamil preprocess`` in preprocess_slide): the config's
+        `tissue` section."""
         t = self.config["tissue"]
         return _args(*_flags(t, "mode", "min_saturation", "dark_threshold", "close_radius", "min_object_fraction",
                              "max_hole_fraction", "min_tissue_fraction"), *([] if t["remove_pen"] else ["--no-pen-removal"]))
@@ -399,18 +400,23 @@ class WorkflowConfig:
         return _args("--n-slides", d["n_slides"], "--seed", d["seed"], "--patch-size", self.config["patches"]["patch_size"])
 
     def thumbnail_options(self, mpp: float | None = None) -> str:
-        """``msamil thumbnail`` (make_thumbnail); ``mpp`` is the sheet's value (None: the file's)."""
+        """``msamil thumbnail`` options (``msamil preprocess`` in preprocess_slide); ``mpp`` is the
+        sheet's value (None: the file's)."""
         return _joined(mpp_option(mpp), _args("--long-side", self.config["thumbnail"]["long_side"]))
 
-    def coords_options(self, outputs: Mapping[str, Mapping[str, str]], lesion_mask: str | None = None) -> str:
+    def coords_options(self, outputs: Mapping[str, Mapping[str, str]], lesion_mask: str | None = None,
+                       geojson: str | None = None) -> str:
         """``msamil coords`` (make_patch_coordinates) writing ``outputs`` = {strategy: {scale: H5}}:
         one ``--strategy-out STRATEGY:SCALE=H5`` per file, the lesion mask when a strategy is
-        lesion, the random strategy's settings when one is random, and the patch grid."""
+        lesion, the random strategy's settings when one is random, and the patch grid; with
+        ``geojson``, the QuPath export of the masks and the ``patches.strategy`` grids there."""
         opts = []
         if "lesion" in outputs:
             if lesion_mask is None:
                 raise ValueError("the lesion strategy selects on a lesion mask: give lesion_mask")
             opts += ["--lesion-mask", lesion_mask]
+        if geojson:
+            opts += ["--geojson", geojson, "--geojson-strategy", self.strategy]
         for strategy in sorted(outputs):
             if strategy not in STRATEGIES:
                 raise ValueError(f"unknown patch strategy {strategy!r}")
@@ -457,16 +463,6 @@ class WorkflowConfig:
         for key in ("lesion_classes", "ignore_classes", "subtract_classes"):
             if seg[key] is not None:
                 opts += [f"--{key.replace('_', '-')}", *seg[key]]
-        return _args(*opts)
-
-    def export_geojson_options(self, tissue_mask: str, lesion_mask: str | None = None) -> str:
-        """``msamil export-geojson`` (export_geojson): the masks drawn (the lesion mask when
-        ``patches.strategy`` is lesion)."""
-        opts = ["--tissue-mask", tissue_mask]
-        if self.strategy == "lesion":
-            if lesion_mask is None:
-                raise ValueError("patches.strategy is lesion: give lesion_mask")
-            opts += ["--lesion-mask", lesion_mask]
         return _args(*opts)
 
     def splits_options(self, repeat: int = 0) -> str:

@@ -26,11 +26,11 @@ def test_help_lists_every_command():
         assert name in out.stdout
 
 
-@pytest.mark.parametrize("command", ["thumbnail", "tissue", "coords"])
+@pytest.mark.parametrize("command", ["thumbnail", "tissue", "coords", "preprocess"])
 def test_command_help_explains_options(command):
     out = msamil(command, "--help")
     assert out.returncode == 0
-    assert "--out" in out.stdout
+    assert "--out" in out.stdout or "--strategy-out" in out.stdout
 
 
 def test_preprocessing_chain_on_cmu(tmp_path, cmu_slide):
@@ -115,3 +115,66 @@ def test_no_tissue_fails_the_slide(tmp_path, blank_slide):
     assert "slide 'blank': no tissue found" in out.stderr
     assert not (tmp_path / "mask.png").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["blank.tiff", "m.json", "t.png"]
+
+
+def test_preprocess_writes_what_the_steps_write_one_by_one(tmp_path, cmu_slide):
+    """`msamil preprocess` (the workflow's preprocess_slide) = thumbnail, tissue, coords and
+    export-geojson run one after the other with the same options."""
+    import numpy as np
+    from PIL import Image
+
+    grid = ["--patch-size", "256", "--min-fraction", "0.4", "--random", "5", "--random-seed", "3"]
+    scales = ("20x", "10x", "5x")
+    made = {}
+    for how in ("steps", "one"):
+        d = tmp_path / how
+        coords = {s: {m: str(d / s / f"{m}.h5") for m in scales} for s in ("tissue", "random")}
+        outs = [a for s, f in coords.items() for m, p in f.items() for a in ("--strategy-out", f"{s}:{m}={p}")]
+        thumb, meta, tissue, geojson = d / "thumbnail.png", d / "meta.json", d / "tissue_mask.png", d / "patches.geojson"
+        if how == "steps":
+            assert main(["thumbnail", "--slide", str(cmu_slide), "--slide-id", "cmu", "--out", str(thumb), "--meta", str(meta)]) == 0
+            assert main(["tissue", "--thumbnail", str(thumb), "--slide-id", "cmu", "--out", str(tissue)]) == 0
+            assert main(["coords", "--meta", str(meta), "--tissue-mask", str(tissue), *grid, *outs]) == 0
+            assert main(["export-geojson", "--meta", str(meta), "--tissue-mask", str(tissue),
+                         "--coords", *coords["tissue"].values(), "--out", str(geojson)]) == 0
+        else:
+            assert main(["preprocess", "--slide", str(cmu_slide), "--slide-id", "cmu", "--thumbnail", str(thumb),
+                         "--meta", str(meta), "--tissue-mask", str(tissue), *grid, *outs, "--geojson", str(geojson),
+                         "--geojson-strategy", "tissue"]) == 0
+        files = {"meta": json.loads(meta.read_text()), "geojson": json.loads(geojson.read_text())}
+        for name, path in (("thumbnail", thumb), ("tissue", tissue)):
+            files[name] = np.asarray(Image.open(path))
+        for strategy, paths in coords.items():
+            for scale, path in paths.items():
+                with h5py.File(path) as f:
+                    files[f"{strategy} {scale}"] = (f["coords"][()], dict(f["coords"].attrs))
+        made[how] = files
+    steps, one = made["steps"], made["one"]
+    assert steps.keys() == one.keys()
+    assert steps["meta"] == one["meta"] and steps["geojson"] == one["geojson"]
+    assert len(one["geojson"]["features"]) > 1
+    for name in ("thumbnail", "tissue"):
+        assert np.array_equal(steps[name], one[name]), name
+    for name in steps:
+        if " " in name:
+            assert np.array_equal(steps[name][0], one[name][0]) and len(one[name][0]) > 0, name
+            assert str(steps[name][1]) == str(one[name][1]), name
+
+
+def test_preprocess_fails_whole_and_refuses_what_it_cannot_do(tmp_path, blank_slide, cmu_slide):
+    out = tmp_path / "o"
+    files = ["--thumbnail", out / "t.png", "--meta", out / "m.json", "--tissue-mask", out / "mask.png"]
+    grid = [a for m in ("20x", "10x", "5x") for a in ("--strategy-out", f"tissue:{m}={out / m}.h5")]
+    # no tissue: one line naming the slide, and none of its files (the thumbnail was written first)
+    run = msamil("preprocess", "--slide", blank_slide, "--slide-id", "blank", *files, *grid)
+    assert run.returncode == 1
+    lines = run.stderr.strip().splitlines()
+    assert len(lines) == 1 and "slide 'blank': no tissue found" in lines[0]
+    assert not out.exists() or not any(out.iterdir())
+    # lesion coordinates need the lesion mask, which comes after this step; GeoJSON needs grids
+    lesion = [a for m in ("20x", "10x", "5x") for a in ("--strategy-out", f"lesion:{m}={out / m}.h5")]
+    for extra, words in ((lesion, "lesion strategy"), (["--geojson", out / "p.geojson"], "--geojson")):
+        run = msamil("preprocess", "--slide", cmu_slide, *files, *extra)
+        assert run.returncode == 1 and words in run.stderr and len(run.stderr.strip().splitlines()) == 1
+        assert not out.exists() or not any(out.iterdir())
+

@@ -225,7 +225,7 @@ def test_workflow_plans_e2e_per_fold_and_compares_on_the_same_folds(tmp_path):
     dry = snakemake(tmp_path, "--cores", "2", "-n", "--configfile", str(tmp_path / "two_folds.yaml"))
     assert dry.returncode == 0, dry.stderr[-3000:]
     jobs = planned_jobs(dry.stdout)
-    n_slides = jobs["make_thumbnail"]
+    n_slides = jobs["preprocess_slide"]
     assert jobs["train_e2e"] == 2 and jobs["run_k_study"] == 1
     assert jobs["extract_e2e_features"] == 2 * n_slides
     repeats = overlay["training"]["repeats"]

@@ -28,7 +28,7 @@ pytestmark = pytest.mark.slow
 SLURM_PROGRAMS = ("munged", "slurmctld", "slurmd", "sbatch", "srun", "squeue", "sinfo", "scontrol")
 GPU_RULES = {"extract_features", "train_fold"}
 # the per-slide rules of the tiny config: one SLURM job per slide (group `slide`)
-SLIDE_RULES = {"make_thumbnail", "make_tissue_mask", "make_patch_coordinates", "extract_features"}
+SLIDE_RULES = {"preprocess_slide", "extract_features"}
 LOCAL_RULES = {"index_bags", "index_thumbnails"}  # run in the Snakemake process
 FAKE_GPUS = ["/dev/null", "/dev/zero"]  # gres "gpu" devices: SLURM counts them, torch sees no CUDA
 
@@ -288,7 +288,7 @@ def test_every_job_goes_through_sbatch_and_each_slide_is_one_job(cluster, runs):
     assert status == 0, output[-4000:]
     submitted = _submissions(output)
     planned = _rule_counts(output)
-    slides = planned["make_thumbnail"]
+    slides = planned["preprocess_slide"]
     assert set(planned) >= SLIDE_RULES | {"index_bags"} and all(planned[r] == slides for r in SLIDE_RULES)
     # one sbatch per slide for its per-slide steps, one per job of every other rule, none for local rules
     groups = {job: name for job, name in submitted.items() if name.startswith("group_")}

@@ -83,7 +83,7 @@ def test_dry_run_plans_every_stage_per_slide(cohort_run):
     assert dry.returncode == 0, dry.stderr
     jobs = planned_jobs(dry.stdout)
     # before the screening has run, a dry run forecasts every slide
-    assert jobs == {"screen_slides": 1, "make_thumbnail": 7, "make_tissue_mask": 7, "make_patch_coordinates": 7, "all": 1}
+    assert jobs == {"screen_slides": 1, "preprocess_slide": 7, "all": 1}
 
 
 def test_good_slides_complete_and_bad_ones_are_left_out_with_reasons(cohort_run):
@@ -131,8 +131,7 @@ def test_adding_a_slide_plans_only_its_jobs(cohort_run):
     sheet = write_sheet(wd / "sheet2.csv", GOOD + [("boxes_mpp", shared_slide("boxes.tiff"), "a", "p9", "0.5")])
     dry = snakemake(wd, "--cores", "2", "-n", "--configfile", "small.yaml", "--config", f"slides={sheet}")
     assert dry.returncode == 0, dry.stderr
-    assert planned_jobs(dry.stdout) == {"screen_slides": 1, "make_thumbnail": 1, "make_tissue_mask": 1,
-                                        "make_patch_coordinates": 1, "all": 1}
+    assert planned_jobs(dry.stdout) == {"screen_slides": 1, "preprocess_slide": 1, "all": 1}
     assert "slide=boxes_mpp" in dry.stdout and "slide=cmu" not in dry.stdout
 
 

@@ -43,8 +43,7 @@ N_SLIDES = 9
 BROKEN = "broken (scan 2)"
 # slide ids a shell would misread, and a non-ASCII one (the sheet accepts them all)
 ODD_IDS = ["a b (1)", "it's", "x;y", "$(id)", "&", "naïve é"]
-PER_SLIDE_RULES = {"make_thumbnail", "make_tissue_mask", "segment_lesions", "make_patch_coordinates",
-                   "export_geojson", "extract_features"}
+PER_SLIDE_RULES = {"preprocess_slide", "segment_lesions", "make_patch_coordinates", "extract_features"}
 
 
 def snakemake_unactivated(workdir: Path, *args: str) -> subprocess.CompletedProcess:
@@ -167,8 +166,7 @@ def test_adding_a_slide_plans_only_its_jobs_and_the_cohort_steps(cohort):
     dry = snakemake(wd, "--cores", "2", "-n", "--configfile", "config.yaml", "--config", f"slides={wd / 'all.csv'}")
     assert dry.returncode == 0, dry.stderr[-3000:]
     jobs = planned_jobs(dry.stdout)
-    per_slide = {"make_thumbnail": 1, "make_tissue_mask": 1, "segment_lesions": 1, "export_geojson": 1,
-                 "make_patch_coordinates": 1, "extract_features": 1}
+    per_slide = {"preprocess_slide": 1, "segment_lesions": 1, "make_patch_coordinates": 1, "extract_features": 1}
     cohort_steps = {"screen_slides": 1, "index_thumbnails": 1, "index_bags": 3, "train_segmentation": 1,
                     "make_splits": 1, "train_fold": 6,
                     "draw_heatmaps": 1, "make_report": 1, "all": 1}

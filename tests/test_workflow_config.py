@@ -191,13 +191,18 @@ def test_segment_train_options(demo):
     assert args.subtract_classes == ["Exclu 'x'"]
 
 
-def test_export_geojson_options_draw_the_lesion_only_for_the_lesion_strategy(demo):
-    tissue, lesion = f"results/slides/{ODD_SLIDE}/tissue_mask.png", f"results/slides/{ODD_SLIDE}/lesion_mask.png"
-    required = ("--meta", "m.json", "--coords", "a.h5", "--out", "o.geojson")
-    args = parse("export-geojson", demo.export_geojson_options(tissue, lesion), *required)
-    assert (args.tissue_mask, args.lesion_mask) == (tissue, lesion)
-    args = parse("export-geojson", WorkflowConfig(small_config()).export_geojson_options(tissue, lesion), *required)
-    assert (args.tissue_mask, args.lesion_mask) == (tissue, None)
+def test_the_geojson_export_draws_the_grids_of_patches_strategy(demo):
+    geojson = f"results/slides/{ODD_SLIDE}/patches.geojson"
+    files = coords_outputs(ODD_SLIDE, ["lesion", "random", "tissue"])
+    args = parse("coords", demo.coords_options(files, lesion_mask="l.png", geojson=geojson), "--meta", "m", "--tissue-mask", "t")
+    assert (args.geojson, args.geojson_strategy, args.lesion_mask) == (geojson, "lesion", "l.png")
+    # preprocess_slide (no lesion patches) passes the thumbnail, tissue and coordinates options to one command
+    small = WorkflowConfig(small_config())
+    options = " ".join([small.thumbnail_options(0.25), small.tissue_options(),
+                        small.coords_options(coords_outputs(ODD_SLIDE, ["random", "tissue"]), geojson=geojson)])
+    args = parse("preprocess", options, "--slide", "s.svs", "--thumbnail", "t.png", "--meta", "m", "--tissue-mask", "t")
+    assert (args.geojson, args.geojson_strategy, args.mpp, args.patch_size) == (geojson, "tissue", 0.25, 128)
+    assert not parse("coords", demo.coords_options(files, lesion_mask="l.png"), "--meta", "m", "--tissue-mask", "t").geojson
 
 
 # ---------------------------------------------------------------- training

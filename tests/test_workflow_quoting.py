@@ -15,11 +15,11 @@ from conftest import REPO
 
 # a space, brackets, a quote, `;`, `$` and non-ASCII: all a file name can hold
 ODD = "cmu (1) [a] 'x';$y é"
-PER_SLIDE_RULES = {"make_thumbnail", "make_tissue_mask", "segment_lesions", "make_patch_coordinates", "export_geojson",
-                   "extract_features", "extract_e2e_features"}
+PER_SLIDE_RULES = {"preprocess_slide", "segment_lesions", "make_patch_coordinates", "extract_features",
+                   "extract_e2e_features"}
 # options whose value is a file of the slide being processed (or NAME=file)
 SLIDE_FILE_OPTIONS = {"--slide", "--meta", "--tissue-mask", "--lesion-mask", "--thumbnail", "--coords", "--out",
-                      "--strategy-out", "--bag", "--bag-coords"}
+                      "--strategy-out", "--bag", "--bag-coords", "--geojson"}
 
 CONFIG = """
 patches: {strategy: lesion, patch_size: 256}
@@ -102,11 +102,15 @@ def test_the_slide_id_reaches_each_command_as_one_argument(dry_run):
             assert args[args.index("--slide-id") + 1] == ODD, (rule, args)
         files = [args[i + 1] for i, arg in enumerate(args[:-1]) if arg in SLIDE_FILE_OPTIONS]
         assert files and all(ODD in path for path in files), (rule, args)
-        if rule == "export_geojson":
+        if rule == "preprocess_slide":  # lesion patches: it stops at the tissue mask
             assert args[args.index("--tissue-mask") + 1] == f"results/slides/{ODD}/tissue_mask.png"
-            assert args[args.index("--lesion-mask") + 1] == f"results/slides/{ODD}/lesion_mask.png"
+            assert "--strategy-out" not in args
         if rule == "make_patch_coordinates":
             assert f"random:5x=results/coords/random/5x/{ODD}.h5" in args
+            assert args[args.index("--tissue-mask") + 1] == f"results/slides/{ODD}/tissue_mask.png"
+            assert args[args.index("--lesion-mask") + 1] == f"results/slides/{ODD}/lesion_mask.png"
+            assert args[args.index("--geojson") + 1] == f"results/slides/{ODD}/patches.geojson"
+            assert args[args.index("--geojson-strategy") + 1] == "lesion"
         if rule == "extract_features":
             assert args[args.index("--weights") + 1] == "my weights/r18 (v2).pth"
             assert len([a for a in args if a.startswith("tissue=") and a.endswith(f"/{ODD}.h5")]) == 3

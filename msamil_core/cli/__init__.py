@@ -20,8 +20,8 @@ from .. import __version__
 from ..errors import MsamilError
 
 # Order is the order shown by ``msamil --help``: the pipeline's order.
-COMMANDS = ["demo", "screen", "thumbnail", "tissue", "segment-train", "segment", "coords", "fetch-weights", "extract",
-            "splits", "train", "evaluate", "predict", "heatmap", "e2e", "report", "export-geojson", "list-models"]
+COMMANDS = ["demo", "screen", "preprocess", "thumbnail", "tissue", "segment-train", "segment", "coords", "fetch-weights",
+            "extract", "splits", "train", "evaluate", "predict", "heatmap", "e2e", "report", "export-geojson", "list-models"]
 
 
 def _load(name: str):

@@ -10,7 +10,7 @@ tissue, `random` = --random N random tissue patches at 20x (N/4 at 10x, N/16 at 
 One strategy: --strategy NAME (default: lesion with --lesion-mask, random with --random, else
 tissue) and --out-20x/--out-10x/--out-5x. Several strategies in one call, each file named by
 strategy and scale: --strategy-out NAME:SCALE=H5, repeated (the workflow writes every
-strategy its experiments use so, one job per slide).
+strategy its experiments use so, one job per slide). --geojson also writes the QuPath export.
 
 Examples:
   msamil coords --meta s1/meta.json --tissue-mask s1/tissue_mask.png --patch-size 512 \
@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import argparse
 
-from .options import add_patch_arguments, named, patch_settings
+from .options import add_output_arguments, add_patch_arguments, patch_settings, strategy_files
 
 HELP = "masks -> coords/{20x,10x,5x}/<slide>.h5"
 
@@ -39,9 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out-20x", help="HDF5 to write for 20x")
     parser.add_argument("--out-10x", help="HDF5 to write for 10x")
     parser.add_argument("--out-5x", help="HDF5 to write for 5x")
-    parser.add_argument("--strategy-out", action="append", default=[], metavar="NAME:SCALE=H5",
-                        help="instead of --out-*: the file of one strategy (lesion, tissue, random) and scale "
-                        "(20x, 10x, 5x), repeatable")
+    add_output_arguments(parser)
 
 
 def outputs(args: argparse.Namespace) -> dict[str, dict[str, str]]:
@@ -52,13 +50,7 @@ def outputs(args: argparse.Namespace) -> dict[str, dict[str, str]]:
     if args.strategy_out:
         if any(single.values()) or args.strategy:
             raise MsamilError("give either --strategy with --out-20x/--out-10x/--out-5x, or --strategy-out, not both")
-        files: dict[str, dict[str, str]] = {}
-        for key, path in named(args.strategy_out, "--strategy-out"):
-            strategy, sep, scale = key.partition(":")
-            if not sep or scale in files.get(strategy, {}):
-                raise MsamilError(f"--strategy-out {key}={path}: name each file once as STRATEGY:SCALE, e.g. lesion:20x")
-            files.setdefault(strategy, {})[scale] = path
-        return files
+        return strategy_files(args.strategy_out)
     if not all(single.values()):
         raise MsamilError("give --out-20x, --out-10x and --out-5x (or --strategy-out NAME:SCALE=H5 per file)")
     strategy = args.strategy or ("lesion" if args.lesion_mask else "random" if args.random_n else "tissue")
@@ -68,4 +60,5 @@ def outputs(args: argparse.Namespace) -> dict[str, dict[str, str]]:
 def run(args: argparse.Namespace) -> None:
     from ..pipeline import make_coordinates
 
-    make_coordinates(args.meta, args.tissue_mask, outputs(args), patch_settings(args), args.lesion_mask)
+    make_coordinates(args.meta, args.tissue_mask, outputs(args), patch_settings(args), args.lesion_mask,
+                     geojson=args.geojson, geojson_strategy=args.geojson_strategy)

@@ -100,6 +100,29 @@ def patch_settings(args: argparse.Namespace):
     return PatchSettings(**{name: getattr(args, name) for name in PATCH_OPTIONS})
 
 
+def add_output_arguments(parser) -> None:
+    """--strategy-out, --geojson and --geojson-strategy (also `msamil preprocess`'s)."""
+    parser.add_argument("--strategy-out", action="append", default=[], metavar="NAME:SCALE=H5",
+                        help="the file of one strategy (lesion, tissue, random) and scale (20x, 10x, 5x), repeatable "
+                        "(`msamil coords`: instead of --out-*)")
+    parser.add_argument("--geojson", metavar="FILE",
+                        help="also export the masks and one strategy's patch grids as QuPath GeoJSON, as "
+                        "`msamil export-geojson` does")
+    parser.add_argument("--geojson-strategy", choices=["lesion", "tissue", "random"],
+                        help="the strategy whose grids --geojson draws (default: the first written)")
+
+
+def strategy_files(items: list[str]) -> dict[str, dict[str, str]]:
+    """strategy -> {scale: file} of --strategy-out NAME:SCALE=H5 items."""
+    files: dict[str, dict[str, str]] = {}
+    for key, path in named(items, "--strategy-out"):
+        strategy, sep, scale = key.partition(":")
+        if not sep or scale in files.get(strategy, {}):
+            raise MsamilError(f"--strategy-out {key}={path}: name each file once as STRATEGY:SCALE, e.g. lesion:20x")
+        files.setdefault(strategy, {})[scale] = path
+    return files
+
+
 # ----------------------------------------------------------------------------- encoders and extraction
 
 

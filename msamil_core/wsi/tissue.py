@@ -16,7 +16,6 @@ from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
-from scipy import ndimage as ndi
 
 from ..errors import MsamilError
 
@@ -79,6 +78,8 @@ def clean_mask(mask: np.ndarray, close_radius: int, min_object_fraction: float, 
     """Morphological clean-up of a bool mask: closing (``close_radius`` px, 0 = none) and a
     1-px opening, filling of holes up to ``max_hole_fraction`` of the image, removal of pieces
     smaller than ``min_object_fraction`` of it."""
+    from scipy import ndimage as ndi  # here: the workflow imports this module to plan, not to compute
+
     if close_radius > 0:
         structure = _disk(close_radius)
         mask = ndi.binary_closing(mask, structure=structure, border_value=0)
@@ -108,6 +109,8 @@ def _disk(radius: int) -> np.ndarray:
 
 def tissue_mask(rgb: np.ndarray, params: TissueParams | None = None) -> np.ndarray:
     """Tissue mask of an RGB uint8 thumbnail [h, w, 3]; bool [h, w]."""
+    from scipy import ndimage as ndi
+
     params = params or TissueParams()
     mode = params.mode
     if mode == "auto":
