@@ -36,6 +36,8 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from msamil_core.cohort.screening import LEFT_OUT_COLUMNS
+
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_SLIDE = REPO.parent / "shared" / "data" / "slides" / "CMU-1-Small-Region.svs"
 PER_SLIDE_RULES = ("preprocess_slide", "extract_features")
@@ -149,7 +151,7 @@ def add_one_slide(root: Path, slide: Path, n: int, dry_run_out: str) -> None:
         target.touch()
     # what later steps read of the screening: every slide kept, none left out
     (wd / "results/cohort/slides.csv").write_text((wd / "sheet.csv").read_text())
-    (wd / "results/cohort/left_out.csv").write_text("slide_id,patient_id,label,what,reason\n")
+    (wd / "results/cohort/left_out.csv").write_text(",".join(LEFT_OUT_COLUMNS) + "\n")
     seconds_touch, _, _ = run_snakemake([*workflow_args(wd), "--touch"], wd)
     seconds, rss, out = run_snakemake([*workflow_args(wd), "-n"], wd)
     if "Nothing to be done" not in out:

@@ -207,6 +207,10 @@ def make_coordinates(meta: str | os.PathLike, tissue_mask: str | os.PathLike, ou
         if missing or len(files) != len(SCALES):
             raise MsamilError(f"strategy {strategy!r}: give one output for each of {', '.join(SCALES)} "
                               f"(missing: {', '.join(missing) or 'none'}; got {', '.join(files)})")
+    drawn = geojson_strategy or next(iter(outputs), None)
+    if geojson and drawn not in outputs:
+        raise MsamilError(f"--geojson-strategy {drawn}: no coordinates of that strategy are written here "
+                          f"(strategies: {', '.join(outputs) or 'none'})")
     tissue = load_mask(tissue_mask)
     lesion = load_mask(lesion_mask) if lesion_mask else None
     written = {strategy: select_grids(info, tissue, lesion, strategy, settings) for strategy in outputs}
@@ -218,12 +222,8 @@ def make_coordinates(meta: str | os.PathLike, tissue_mask: str | os.PathLike, ou
     if geojson:
         from .wsi.geojson import export_slide
 
-        strategy = geojson_strategy or next(iter(outputs))
-        if strategy not in outputs:
-            raise MsamilError(f"--geojson-strategy {strategy}: no coordinates of that strategy are written here "
-                              f"(strategies: {', '.join(outputs)})")
         export_slide(meta, geojson, lesion_mask=lesion_mask, tissue_mask=tissue_mask,
-                     coords=[outputs[strategy][scale] for scale in SCALES])
+                     coords=[outputs[drawn][scale] for scale in SCALES])
 
 
 def make_bags(slide_path: str | os.PathLike, bags: dict[str, tuple[list[str], str]], spec,

@@ -329,11 +329,16 @@ def slide_group(masks=False):
     return "slide_masks" if masks and CFG.trains_segmentation else "slide"
 
 
+def slide_option(slide):
+    """`--slide PATH` of a command that opens the slide (the path shell-quoted)."""
+    return f"--slide {shlex.quote(SLIDE_PATHS[slide])}"
+
+
 def thumbnail_options(wildcards):
-    """The slide, its sheet mpp and the thumbnail size of `msamil thumbnail`: a param, so that a
+    """The slide, its sheet mpp and the thumbnail size of `msamil preprocess`: a param, so that a
     new path or mpp makes the thumbnail again."""
     slide = wildcards.slide
-    return f"--slide {shlex.quote(SLIDE_PATHS[slide])} {CFG.thumbnail_options(_sheet_mpp(slide))}"
+    return f"{slide_option(slide)} {CFG.thumbnail_options(_sheet_mpp(slide))}"
 
 
 def coords_outputs():
@@ -359,13 +364,9 @@ def preprocess_coords_outputs():
     return {"coords": coords_outputs(), **geojson_output()}
 
 
-def preprocess_coords_options(wildcards, output):
-    """`msamil coords` options of preprocess_slide (none when it stops at the tissue mask); a
-    derived param, see coords_options."""
-    if CFG.uses_lesion:
-        return ""
-    outputs = {strategy: coords_paths(wildcards.slide, strategy) for strategy in CFG.coord_strategies}
-    return CFG.coords_options(outputs, geojson=output.get("geojson"))
+def preprocess_coords_options(wildcards, input, output):
+    """coords_options of preprocess_slide (none when it stops at the tissue mask)."""
+    return "" if CFG.uses_lesion else coords_options(wildcards, input, output)
 
 
 def geojson_output():
@@ -434,8 +435,8 @@ def extract_options(wildcards, output):
         coords={strategy: coords_paths(slide, strategy) for strategy in CFG.used_strategies},
         precision=False,
     )
-    # the slide's path (a new path is a new input file, which reruns the job)
-    return f"--slide {shlex.quote(SLIDE_PATHS[slide])} {options}"
+    # the slide's path (a new path is a new input file of preprocess_slide, which reruns this job)
+    return f"{slide_option(slide)} {options}"
 
 
 def extract_weights(wildcards):
