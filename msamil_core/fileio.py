@@ -7,11 +7,13 @@ leaves has a name no output glob matches and is removed by the next writer in th
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
 import os
 import re
+import shutil
 import socket
 import tempfile
 import time
@@ -36,6 +38,10 @@ TEMP_SUFFIX = ".tmp"
 FOREIGN_TEMP_AGE_S = 24 * 3600
 
 _swept: set[str] = set()  # folders whose stale temporaries this process has removed
+# A write that fails while the file system has less than this free (read before the temporary is
+# removed) failed for want of space; libraries that write through C (torch.save's zip writer,
+# HDF5) raise without an errno.
+FULL_DISK_BYTES = 1 << 20
 
 
 def _process_start(pid: int) -> str:
@@ -96,8 +102,6 @@ def _stale(entry: os.DirEntry) -> bool:
 def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
     """Remove the temporaries in ``folder`` whose writer is gone (killed mid-write); those of
     writers still running (this process, other jobs) stay. Returns what was removed."""
-    import shutil
-
     removed = []
     try:
         entries = list(os.scandir(folder))
@@ -156,8 +160,11 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         # mkstemp creates 0600; give the file the mode a plain open() would (umask applied)
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, target)
-    except BaseException:
+    except BaseException as exc:
+        full = _disk_full(target, exc)
         tmp.unlink(missing_ok=True)
+        if full:
+            raise full from exc
         raise
 
 
@@ -181,8 +188,6 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary folder beside ``path``; on success it replaces ``path`` (a previous
     folder of that name is removed), on any exception it is removed and ``path`` is untouched.
     For outputs made of several files that must appear together or not at all."""
-    import shutil
-
     target = Path(path)
     tmp = make_temp_dir(target.parent, target)
     try:
@@ -195,9 +200,27 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, target)
-    except BaseException:
+    except BaseException as exc:
+        full = _disk_full(target, exc)
         shutil.rmtree(tmp, ignore_errors=True)
+        if full:
+            raise full from exc
         raise
+
+
+def _disk_full(target: Path, exc: BaseException) -> MsamilError | None:
+    """The one-line error for a write of ``target`` that failed with ``exc`` because its file
+    system is full or over quota; None for any other failure."""
+    if not isinstance(exc, Exception) or isinstance(exc, MsamilError):
+        return None
+    if not (isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)):
+        try:
+            if shutil.disk_usage(target.parent).free >= FULL_DISK_BYTES:
+                return None
+        except OSError:
+            return None
+    return MsamilError(f"could not write {target}: the file system holding {target.parent} is full (or over "
+                       "quota); free space there, or move the output folder to a larger disk, and rerun")
 
 
 def _umask() -> int:

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import write_pyramid_tiff
+from conftest import shared_slide, write_pyramid_tiff
 from msamil_core.errors import MsamilError
 from msamil_core.features.bags import Bag, load_bag, save_bag
 from msamil_core.fileio import FOREIGN_TEMP_AGE_S, TEMP_PREFIX, is_temporary, remove_stale_temporaries
@@ -166,6 +166,57 @@ def test_a_truncated_checkpoint_names_the_file(tmp_path):
     with pytest.raises(MsamilError) as exc:
         load_checkpoint(truncate(ckpt))
     assert "truncated" in one_line_naming(exc, ckpt)
+
+
+# ----------------------------------------------------------------------------- full disk
+
+# Runs the rest of its command line with a 64 KiB tmpfs mounted on $1, in a mount namespace of its
+# own, then lists the files left on that disk and exits with the command's status.
+ON_A_FULL_DISK = ('set -e; d="$1"; shift; mount -t tmpfs -o size=64k tmpfs "$d"; set +e; "$@"; rc=$?; '
+                  'find "$d" -type f; exit $rc')
+# A checkpoint bigger than that disk: torch.save's zip writer fails with a RuntimeError, no errno.
+SAVE_CHECKPOINT = """
+import sys, torch
+from msamil_core.errors import MsamilError
+from msamil_core.fileio import save_torch
+try:
+    save_torch(sys.argv[1], {"state_dict": {"w": torch.randn(256, 256)}})
+except MsamilError as exc:
+    sys.exit(str(exc))
+"""
+
+
+def on_a_full_disk(disk: Path, *command: str) -> subprocess.CompletedProcess:
+    disk.mkdir()
+    probe = subprocess.run(["unshare", "-m", "sh", "-c", ON_A_FULL_DISK, "sh", str(disk), "true"],
+                           capture_output=True, text=True)
+    if probe.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here (needs root and unshare): {probe.stderr.strip()}")
+    return subprocess.run(["unshare", "-m", "sh", "-c", ON_A_FULL_DISK, "sh", str(disk), *command],
+                          capture_output=True, text=True, env=ENV, timeout=300)
+
+
+def test_a_full_disk_fails_in_one_line_naming_the_file_and_leaves_nothing(tmp_path):
+    """A write that runs out of space (a thumbnail through PIL, a checkpoint through torch's zip
+    writer, which gives no errno) fails in one line that names the file and says to free space;
+    no partial output or temporary is left on the disk."""
+    disk = tmp_path / "disk"
+    slide = shared_slide("CMU-1-Small-Region.svs")
+    run = on_a_full_disk(disk, sys.executable, "-m", "msamil_core", "thumbnail", "--slide", str(slide),
+                         "--out", str(disk / "s" / "thumbnail.png"), "--meta", str(disk / "s" / "meta.json"))
+    assert run.returncode == 1, run.stderr[-2000:]
+    last = run.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"msamil thumbnail: error: could not write {disk}/s/thumbnail.png: the file system"), last
+    assert "free space there" in last
+    assert run.stdout == ""  # no thumbnail, meta.json or temporary left on the disk
+
+    disk = tmp_path / "disk2"
+    run = on_a_full_disk(disk, sys.executable, "-c", SAVE_CHECKPOINT, str(disk / "ckpt.pt"))
+    assert run.returncode == 1, run.stderr[-2000:]
+    assert run.stderr.strip() == (f"could not write {disk / 'ckpt.pt'}: the file system holding {disk} is full (or "
+                                  "over quota); free space there, or move the output folder to a larger disk, and "
+                                  "rerun")
+    assert run.stdout == ""
 
 
 # ----------------------------------------------------------------------------- open slides
