@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -13,6 +14,18 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "rules"))  # rules/workflow_config.py, which tests import as `workflow_config`
 SHARED_DATA = Path(os.environ.get("MSAMIL_SHARED_DATA", REPO.parent / "shared" / "data"))
 SLIDES = SHARED_DATA / "slides"
+
+
+def workflow_failure(run, workdir: Path) -> str:
+    """What a failed Snakemake run said: the end of its stderr, then the end of each log file of a
+    failed job it names (a job's traceback is in its log, not in Snakemake's stderr)."""
+    parts = [run.stderr[-3000:]]
+    for logs in dict.fromkeys(re.findall(r"^\s*log: (.+?) \(check log file", run.stderr, re.MULTILINE)):
+        for name in logs.split(", "):
+            path = Path(workdir) / name
+            if path.is_file():
+                parts.append(f"--- end of {name}:\n" + path.read_text(errors="replace")[-3000:])
+    return "\n".join(parts)
 
 
 def shared_slide(name: str) -> Path:

@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import REPO, shared_slide
+from conftest import REPO, shared_slide, workflow_failure
 from test_workflow import planned_jobs, snakemake
 
 pytestmark = pytest.mark.slow
@@ -82,7 +82,7 @@ def cohort(tmp_path_factory):
     (wd / "config.yaml").write_text(CONFIG)
     run = snakemake_unactivated(wd, "--cores", "2", "--configfile", "config.yaml", "--config",
                                 f"slides={wd / 'first.csv'}")
-    assert run.returncode == 0, run.stderr[-4000:]
+    assert run.returncode == 0, workflow_failure(run, wd)
     assert "command not found" not in run.stderr
     return wd, full
 
@@ -225,7 +225,7 @@ def test_a_fixed_slide_comes_back_in(cohort):
     shutil.copyfile(wd / "data" / full.path.iloc[0], wd / "broken.svs")  # the scan is redone
     screen = snakemake(wd, "--cores", "2", "--until", "screen_slides", "--configfile", "config.yaml",
                        "--config", f"slides={wd / 'first.csv'}")
-    assert screen.returncode == 0, screen.stderr[-3000:]
+    assert screen.returncode == 0, workflow_failure(screen, wd)
     kept = pd.read_csv(wd / "results" / "cohort" / "slides.csv")
     left = pd.read_csv(wd / "results" / "cohort" / "left_out.csv")
     assert BROKEN in set(kept.slide_id) and list(left.what) == ["annotation"]
