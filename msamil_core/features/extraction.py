@@ -199,6 +199,7 @@ def extract_bags(slide_path: str | os.PathLike, coords_sets: list[list[str | os.
         "slide %r: %d patches (%s) -> [%d, %d] features in %.1f s (%.1f patches/s)",
         slide_id, len(union), counts, len(union), dim, elapsed, len(union) / max(elapsed, 1e-9),
     )  # fmt: skip
+    encoder = encoder_id(spec)  # hashes the weights file: once, not per bag
     bags = []
     for table, rows, paths in zip(tables, positions, coords_sets):
         if len(tables) > 1:
@@ -211,7 +212,7 @@ def extract_bags(slide_path: str | os.PathLike, coords_sets: list[list[str | os.
             scales=torch.from_numpy(table.scales),
             patch_size_level0=torch.from_numpy(table.patch_size_level0),
             slide_id=slide_id,
-            encoder=encoder_id(spec),
+            encoder=encoder,
             patches_encoded=len(union) if len(tables) > 1 else None,
             slide_digest=digest,
         ))  # fmt: skip
