@@ -392,7 +392,7 @@ def final_outputs(wildcards):
     """Every kept slide's coordinates, and the report when experiments are configured."""
     outputs = [LEFT_OUT]
     for slide in kept_slides():
-        # the GeoJSON export reads the coordinates: asking for it alone asks for them too
+        # the job that writes the GeoJSON export writes the coordinates too: asking for it asks for them
         if config["export_geojson"]:
             outputs.append(f"{slide_dir(slide)}/patches.geojson")
         else:
