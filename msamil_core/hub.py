@@ -17,6 +17,8 @@ from pathlib import Path
 from .errors import MsamilError
 
 HUB_PREFIXES = ("hf-hub:", "hf_hub:")
+# The weights file of a model folder or hub repo, when nothing more specific is known.
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 
 
 def is_hub_ref(value) -> bool:
@@ -86,3 +88,15 @@ def hub_file(ref: str, filenames: tuple[str, ...] | list[str], *, download: bool
         raise MsamilError(f"{ref}: {' / '.join(filenames)} not in {where} and HF_HUB_OFFLINE forbids a download; "
                           "unset HF_HUB_OFFLINE where the network is reachable")
     raise MsamilError(f"{ref}: the repo has none of {', '.join(filenames)}; check the repo id or name the file")
+
+
+def local_weights(path: str | os.PathLike, names: tuple[str, ...] | list[str] = WEIGHT_FILES) -> Path | None:
+    """The file behind weights ``path``: the cached file of an ``hf-hub:`` reference (never
+    downloaded here), the first of ``names`` inside a folder (None when it holds none), or
+    ``path`` itself."""
+    if is_hub_ref(str(path)):
+        return hub_file(str(path), names)
+    path = Path(path)
+    if path.is_dir():
+        return next((path / n for n in names if (path / n).is_file()), None)
+    return path

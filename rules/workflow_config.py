@@ -21,6 +21,7 @@ import shlex
 from typing import Mapping, Sequence
 
 from msamil_core.errors import MsamilError
+from msamil_core.hub import is_hub_ref
 
 SCALES = ("20x", "10x", "5x")
 STRATEGIES = ("lesion", "tissue", "random")
@@ -31,9 +32,6 @@ def encoder_folder(key: str, spec: Mapping) -> str:
     edited encoder writes new features and never mixes with the old ones."""
     digest = hashlib.sha1(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:8]
     return f"{key}-{digest}"
-
-
-HUB = ("hf-hub:", "hf_hub:")
 
 
 def weights_record(key: str) -> str:
@@ -173,7 +171,7 @@ class WorkflowConfig:
                                      "e2e": {"name": run, "frozen": frozen}}
         for name, options in experiments.items():
             source = options.get("init_from")
-            if source and source not in experiments and not os.path.exists(source) and not str(source).startswith(HUB):
+            if source and source not in experiments and not os.path.exists(source) and not is_hub_ref(str(source)):
                 raise MsamilError(
                     f"config: experiment {name!r}: init_from {source!r} is neither an experiment nor an existing file"
                 )
@@ -322,7 +320,7 @@ class WorkflowConfig:
 
     def hub_encoders(self) -> list[str]:
         """Encoder keys whose weights are ``hf-hub:`` references: fetched once by fetch_weights."""
-        return [k for k, spec in self.config["encoders"].items() if str(spec.get("weights") or "").startswith(HUB)]
+        return [k for k, spec in self.config["encoders"].items() if is_hub_ref(str(spec.get("weights") or ""))]
 
     def weights_inputs(self, key: str) -> list[str]:
         """What extraction with encoder ``key`` reads besides the slide: the local weights file or
@@ -330,7 +328,7 @@ class WorkflowConfig:
         weights = self.config["encoders"][key].get("weights")
         if not weights:
             return []
-        return [weights_record(key)] if str(weights).startswith(HUB) else [str(weights)]
+        return [weights_record(key)] if is_hub_ref(str(weights)) else [str(weights)]
 
     def fetch_weights_options(self, key: str) -> str:
         """``msamil fetch-weights`` (fetch_weights) for the encoder ``key``."""

@@ -38,14 +38,11 @@ import torch
 from torch import nn
 
 from ..errors import MsamilError
-from ..hub import hub_file, is_hub_ref
-from .presets import Preset, convert_state_dict, get_preset, timm_options
+from ..hub import HUB_PREFIXES, WEIGHT_FILES, hub_file, is_hub_ref, local_weights
+from .presets import IMAGENET_MEAN, IMAGENET_STD, Preset, convert_state_dict, get_preset, timm_options
 from .weights import file_sha256, load_weights, read_state_dict
 
 log = logging.getLogger(__name__)
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 # Keys whose value names a local weights file: encoder_id hashes the file's bytes, not its path,
 # so that moving a file keeps the id and replacing it changes the id.
@@ -288,7 +285,7 @@ def _timm_encoder(name: str, input_size: int, **kwargs) -> nn.Module:
     import timm
     from timm.models import get_pretrained_cfg
 
-    if name.startswith(("hf-hub:", "hf_hub:", "local-dir:")):
+    if name.startswith((*HUB_PREFIXES, "local-dir:")):
         raise MsamilError(
             f"encoder {name!r}: a hub reference is not an encoder name; name a preset (`msamil list-models`, e.g. "
             f"uni_v1) or a timm architecture, and give {name} as weights (--weights), fetched once with "
@@ -346,7 +343,7 @@ class PresetEncoder(nn.Module):
         raise ValueError(f"unknown output rule {self.output!r}")
 
 
-def build_preset_backbone(preset: Preset, input_size: int | None = None, **overrides) -> nn.Module:
+def build_preset_backbone(preset: Preset, **overrides) -> nn.Module:
     """The preset's timm network (random weights, ``pretrained=False``); ``overrides`` replace
     constructor options (tests build large models at reduced depth)."""
     import timm
@@ -372,18 +369,17 @@ def weights_file(spec: EncoderSpec) -> Path | None:
     folder, or the cached file of an ``hf-hub:`` reference (never downloaded here)."""
     if spec.weights is None:
         return None
-    preset = get_preset(spec.name)
-    names = preset.files if preset else ("model.safetensors", "pytorch_model.bin")
-    if is_hub_ref(str(spec.weights)):
-        return hub_file(str(spec.weights), names)
-    path = Path(spec.weights)
-    if path.is_dir():
-        found = next((path / n for n in names if (path / n).is_file()), None)
-        if found is None:
-            raise MsamilError(f"encoder {spec.name}: weights folder {path} holds none of {', '.join(names)}; "
-                              "give the folder the model was downloaded to, or the weights file itself")
-        return found
-    return path
+    names = _weight_files(get_preset(spec.name))
+    found = local_weights(spec.weights, names)
+    if found is None:
+        raise MsamilError(f"encoder {spec.name}: weights folder {spec.weights} holds none of {', '.join(names)}; "
+                          "give the folder the model was downloaded to, or the weights file itself")
+    return found
+
+
+def _weight_files(preset: Preset | None) -> tuple[str, ...]:
+    """The names a preset's weights are published under (the usual ones for other encoders)."""
+    return preset.files if preset else WEIGHT_FILES
 
 
 def build_encoder(spec: EncoderSpec) -> tuple[PatchEncoder, int]:
@@ -485,23 +481,18 @@ def fetch_weights(name: str, weights: str | None = None, local_dir: str | os.Pat
     """
     ref = hub_reference(name, weights)
     preset = get_preset(name)
-    names = preset.files if preset else ("model.safetensors", "pytorch_model.bin")
+    # into the cache first: hub_file checks access; a copy into local_dir is then local
+    file = hub_file(ref, _weight_files(preset), download=True)
     extra = (preset.config_file,) if preset and preset.config_file else ()
+    extra = [n for n in extra if hub_file(ref, (n,), download=True, required=False) is not None]
     if local_dir is not None:
         from huggingface_hub import hf_hub_download
 
         from ..hub import parse_hub_ref
 
-        # hub_file checks access and fills the cache; the copy into local_dir is then local
-        cached = hub_file(ref, names, download=True)
         repo, revision = parse_hub_ref(ref)
-        file = Path(hf_hub_download(repo, cached.name, revision=revision, local_dir=local_dir))
+        file = Path(hf_hub_download(repo, file.name, revision=revision, local_dir=local_dir))
         for extra_name in extra:
-            if hub_file(ref, (extra_name,), download=True, required=False) is not None:
-                hf_hub_download(repo, extra_name, revision=revision, local_dir=local_dir)
-    else:
-        file = hub_file(ref, names, download=True)
-        for extra_name in extra:
-            hub_file(ref, (extra_name,), download=True, required=False)
+            hf_hub_download(repo, extra_name, revision=revision, local_dir=local_dir)
     log.info("encoder %s: weights %s ready at %s", name, ref, file)
     return {"ref": ref, "file": str(file), "sha256": file_sha256(file), "bytes": file.stat().st_size}

@@ -34,7 +34,6 @@ log = logging.getLogger(__name__)
 
 _PREFIXES = ("module.", "model.", "_orig_mod.")
 _STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model")
-_DIRECTORY_FILES = ("model.safetensors", "pytorch_model.bin")
 
 
 @dataclass
@@ -55,19 +54,15 @@ class LoadResult:
     classifier_reset: bool = False
 
 
-def _weights_file(path: Path) -> Path:
-    from ..hub import hub_file, is_hub_ref
+def _weights_file(path: str | Path) -> Path:
+    from ..hub import WEIGHT_FILES, local_weights
 
-    if is_hub_ref(str(path)):
-        return hub_file(str(path), _DIRECTORY_FILES)
-    if path.is_dir():
-        for name in _DIRECTORY_FILES:
-            if (path / name).is_file():
-                return path / name
-        raise MsamilError(f"{path}: directory holds no {' or '.join(_DIRECTORY_FILES)}; pass the weights file itself")
-    if not path.is_file():
+    file = local_weights(path)
+    if file is None:
+        raise MsamilError(f"{path}: directory holds no {' or '.join(WEIGHT_FILES)}; pass the weights file itself")
+    if not file.is_file():
         raise MsamilError(f"{path}: weights file not found; check the path (relative paths start at {Path.cwd()})")
-    return path
+    return file
 
 
 def _find_state_dict(obj: Any, path: Path) -> dict[str, Tensor]:
@@ -90,7 +85,7 @@ def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[st
     """Read the weights in ``path`` without unpickling: (state dict, metadata). The metadata
     are the non-weight entries of one of our checkpoints (``model_name``, ``model_args``,
     ``classes``, ...), empty for other files."""
-    file = _weights_file(path if isinstance(path, str) and path.startswith(("hf-hub:", "hf_hub:")) else Path(path))
+    file = _weights_file(path)
     try:
         if file.suffix == ".safetensors":
             from safetensors.torch import load_file
