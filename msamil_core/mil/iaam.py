@@ -237,7 +237,7 @@ class MsaMIL(MILModel):
         super().__init__(in_dim, embed_dim, num_classes)
         self.patch_embed = patch_embed(in_dim, embed_dim, 1, dropout)
         # ablations (MsaMIL-Net sec. 3.3): FC([x, y, scale]) and the sinusoidal sequence encoding
-        self.position_encoding, self.sinusoidal_encoding = position_encoding, sinusoidal_encoding
+        self.sinusoidal_encoding = sinusoidal_encoding
         self.pos_fc = nn.Linear(3, embed_dim) if position_encoding else None
         self.blocks = nn.ModuleList(
             MHELayer(embed_dim, num_heads, rank, mlp_ratio, block_dropout, attn_dropout) for _ in range(depth)

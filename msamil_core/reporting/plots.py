@@ -92,13 +92,12 @@ def plot_roc_curves(path: str | os.PathLike, metrics_per_fold: MetricsPerFold) -
         for fold, metrics in folds.items():
             points = roc_points(metrics)
             repeat, k = fold if isinstance(fold, tuple) else (0, fold)
-            # repeats after the first: thin, unlabelled lines (15 entries would hide the panel)
-            label = f"fold {k}  AUC {_fmt(metrics.get('auc'))}" if repeat == 0 else "_nolegend_"
-            if repeat:
-                ax.plot(*(points if points is not None else ([], [])), linewidth=0.6, color="0.55", label=label)
-                continue
-            # a perfect fold runs along the frame: keep it visible above the axes' spines
-            ax.plot(*(points if points is not None else ([], [])), linewidth=1.6, label=label, clip_on=False, zorder=3)
+            if repeat:  # repeats after the first: thin, unlabelled lines (15 entries would hide the panel)
+                style = {"linewidth": 0.6, "color": "0.55", "label": "_nolegend_"}
+            else:  # a perfect fold runs along the frame: keep it visible above the axes' spines
+                style = {"linewidth": 1.6, "label": f"fold {k}  AUC {_fmt(metrics.get('auc'))}", "clip_on": False,
+                         "zorder": 3}
+            ax.plot(*(points if points is not None else ([], [])), **style)
         ax.plot([0, 1], [0, 1], linestyle="--", color="0.6", linewidth=1, label="chance")
         ax.set(xlim=(-0.02, 1.02), ylim=(-0.02, 1.02), xlabel="False positive rate", ylabel="True positive rate",
                aspect="equal")

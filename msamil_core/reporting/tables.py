@@ -128,8 +128,9 @@ def ablation_pairs(configs: dict[str, dict]) -> list[tuple[str, str]]:
 
 def _main_comparison(cfg: dict) -> bool:
     """Whether an experiment takes part in the scale and strategy comparisons (not an ablation,
-    not a learning-curve point, trained from scratch)."""
-    return not cfg.get("init_from") and not cfg.get("ablation_of") and cfg.get("train_fraction", 1.0) >= 1.0
+    not a learning-curve point, not an e2e twin, trained from scratch)."""
+    return (not cfg.get("init_from") and not cfg.get("ablation_of") and not cfg.get("e2e")
+            and cfg.get("train_fraction", 1.0) >= 1.0)
 
 
 def _key(config: dict, *fields: str) -> tuple:
@@ -140,7 +141,7 @@ def scale_groups(configs: dict[str, dict]) -> list[list[str]]:
     """Groups of from-scratch experiments on the same task that use different scales."""
     groups: dict[tuple, list[str]] = {}
     for name, cfg in configs.items():
-        if _main_comparison(cfg) and not cfg.get("e2e"):
+        if _main_comparison(cfg):
             groups.setdefault(_key(cfg, "task"), []).append(name)
     return [g for g in groups.values() if len({json.dumps(configs[n].get("scales")) for n in g}) > 1]
 
@@ -195,15 +196,18 @@ def e2e_pairs(configs: dict[str, dict], per_fold: dict[str, dict]) -> list[tuple
             if isinstance(cfg.get("e2e"), dict) and cfg["e2e"].get("frozen") in per_fold]
 
 
-def _mean_seconds(runs: dict, key: str = "training_seconds") -> float | None:
-    values = [m.get(key) for m in runs.values()]
+def _mean(values: list) -> float | None:
+    """The mean of ``values``; None when there are none or one is unknown (None)."""
     return float(sum(values) / len(values)) if values and all(v is not None for v in values) else None
+
+
+def _mean_seconds(runs: dict, key: str = "training_seconds") -> float | None:
+    return _mean([m.get(key) for m in runs.values()])
 
 
 def e2e_encoder_seconds(run_dir: str | os.PathLike, folds) -> float | None:
     """Mean seconds per fold the e2e run took to tune its encoder (its folds' history.json)."""
-    values = [training_seconds(Path(run_dir) / f"fold{k}") for k in sorted(set(folds))]
-    return float(sum(values) / len(values)) if values and all(v is not None for v in values) else None
+    return _mean([training_seconds(Path(run_dir) / f"fold{k}") for k in sorted(set(folds))])
 
 
 def e2e_table(configs: dict[str, dict], per_fold: dict[str, dict], ratio: float) -> pd.DataFrame | None:
@@ -305,7 +309,7 @@ def strategy_groups(configs: dict[str, dict]) -> list[list[str]]:
     """Groups of from-scratch experiments identical but for ``strategy`` (two or more strategies)."""
     groups: dict[tuple, list[str]] = {}
     for name, cfg in configs.items():
-        if cfg.get("strategy") and _main_comparison(cfg) and not cfg.get("e2e"):
+        if cfg.get("strategy") and _main_comparison(cfg):
             groups.setdefault(_key(cfg, "model", "model_args", "task", "scales"), []).append(name)
     return [g for g in groups.values() if len({configs[n]["strategy"] for n in g}) > 1]
 
