@@ -102,7 +102,7 @@ def plot_roc_curves(path: str | os.PathLike, metrics_per_fold: MetricsPerFold) -
         ax.set(xlim=(-0.02, 1.02), ylim=(-0.02, 1.02), xlabel="False positive rate", ylabel="True positive rate",
                aspect="equal")
         ax.set_title(f"{experiment}\nAUC {_fmt(mean)} ± {_fmt(sd)} over {len(folds)} test folds"
-                     + (" (macro-average ROC)" if multiclass else ""), fontsize=10)
+                     + ("\nmacro-average ROC" if multiclass else ""), fontsize=10)  # one line ran into the next panel
         ax.grid(color="0.9")
         ax.legend(loc="lower right", fontsize=7, frameon=True)
     fig.tight_layout()
