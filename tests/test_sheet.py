@@ -65,3 +65,50 @@ def test_ids_a_shell_would_misread_are_accepted(tmp_path):
     ids = ["a b (1)", "it's", "x;y", "$(id)", "&", "naïve é", "a-b"]
     rows = "".join(f'"{sid}",{i}.svs,x,p{i},\n' for i, sid in enumerate(ids))
     assert list(load_sheet(write(tmp_path, HEADER + rows)).index) == ids
+
+
+# ----------------------------------------------------------------------------- whitespace and label spellings
+
+
+@pytest.mark.parametrize("column", ["slide_id", "label", "patient_id"])
+@pytest.mark.parametrize(
+    "written, value",
+    [
+        ("{} ", "{} "),  # trailing space
+        (" {}", " {}"),  # leading space
+        ('"{} "', "{} "),  # quoted
+        ('" {}"', " {}"),
+        ("{}\t", "{}\t"),  # tab
+        ("{}\u00a0", "{}\u00a0"),  # non-breaking space, as a spreadsheet copy brings
+        ("\u00a0{}", "\u00a0{}"),
+    ],
+)
+def test_whitespace_around_an_id_is_refused_naming_the_row(tmp_path, column, written, value):
+    """Whitespace around a slide id, label or patient id would silently make another slide, class or
+    patient ("atypical_zonal " a class of its own): refused, naming the row and the value as written."""
+    clean = {"slide_id": "b", "label": "zonal", "patient_id": "p2"}
+    cells = {**clean, column: written.format(clean[column])}
+    text = HEADER + "a,a.svs,zonal,p1,\n" + f"{cells['slide_id']},b.svs,{cells['label']},{cells['patient_id']},\n"
+    with pytest.raises(MsamilError) as info:
+        load_sheet(write(tmp_path, text))
+    message = str(info.value)
+    assert "\n" not in message and "sheet.csv, row 3: " in message
+    assert f"{column} {value.format(clean[column])!r} starts or ends with whitespace; remove it" in message
+
+
+def test_whitespace_in_a_tsv_and_every_row_named(tmp_path):
+    text = "slide_id\tpath\tlabel\tpatient_id\n" + "".join(
+        f"s{i}\ts{i}.svs\t{'zonal ' if i % 2 else 'zonal'}\tp{i}\n" for i in range(30))
+    with pytest.raises(MsamilError, match=r"s\.tsv, rows 3, 5, 7, 9, 11, 13, 15, 17, 19, 21 and 5 more: "
+                                          r"label 'zonal ' starts or ends with whitespace"):
+        load_sheet(write(tmp_path, text, "s.tsv"))
+
+
+def test_whitespace_around_other_values_is_stripped(tmp_path):
+    df = load_sheet(write(tmp_path, HEADER + "a, slides/a.svs ,x,p1, 0.5 \n"))
+    assert df.loc["a", "path"] == str(tmp_path / "slides" / "a.svs") and df.loc["a", "mpp"] == 0.5
+
+
+def test_a_blank_value_is_empty(tmp_path):
+    with pytest.raises(MsamilError, match=r"row 2: empty `label`"):
+        load_sheet(write(tmp_path, HEADER + "a,a.svs, \u00a0 ,p1,\n"))

@@ -6,12 +6,15 @@ meaning tab-separated). Relative ``path`` and ``annotation`` values are resolved
 sheet's own folder, so a sheet and its slides can move together.
 
 Every problem is reported with the sheet's name and the row, before Snakemake plans any job.
+``slide_id``, ``label`` and ``patient_id`` are used exactly as written, so whitespace around one of
+them is refused rather than made into another slide, class or patient.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -20,6 +23,14 @@ from ..errors import MsamilError
 
 REQUIRED_COLUMNS = ("slide_id", "path", "label", "patient_id")
 OPTIONAL_COLUMNS = ("mpp", "annotation")
+# Compared as written (never stripped): they name files, classes and patients.
+ID_COLUMNS = ("slide_id", "label", "patient_id")
+# Whitespace (tabs, U+00A0 and the rest of str.isspace) and the zero-width characters that copying
+# from a spreadsheet or web page brings along: invisible, yet "tumor " is not "tumor".
+_BLANK = r"[\s\u200b\u200c\u200d\u2060\ufeff]"
+_EDGE_BLANKS = re.compile(rf"\A{_BLANK}+|{_BLANK}+\Z")
+_BLANKS = re.compile(rf"{_BLANK}+")
+_SHOWN = 10  # rows or values named in one message
 # Characters a file name cannot hold on the platforms we run on (and "/" never).
 _BAD_ID_CHARS = set('/\\\0:*?"<>|')
 # Characters the workflow cannot carry in a slide id: Snakemake reads braces in paths as wildcards,
@@ -28,13 +39,14 @@ _WORKFLOW_ID_CHARS = set("{}") | {chr(c) for c in range(32)} | {"\x7f"}
 
 
 def read_table(path: str | os.PathLike) -> pd.DataFrame:
-    """Read a CSV or TSV as strings (no type guessing: slide ids like ``001`` stay as written)."""
+    """Read a CSV or TSV as strings, exactly as written: no type guessing (slide ids like ``001``
+    stay as written) and no stripping (:func:`check_sheet` refuses whitespace around an id)."""
     path = Path(path)
     if not path.exists():
         raise MsamilError(f"slide sheet not found: {path}; set `slides` in the config to your sheet (CSV or TSV)")
     sep = "\t" if path.suffix.lower() in (".tsv", ".tab") else ","
     try:
-        return pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False, skipinitialspace=True)
+        return pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False)
     except (pd.errors.ParserError, UnicodeDecodeError) as exc:
         raise MsamilError(f"slide sheet {path}: cannot parse ({exc}); save it as plain CSV or TSV") from None
 
@@ -49,7 +61,8 @@ def load_sheet(path: str | os.PathLike, need_paths: bool = True) -> pd.DataFrame
 
     Raises:
         MsamilError: a missing column, an empty or unusable slide_id, a duplicate slide_id,
-            an empty path/label/patient_id, a non-positive mpp, or a patient with two labels.
+            an empty path/label/patient_id, whitespace around a slide_id/label/patient_id,
+            a non-positive mpp, or a patient with two labels.
     """
     path = Path(path)
     df = read_table(path)
@@ -73,12 +86,15 @@ def check_sheet(df: pd.DataFrame, path: str | os.PathLike, need_paths: bool = Tr
     if df.empty:
         raise MsamilError(f"slide sheet {path}: no rows; add one row per slide")
     for col in df.columns:
-        if df[col].dtype == object:
+        if col in ID_COLUMNS:
+            df[col] = df[col].astype(str)  # as written: whitespace around an id is refused below
+        elif pd.api.types.is_string_dtype(df[col].dtype):  # object (pandas 2) or str (pandas 3)
             df[col] = df[col].astype(str).str.strip()
+    _refuse_edge_blanks(df, path)
     for i, row in df.iterrows():
         where = f"slide sheet {path}, row {i + 2}"  # +1 header, +1 one-based
         for col in required:
-            if not row[col]:
+            if not _BLANKS.sub("", row[col]):
                 raise MsamilError(f"{where}: empty `{col}`; every slide needs {', '.join(required)}")
         sid = row["slide_id"]
         if sid in (".", "..") or any(ch in _BAD_ID_CHARS for ch in sid):
@@ -92,8 +108,8 @@ def check_sheet(df: pd.DataFrame, path: str | os.PathLike, need_paths: bool = Tr
             )
     dup = df["slide_id"][df["slide_id"].duplicated()].unique()
     if len(dup):
-        rows = ", ".join(str(i + 2) for i in df.index[df["slide_id"].isin(dup)])
-        raise MsamilError(f"slide sheet {path}: duplicate slide_id {', '.join(map(repr, dup))} (rows {rows}); slide ids must be unique")
+        rows = _rows(df.index[df["slide_id"].isin(dup)])
+        raise MsamilError(f"slide sheet {path}: duplicate slide_id {', '.join(map(repr, dup))} ({rows}); slide ids must be unique")
     labels = df.groupby("patient_id")["label"].nunique()
     conflicted = labels[labels > 1]
     if len(conflicted):
@@ -122,6 +138,33 @@ def check_sheet(df: pd.DataFrame, path: str | os.PathLike, need_paths: bool = Tr
             values.append(v)
         df["mpp"] = values
     return df.set_index("slide_id", drop=False)
+
+
+def _some(items: list[str]) -> str:
+    """The first few items, comma-separated, and how many more: one readable line for any sheet."""
+    more = f" and {len(items) - _SHOWN} more" if len(items) > _SHOWN else ""
+    return ", ".join(items[:_SHOWN]) + more
+
+
+def _rows(index) -> str:
+    """'row 2' or 'rows 2, 5, ...' (sheet rows: header = row 1) of a default-indexed table."""
+    return f"row{'s' if len(index) > 1 else ''} {_some([str(i + 2) for i in index])}"
+
+
+def _refuse_edge_blanks(df: pd.DataFrame, path: Path) -> None:
+    """Whitespace at the start or end of a slide_id, label or patient_id (blank values are left
+    to the empty-value check)."""
+    for col in ID_COLUMNS:
+        values = df[col]
+        padded = [bool(_EDGE_BLANKS.search(v)) and bool(_BLANKS.sub("", v)) for v in values]
+        if any(padded):
+            found = list(values[padded].unique())
+            example = found[0]
+            raise MsamilError(
+                f"slide sheet {path}, {_rows(df.index[padded])}: {col} {_some(list(map(repr, found)))} "
+                f"starts or ends with whitespace; remove it (values are used as written: "
+                f"{example!r} is not {_EDGE_BLANKS.sub('', example)!r})"
+            )
 
 
 def _resolve(value: str, base: Path) -> Path:
