@@ -81,6 +81,7 @@ def test_ids_a_shell_would_misread_are_accepted(tmp_path):
         ("{}\t", "{}\t"),  # tab
         ("{}\u00a0", "{}\u00a0"),  # non-breaking space, as a spreadsheet copy brings
         ("\u00a0{}", "\u00a0{}"),
+        ("{}\u200b", "{}\u200b"),  # zero-width space: invisible, not str.isspace
     ],
 )
 def test_whitespace_around_an_id_is_refused_naming_the_row(tmp_path, column, written, value):
@@ -112,3 +113,21 @@ def test_whitespace_around_other_values_is_stripped(tmp_path):
 def test_a_blank_value_is_empty(tmp_path):
     with pytest.raises(MsamilError, match=r"row 2: empty `label`"):
         load_sheet(write(tmp_path, HEADER + "a,a.svs, \u00a0 ,p1,\n"))
+
+
+@pytest.mark.parametrize(
+    "first, second",
+    [("Tumor", "tumor"), ("atypical zonal", "atypical  zonal"), ("low grade", "lowgrade"), ("ÄRGER", "ärger")],
+)
+def test_labels_differing_only_by_case_or_whitespace_are_refused(tmp_path, first, second):
+    text = HEADER + f"a,a.svs,{first},p1,\nb,b.svs,other,p2,\nc,c.svs,{second},p3,\n"
+    with pytest.raises(MsamilError) as info:
+        load_sheet(write(tmp_path, text))
+    assert str(info.value) == (f"slide sheet {tmp_path / 'sheet.csv'}: labels {first!r} (row 2) and {second!r} (row 4) "
+                               "differ only by case or whitespace; write each class one way")
+
+
+def test_labels_differing_otherwise_and_inner_spaces_load(tmp_path):
+    text = HEADER + "a (1),a.svs,atypical zonal,patient 1,\nb,b.svs,atypical_zonal,p2,\nc,c.svs,atypical zonal,p3,\n"
+    df = load_sheet(write(tmp_path, text))
+    assert sorted(set(df["label"])) == ["atypical zonal", "atypical_zonal"] and df.loc["a (1)", "patient_id"] == "patient 1"

@@ -7,7 +7,8 @@ sheet's own folder, so a sheet and its slides can move together.
 
 Every problem is reported with the sheet's name and the row, before Snakemake plans any job.
 ``slide_id``, ``label`` and ``patient_id`` are used exactly as written, so whitespace around one of
-them is refused rather than made into another slide, class or patient.
+them, or two spellings of a label that differ only by case or whitespace, is refused rather than
+made into another slide, class or patient.
 """
 
 from __future__ import annotations
@@ -62,7 +63,8 @@ def load_sheet(path: str | os.PathLike, need_paths: bool = True) -> pd.DataFrame
     Raises:
         MsamilError: a missing column, an empty or unusable slide_id, a duplicate slide_id,
             an empty path/label/patient_id, whitespace around a slide_id/label/patient_id,
-            a non-positive mpp, or a patient with two labels.
+            labels that differ only by case or whitespace, a non-positive mpp, or a patient
+            with two labels.
     """
     path = Path(path)
     df = read_table(path)
@@ -110,6 +112,7 @@ def check_sheet(df: pd.DataFrame, path: str | os.PathLike, need_paths: bool = Tr
     if len(dup):
         rows = _rows(df.index[df["slide_id"].isin(dup)])
         raise MsamilError(f"slide sheet {path}: duplicate slide_id {', '.join(map(repr, dup))} ({rows}); slide ids must be unique")
+    _refuse_label_variants(df, path)
     labels = df.groupby("patient_id")["label"].nunique()
     conflicted = labels[labels > 1]
     if len(conflicted):
@@ -164,6 +167,21 @@ def _refuse_edge_blanks(df: pd.DataFrame, path: Path) -> None:
                 f"slide sheet {path}, {_rows(df.index[padded])}: {col} {_some(list(map(repr, found)))} "
                 f"starts or ends with whitespace; remove it (values are used as written: "
                 f"{example!r} is not {_EDGE_BLANKS.sub('', example)!r})"
+            )
+
+
+def _refuse_label_variants(df: pd.DataFrame, path: Path) -> None:
+    """Two spellings of one label that differ only by case or whitespace ("Tumor" and "tumor",
+    "low grade" and "lowgrade"): one class written two ways, not two classes."""
+    spellings: dict[str, dict[str, int]] = {}  # folded label -> spelling -> its first row
+    for i, label in zip(df.index, df["label"]):
+        spellings.setdefault(_BLANKS.sub("", label).casefold(), {}).setdefault(label, i + 2)
+    for found in spellings.values():
+        if len(found) > 1:
+            shown = " and ".join(f"{label!r} (row {row})" for label, row in found.items())
+            raise MsamilError(
+                f"slide sheet {path}: labels {shown} differ only by case or whitespace; "
+                "write each class one way"
             )
 
 
