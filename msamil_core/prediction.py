@@ -159,13 +159,17 @@ def read_new_slides(path: str | os.PathLike):
     if missing:
         raise MsamilError(f"slide sheet {path}: missing column(s) {', '.join(missing)}; a sheet of slides to "
                           "predict needs slide_id and path (optional: label, patient_id, mpp, annotation)")
-    labels = df["label"].astype(str).str.strip() if "label" in df.columns else None
-    # placeholders for the checks of a training sheet: a slide is its own patient, unlabelled
-    df["label"] = labels.where(labels != "", "unlabelled") if labels is not None else "unlabelled"
-    patients = df["patient_id"].astype(str).str.strip() if "patient_id" in df.columns else df["slide_id"]
-    df["patient_id"] = patients.where(patients != "", df["slide_id"])
+    for col in ("label", "patient_id"):  # optional here
+        if col not in df.columns:
+            df[col] = ""
+    labels, patients = df["label"].astype(str), df["patient_id"].astype(str)
+    # placeholders for the checks of a training sheet where none is given: a slide is its own
+    # patient, unlabelled; a given one goes to the checks as written (whitespace around it is refused)
+    unlabelled = labels.str.strip() == ""
+    df["label"] = labels.where(~unlabelled, "unlabelled")
+    df["patient_id"] = patients.where(patients.str.strip() != "", df["slide_id"])
     sheet = check_sheet(df, path)
-    sheet["label"] = labels.tolist() if labels is not None else ""
+    sheet["label"] = labels.where(~unlabelled, "").tolist()
     return sheet
 
 

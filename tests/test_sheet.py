@@ -131,3 +131,15 @@ def test_labels_differing_otherwise_and_inner_spaces_load(tmp_path):
     text = HEADER + "a (1),a.svs,atypical zonal,patient 1,\nb,b.svs,atypical_zonal,p2,\nc,c.svs,atypical zonal,p3,\n"
     df = load_sheet(write(tmp_path, text))
     assert sorted(set(df["label"])) == ["atypical zonal", "atypical_zonal"] and df.loc["a (1)", "patient_id"] == "patient 1"
+
+
+def test_predict_sheet_refuses_whitespace_around_a_given_label(tmp_path):
+    from msamil_core.prediction import read_new_slides
+
+    p = write(tmp_path, "slide_id,path,label,patient_id\na,a.svs,,\nb,b.svs,tumor,p\nc,c.svs, ,\n")
+    df = read_new_slides(p)  # labels and patients are optional: blank ones are none given
+    assert list(df["label"]) == ["", "tumor", ""] and list(df["patient_id"]) == ["a", "p", "c"]
+    with pytest.raises(MsamilError, match=r"row 3: label 'tumor ' starts or ends with whitespace"):
+        read_new_slides(write(tmp_path, "slide_id,path,label\na,a.svs,\nb,b.svs,tumor \n"))
+    with pytest.raises(MsamilError, match=r"row 2: patient_id 'p\\xa0' starts or ends with whitespace"):
+        read_new_slides(write(tmp_path, "slide_id,path,patient_id\na,a.svs,p\u00a0\n"))
