@@ -178,3 +178,23 @@ def test_preprocess_fails_whole_and_refuses_what_it_cannot_do(tmp_path, blank_sl
         assert run.returncode == 1 and words in run.stderr and len(run.stderr.strip().splitlines()) == 1
         assert not out.exists() or not any(out.iterdir())
 
+
+
+def test_list_models_json_lists_every_name(capsys):
+    """`msamil list-models --json`: what msamil_core.names caches for the parse-time name checks."""
+    import timm
+
+    from msamil_core.features.presets import PRESETS
+    from msamil_core.mil import list_models
+
+    assert main(["list-models", "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert listed == {
+        "mil": list_models(),
+        "encoders": {"presets": list(PRESETS), "registered": ["msfem"], "timm": timm.list_models()},
+    }
+    assert main(["list-models", "--json", "abmil*"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert listed["mil"] == list_models("abmil*") and listed["encoders"] == {"presets": [], "registered": [], "timm": []}
+    assert main(["list-models", "abmil*"]) == 0
+    assert "abmil.base" in capsys.readouterr().out
