@@ -1,7 +1,7 @@
 """Report charts as PNG with matplotlib (Agg): ROC curves, confusion matrices, line plots.
 
 Inputs of the ROC and confusion charts are the per-fold metrics dicts of
-:func:`msamil_core.training.metrics.classification_metrics`, as ``{experiment: {fold: metrics}}``;
+:func:`msamil_core.evaluation.metrics.classification_metrics`, as ``{experiment: {fold: metrics}}``;
 each chart has one panel per experiment, side by side (at most three per row).
 """
 
@@ -14,8 +14,8 @@ from typing import Any
 
 import numpy as np
 
+from ..evaluation.metrics import summarize
 from ..fileio import atomic_path
-from ..training.metrics import summarize
 
 MetricsPerFold = Mapping[str, Mapping[Any, Mapping[str, Any]]]
 PANEL = 4.2  # inches per panel side
