@@ -53,8 +53,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from msamil_core.evaluation.metrics import roc  # noqa: E402
 from msamil_core.mil import create_model, list_models  # noqa: E402
-from msamil_core.training.metrics import roc  # noqa: E402
 
 DIM = 16
 CONCEPTS = {"P": 0, "N": 1, "A": 2, "B": 3, "Z": 4}

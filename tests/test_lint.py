@@ -109,8 +109,16 @@ def test_no_module_imports_another_modules_private_names():
     assert offenders == []
 
 
-def test_no_import_cycles():
-    graph = {module: {target for target, _ in edges if target != module} for module, edges in _imports().items()}
+def _package(module: str) -> str:
+    """The node of ``module`` in the package-level graph: its subpackage of msamil_core
+    (``training``) or top-level module (``pipeline``); ``msamil_core`` itself for the root."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else parts[0]
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The nodes of each cycle of ``graph`` (node -> nodes it points to): its strongly connected
+    components of more than one node."""
     index, low, on_stack, stack, cycles, counter = {}, {}, set(), [], [], [0]
 
     def visit(v):  # Tarjan's strongly connected components
@@ -135,10 +143,37 @@ def test_no_import_cycles():
             if len(component) > 1:
                 cycles.append(sorted(component))
 
-    for module in graph:
-        if module not in index:
-            visit(module)
-    assert cycles == []
+    for node in graph:
+        if node not in index:
+            visit(node)
+    return cycles
+
+
+def test_no_import_cycles():
+    graph = {module: {target for target, _ in edges if target != module} for module, edges in _imports().items()}
+    assert _cycles(graph) == []
+
+
+def test_no_package_import_cycles():
+    """Nor between packages (each subpackage and top-level module a node): ``a.x`` importing
+    ``b.y`` while ``b.z`` imports ``a.w`` is no cycle of modules, but it is one of packages."""
+    graph = {}
+    for module, edges in _imports().items():
+        graph.setdefault(_package(module), set()).update(_package(target) for target, _ in edges)
+    assert _cycles({package: targets - {package} for package, targets in graph.items()}) == []
+
+
+def test_layers_point_one_way():
+    """``reporting`` may import ``training``, never the reverse; ``evaluation`` (metrics and
+    statistics) lies below both; the command line is the top layer, which only ``__main__`` imports."""
+    below = {"training": {"reporting"}, "evaluation": {"training", "reporting"}}
+
+    def forbidden(package: str) -> set[str]:
+        return below.get(package, set()) | (set() if package in ("cli", "__main__") else {"cli"})
+
+    offenders = [f"{module} imports {target}" for module, edges in _imports().items() for target, _ in edges
+                 if _package(target) in forbidden(_package(module))]
+    assert offenders == []
 
 
 def test_commands_import_no_other_command():

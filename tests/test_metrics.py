@@ -17,7 +17,7 @@ from sklearn.metrics import (
     roc_curve,
 )
 
-from msamil_core.training.metrics import classification_metrics, read_predictions, summarize, write_predictions
+from msamil_core.evaluation.metrics import classification_metrics, read_predictions, summarize, write_predictions
 from msamil_core.reporting.plots import plot_confusion_matrices, plot_roc_curves, roc_points, summed_confusion
 
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import REPO
-from msamil_core.training.metrics import roc
+from msamil_core.evaluation.metrics import roc
 
 spec = importlib.util.spec_from_file_location("mil_unit_tests", REPO / "bench" / "mil_unit_tests.py")
 bench = importlib.util.module_from_spec(spec)

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import torch
 
+from msamil_core.evaluation.metrics import classification_metrics
+from msamil_core.evaluation.stats import corrected_ttest
 from msamil_core.reporting import tables
 from msamil_core.reporting.report import load_experiment, write_report
-from msamil_core.training.metrics import classification_metrics
-from msamil_core.training.stats import corrected_ttest
 
 CLASSES = ["a", "b"]
 

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from scipy import stats as sps
 
-from msamil_core.training.metrics import classification_metrics
-from msamil_core.training.stats import compare, corrected_ttest, kfold_test_train_ratio, paired_bootstrap, paired_runs
+from msamil_core.evaluation.metrics import classification_metrics
+from msamil_core.evaluation.stats import compare, corrected_ttest, kfold_test_train_ratio, paired_bootstrap, paired_runs
 
 # 3 repeats x 5 folds of AUC differences (fixed numbers, not drawn)
 D = [0.04, -0.01, 0.06, 0.02, 0.00, 0.05, 0.03, -0.02, 0.07, 0.01, 0.02, 0.04, 0.00, 0.03, 0.05]

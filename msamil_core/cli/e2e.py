@@ -96,7 +96,8 @@ def run(args: argparse.Namespace) -> None:
     from pathlib import Path
 
     from ..cohort.sheet import load_sheet
-    from ..runtime import resolve_device, set_threads
+    from ..reporting.plots import plot_k_study
+    from ..runtime import is_main_process, resolve_device, set_threads
     from ..training.e2e import run_e2e
 
     set_threads(args.threads)
@@ -105,3 +106,5 @@ def run(args: argparse.Namespace) -> None:
     run_e2e(e2e_options(args), encoder_spec(args), sheet, folds, fold_indices(args, folds), args.coords_dir, args.out,
             resolve_device(args.device), args.classes, args.val_fraction, args.split_seed, args.k_study,
             args.k_study_steps)
+    if args.k_study and is_main_process():  # training writes the curves' CSV; reporting draws them
+        plot_k_study(args.out)

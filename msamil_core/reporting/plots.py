@@ -1,7 +1,8 @@
-"""Report charts as PNG with matplotlib (Agg): ROC curves, confusion matrices, line plots.
+"""Report charts as PNG with matplotlib (Agg): ROC curves, confusion matrices, line plots
+(learning curves, the K study's loss curves).
 
 Inputs of the ROC and confusion charts are the per-fold metrics dicts of
-:func:`msamil_core.training.metrics.classification_metrics`, as ``{experiment: {fold: metrics}}``;
+:func:`msamil_core.evaluation.metrics.classification_metrics`, as ``{experiment: {fold: metrics}}``;
 each chart has one panel per experiment, side by side (at most three per row).
 """
 
@@ -10,12 +11,13 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from ..evaluation.metrics import summarize
 from ..fileio import atomic_path
-from ..training.metrics import summarize
 
 MetricsPerFold = Mapping[str, Mapping[Any, Mapping[str, Any]]]
 PANEL = 4.2  # inches per panel side
@@ -161,6 +163,25 @@ def plot_curves(path: str | os.PathLike, curves: Mapping[str, tuple[Sequence[flo
     ax.legend(fontsize=8)
     fig.tight_layout()
     save_figure(fig, path)
+
+
+def plot_k_study(study_dir: str | os.PathLike) -> None:
+    """``k_study.png`` in a K study's folder from its ``k_study.csv`` (k, step, loss; written by
+    :func:`msamil_core.training.e2e.write_k_study`): training loss against step per K, smoothed
+    over a window of a tenth of the steps."""
+    import pandas as pd
+
+    study_dir = Path(study_dir)
+    # float() reads back the very losses training wrote (pandas < 3's default parser may miss by an ulp)
+    rows = pd.read_csv(study_dir / "k_study.csv", converters={"loss": float})
+    curves = {}
+    for k, group in rows.groupby("k"):
+        losses = group.sort_values("step", kind="stable")["loss"].to_numpy()
+        window = max(1, len(losses) // 10)
+        smooth = np.convolve(losses, np.ones(window) / window, mode="valid")
+        curves[f"K = {k}"] = (np.arange(len(smooth)) + window - 1, smooth)
+    plot_curves(study_dir / "k_study.png", curves, xlabel="optimizer step",
+                ylabel="training loss (moving average)", title="End-to-end training loss against K")
 
 
 def plot_learning_curve(path: str | os.PathLike, points: Mapping[str, tuple[Sequence[float], ...]],

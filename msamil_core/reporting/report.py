@@ -7,7 +7,7 @@ config) and writes ``index.html`` (the jinja2 template ``templates/report.html.j
 comparisons (multi against single scale, transfer against scratch, e2e against frozen features,
 patch-selection strategies, ablations against the full model, learning curves) are found from the
 experiments' configs (:mod:`.tables`), each with the paired difference of AUC and balanced
-accuracy over the runs both experiments share (:mod:`msamil_core.training.stats`). The page links only files inside or beside the report folder by relative paths,
+accuracy over the runs both experiments share (:mod:`msamil_core.evaluation.stats`). The page links only files inside or beside the report folder by relative paths,
 so it opens offline.
 """
 
@@ -22,8 +22,8 @@ import pandas as pd
 
 from ..cohort.screening import read_left_out
 from ..errors import MsamilError
+from ..evaluation.metrics import summarize
 from ..fileio import atomic_path, torch_load
-from ..training.metrics import summarize
 from . import tables
 from .pages import render
 

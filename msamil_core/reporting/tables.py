@@ -20,7 +20,7 @@ from pathlib import Path
 import pandas as pd
 
 from ..errors import MsamilError
-from ..training.metrics import summarize
+from ..evaluation.metrics import summarize
 
 HEADLINE = ("auc", "balanced_accuracy", "accuracy", "f1_macro")
 
@@ -33,7 +33,7 @@ def mean_sd(mean: float | None, sd: float | None) -> str:
 
 
 def metric(summary: pd.DataFrame, experiment: str, name: str) -> tuple[float, float]:
-    """(mean, sd) of one metric of one experiment in a :func:`~msamil_core.training.metrics.summarize` table."""
+    """(mean, sd) of one metric of one experiment in a :func:`~msamil_core.evaluation.metrics.summarize` table."""
     row = summary[(summary.experiment == experiment) & (summary.metric == name)]
     return (float(row["mean"].iloc[0]), float(row["sd"].iloc[0])) if len(row) else (math.nan, math.nan)
 
@@ -71,7 +71,7 @@ def paired_metrics(per_fold: dict[str, dict], configs: dict[str, dict], a: str, 
 
 def test_train_ratio(per_fold: dict[str, dict]) -> float:
     """``n_test / n_train`` of the report's k-fold runs: ``1 / (k - 1)`` for the largest fold count."""
-    from ..training.stats import kfold_test_train_ratio
+    from ..evaluation.stats import kfold_test_train_ratio
 
     k = max((fold + 1 for runs in per_fold.values() for _, fold in runs), default=2)
     return kfold_test_train_ratio(max(k, 2))
@@ -81,8 +81,8 @@ def comparison_table(pairs: list[tuple[str, str]], per_fold: dict[str, dict], co
                      ratio: float, labels: tuple[str, str] = ("A", "B")) -> pd.DataFrame | None:
     """One row per (A, B) pair: each side's AUC and balanced accuracy (mean ± sd over the paired
     runs) and the paired difference A - B with its 95 % interval and p-value of the corrected
-    resampled t-test (:func:`~msamil_core.training.stats.compare`), and whether it is significant."""
-    from ..training.stats import compare, format_difference, format_p
+    resampled t-test (:func:`~msamil_core.evaluation.stats.compare`), and whether it is significant."""
+    from ..evaluation.stats import compare, format_difference, format_p
 
     rows = []
     for a, b in pairs:
@@ -258,7 +258,7 @@ def learning_curves(configs: dict[str, dict], per_fold: dict[str, dict], ratio: 
     ``{arm: [(fraction, experiment), ...]}``, the AUC points ``{arm: (fractions, mean, low,
     high)}`` (95 % interval of the mean over runs, corrected as the paired test) and the
     transfer-against-scratch :func:`comparison_table` per fraction."""
-    from ..training.stats import corrected_ttest
+    from ..evaluation.stats import corrected_ttest
 
     groups: dict[tuple, dict[str, list]] = {}
     for name, cfg in configs.items():

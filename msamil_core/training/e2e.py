@@ -28,7 +28,7 @@ which ``msamil extract --encoder-checkpoint`` re-extracts features with); ``resu
 
 The K study (:func:`k_study`, Campanella et al.'s finding that the training loss falls as K
 grows) trains the same initial model for the same number of steps with several K and writes
-the loss curves (CSV, PNG) and a summary.
+the loss curves and a summary as CSV; ``msamil e2e`` has reporting draw the curves.
 """
 
 from __future__ import annotations
@@ -464,11 +464,9 @@ def k_study_summary(rows: list[dict], ends: list[dict] = (), tail: float = 0.25)
 
 
 def write_k_study(out_dir: str | os.PathLike, rows: list[dict], ends: list[dict] = ()) -> list[dict]:
-    """``k_study.csv`` (k, step, loss), ``k_study_summary.csv`` and ``k_study.png`` (loss against
-    step per K, smoothed over a window of a tenth of the steps) in ``out_dir``."""
+    """``k_study.csv`` (k, step, loss) and ``k_study_summary.csv`` in ``out_dir`` (``msamil e2e``
+    then draws ``k_study.png`` from the CSV)."""
     import pandas as pd
-
-    from ..reporting.plots import plot_curves
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -477,14 +475,6 @@ def write_k_study(out_dir: str | os.PathLike, rows: list[dict], ends: list[dict]
     summary = k_study_summary(rows, ends)
     with atomic_path(out_dir / "k_study_summary.csv") as tmp:
         pd.DataFrame(summary).to_csv(tmp, index=False)
-    curves = {}
-    for k in sorted({r["k"] for r in rows}):
-        losses = np.array([r["loss"] for r in sorted((r for r in rows if r["k"] == k), key=lambda r: r["step"])])
-        window = max(1, len(losses) // 10)
-        smooth = np.convolve(losses, np.ones(window) / window, mode="valid")
-        curves[f"K = {k}"] = (np.arange(len(smooth)) + window - 1, smooth)
-    plot_curves(out_dir / "k_study.png", curves, xlabel="optimizer step",
-                ylabel="training loss (moving average)", title="End-to-end training loss against K")
     return summary
 
 

@@ -296,9 +296,9 @@ def predict(model, dataset, device, bf16: bool = True, forward=None) -> tuple[np
 
 
 def validation_metrics(model, dataset, classes: list[str], device, bf16: bool = True, forward=None) -> dict | None:
-    """``loss`` and :func:`~msamil_core.training.metrics.classification_metrics` of the model on a
+    """``loss`` and :func:`~msamil_core.evaluation.metrics.classification_metrics` of the model on a
     validation set (None when it is empty): what the engine's tasks return from ``evaluate``."""
-    from .metrics import classification_metrics
+    from ..evaluation.metrics import classification_metrics
 
     if not len(dataset):
         return None
@@ -406,7 +406,7 @@ def evaluate_fold(fold_dir: str | os.PathLike, k: int, sheet, folds, features: s
     """Run ``fold_dir/checkpoint.pt`` on fold ``k``'s test part; write predictions.csv and
     metrics.json there (``inference_seconds``: loading the test bags and running the model)."""
     from ..cohort.tasks import select_slides, task_classes
-    from .metrics import classification_metrics, write_predictions
+    from ..evaluation.metrics import classification_metrics, write_predictions
     from .splits import fold_parts
 
     fold_dir = Path(fold_dir)
