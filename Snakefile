@@ -3,17 +3,15 @@
 #       snakemake --cores N --config slides=my_cohort.csv
 import os
 
-from snakemake.utils import min_version, validate
+from snakemake.utils import min_version
 
 min_version("9.0")
 
 
 # The repository's defaults, found from the Snakefile so that `--directory` runs work too;
-# --configfile and --config on the command line are merged on top.
+# --configfile and --config on the command line are merged on top. rules/common.smk checks every
+# key and value against the settings model (msamil_core/settings.py) before any job is planned.
 configfile: os.path.join(workflow.basedir, "config", "config.yaml")
-
-
-validate(config, "workflow/schemas/config.schema.yaml")
 
 # envs/msamil.yaml (`--sdm conda`) pip-installs the package from this checkout; Snakemake
 # builds environments from a copy of the file under .snakemake/conda/, so a relative path

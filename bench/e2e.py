@@ -39,7 +39,8 @@ def run_case(args, k: int, checkpointing: bool) -> dict:
     import torch.nn.functional as F
 
     from msamil_core.features.encoders import EncoderSpec
-    from msamil_core.training.e2e import E2EConfig, SlidePatches, build_joint_model, slide_forward
+    from msamil_core.settings import E2EConfig
+    from msamil_core.training.e2e import SlidePatches, build_joint_model, slide_forward
 
     if args.threads:
         torch.set_num_threads(args.threads)

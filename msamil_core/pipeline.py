@@ -19,86 +19,65 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from . import layout
 from .errors import MsamilError
 from .fileio import make_temp_dir, write_json
-from .wsi.geometry import DEFAULT_BASE_MPP, SCALES
-from .wsi.tissue import TissueParams
+from .settings import STRATEGIES, FeatureSettings, PatchSettings, ThumbnailSettings, TissueSettings
+from .wsi.geometry import SCALES
 
 log = logging.getLogger(__name__)
 
-#: Patch-selection strategies (MsaMIL-Net Table 1): patches on the segmented lesion (within
-#: tissue), on all tissue, or a seeded random subset of the tissue patches.
-STRATEGIES = ("lesion", "tissue", "random")
 #: The ``selection`` attribute each strategy's coordinates files carry.
 SELECTION = {"lesion": "lesion", "tissue": "tissue", "random": "random tissue"}
 
 
 @dataclass
-class PatchSettings:
-    """Patch grids (the config's ``patches`` section, strategy aside)."""
-
-    patch_size: int = 512  # px at each target magnification
-    min_fraction: float = 0.7  # a patch is kept when the selection mask covers this much of it
-    base_mpp: float = DEFAULT_BASE_MPP  # µm/px that defines 20x
-    random_n: int = 0  # the random strategy: 20x patches per slide (a quarter at 10x, a sixteenth at 5x)
-    random_seed: int = 0
-
-    def __post_init__(self):
-        if self.patch_size < 1:
-            raise MsamilError(f"patch size must be positive, got {self.patch_size}")
-        if not 0.0 < self.min_fraction <= 1.0:
-            raise MsamilError(f"min_fraction must be in (0, 1], got {self.min_fraction}")
-        if self.random_n < 0:
-            raise MsamilError(f"random_n must be 0 or a positive number of patches, got {self.random_n}")
-
-
-@dataclass
 class ExtractOptions:
-    """How features are computed (not what they are: that is the encoder spec)."""
+    """How features are computed: the config's `features` (batch size, readers, stored
+    precision) and the machine's device; not what they are (that is the encoder spec)."""
 
-    batch_size: int = 32  # patches per forward pass
-    workers: int = 2  # reader processes decoding patches (0 = in the job's own process)
+    features: FeatureSettings = field(default_factory=FeatureSettings)
     device: str = "auto"
-    fp16: bool = False  # store features as float16
     progress: bool = True
 
-    def __post_init__(self):
-        if self.batch_size < 1:
-            raise MsamilError(f"--batch-size must be at least 1, got {self.batch_size}")
-        if self.workers < 0:
-            raise MsamilError(f"--workers must be 0 or more, got {self.workers}")
+    def kwargs(self) -> dict:
+        """The keyword arguments of :func:`~msamil_core.features.extraction.extract_bags`."""
+        f = self.features
+        return {"batch_size": f.batch_size, "workers": f.workers, "fp16": f.fp16, "device": self.device,
+                "progress": self.progress}
 
 
 # ----------------------------------------------------------------------------- the steps
 
 
 def make_thumbnail(slide_path: str | os.PathLike, thumbnail: str | os.PathLike, meta: str | os.PathLike,
-                   slide_id: str | None = None, mpp: float | None = None, long_side: int = 1024) -> None:
-    """Write a slide's thumbnail (PNG, long side ``long_side`` px) and meta.json (last: it marks
-    the pair complete)."""
+                   slide_id: str | None = None, mpp: float | None = None,
+                   settings: ThumbnailSettings | None = None) -> None:
+    """Write a slide's thumbnail (PNG, long side ``settings.long_side`` px) and meta.json (last:
+    it marks the pair complete)."""
     from .wsi.masks import save_rgb_png
     from .wsi.slide import open_slide
     from .wsi.thumbnail import thumbnail_and_meta
 
     with open_slide(slide_path, slide_id, mpp) as slide:
-        rgb, info = thumbnail_and_meta(slide, long_side)
+        rgb, info = thumbnail_and_meta(slide, (settings or ThumbnailSettings()).long_side)
     save_rgb_png(thumbnail, rgb)
     write_json(meta, info)
 
 
-def make_tissue_mask(thumbnail: str | os.PathLike, out: str | os.PathLike, params: TissueParams | None = None,
-                     min_tissue_fraction: float = 1e-3, slide_id: str | None = None) -> np.ndarray:
+def make_tissue_mask(thumbnail: str | os.PathLike, out: str | os.PathLike, params: TissueSettings | None = None,
+                     slide_id: str | None = None) -> np.ndarray:
     """Write the tissue mask of a thumbnail (PNG, 0/255); fails naming the slide when it has no tissue."""
     from .wsi.masks import read_rgb, save_mask
     from .wsi.tissue import slide_tissue_mask
 
     slide_id = slide_id or Path(thumbnail).parent.name
-    mask = slide_tissue_mask(read_rgb(thumbnail, slide_id), params or TissueParams(), min_tissue_fraction, slide_id)
+    mask = slide_tissue_mask(read_rgb(thumbnail, slide_id), params or TissueSettings(), slide_id)
     save_mask(out, mask)
     return mask
 
@@ -120,7 +99,8 @@ def make_lesion_mask(checkpoint: str | os.PathLike, thumbnail: str | os.PathLike
     from PIL import Image
 
     from .fileio import atomic_path
-    from .segmentation.postprocess import PostProcess, postprocess as apply, stored_probabilities
+    from .segmentation.postprocess import postprocess as apply, stored_probabilities
+    from .settings import PostProcessSettings
     from .wsi.masks import load_mask, read_rgb, save_mask
 
     slide_id = slide_id or Path(thumbnail).parent.name
@@ -144,8 +124,9 @@ def make_lesion_mask(checkpoint: str | os.PathLike, thumbnail: str | os.PathLike
             f"slide {slide_id!r}: tissue mask {tissue_mask} is {tissue.shape[1]} x {tissue.shape[0]} px, the thumbnail "
             f"{prob.shape[1]} x {prob.shape[0]}; rerun the tissue step of this slide"
         )
-    settings = {**asdict(PostProcess()), **saved, **{k: v for k, v in (postprocess or {}).items() if v is not None}}
-    post = PostProcess(**{k: settings[k] for k in PostProcess.__dataclass_fields__})
+    settings = {**PostProcessSettings().to_dict(), **saved,
+                **{k: v for k, v in (postprocess or {}).items() if v is not None}}
+    post = PostProcessSettings(**{k: settings[k] for k in PostProcessSettings.names()})
     mask = apply(prob, tissue, post)
     tissue_px = int(tissue.sum())
     fraction = float(mask.sum()) / tissue_px if tissue_px else 0.0
@@ -182,8 +163,6 @@ def select_grids(meta: dict, tissue: np.ndarray, lesion: np.ndarray | None, stra
     grids = make_grids(mask, (meta["width"], meta["height"]), meta["mpp"], patch_size=settings.patch_size,
                        min_fraction=settings.min_fraction, base_mpp=settings.base_mpp, name=slide_id)
     if strategy == "random":
-        if settings.random_n < 1:
-            raise MsamilError("the random strategy needs random_n (--random N): patches per slide at 20x")
         grids = sample_grids(grids, settings.random_n, settings.random_seed, slide_id)
     digest = (meta.get("source") or {}).get("digest")
     extra = {"selection": SELECTION[strategy], **({"slide_digest": digest} if digest else {})}
@@ -239,7 +218,7 @@ def make_bags(slide_path: str | os.PathLike, bags: dict[str, tuple[list[str], st
     if len(set(map(str, outs))) != len(outs):
         raise MsamilError(f"a bag file is named twice ({', '.join(map(str, outs))}); each bag needs its own file")
     made = extract_bags(slide_path, [list(coords) for coords, _ in bags.values()], spec, slide_id=slide_id, mpp=mpp,
-                        **asdict(options))
+                        **options.kwargs())
     for out, bag in zip(outs, made):
         save_bag(out, bag)
     return made
@@ -250,23 +229,20 @@ def make_bags(slide_path: str | os.PathLike, bags: dict[str, tuple[list[str], st
 
 @dataclass
 class SlideSettings:
-    """Everything the chain needs besides the slide: the workflow config's per-slide settings,
-    which must be those the experiment was trained with."""
+    """Everything the chain needs besides the slide: the settings the experiment was trained with
+    (its manifest's), and how to compute (``extract``)."""
 
     encoder: object  # features.encoders.EncoderSpec
-    long_side: int = 1024
-    tissue: TissueParams = field(default_factory=TissueParams)
-    min_tissue_fraction: float = 1e-3
+    thumbnail: ThumbnailSettings = field(default_factory=ThumbnailSettings)
+    tissue: TissueSettings = field(default_factory=TissueSettings)
     patches: PatchSettings = field(default_factory=PatchSettings)
-    strategy: str = "tissue"  # lesion needs segmentation_checkpoint
-    segmentation_checkpoint: str | None = None
+    segmentation_checkpoint: str | None = None  # the lesion model of the lesion strategy
     extract: ExtractOptions = field(default_factory=ExtractOptions)
 
     def __post_init__(self):
-        if self.strategy not in STRATEGIES:
-            raise MsamilError(f"patch strategy {self.strategy!r}: not one of {', '.join(STRATEGIES)}")
+        self.strategy = self.patches.resolved_strategy(bool(self.segmentation_checkpoint))
         if self.strategy == "lesion" and not self.segmentation_checkpoint:
-            raise MsamilError("the lesion patch strategy needs a segmentation checkpoint (--segmentation-checkpoint)")
+            raise MsamilError("the lesion patch strategy needs the lesion model (a segmentation checkpoint)")
 
 
 @dataclass
@@ -284,15 +260,15 @@ class SlideFiles:
     @classmethod
     def under(cls, results: str | os.PathLike, slide_id: str, feature_dir: str | os.PathLike | None = None,
               coords_dir: str | os.PathLike | None = None) -> "SlideFiles":
-        """``results/slides/<id>/``, ``<coords_dir or results/coords>/<scale>/<id>.h5`` and
-        ``<feature_dir or results/features>/<id>.pt``."""
-        results = Path(results)
-        slide_dir = results / "slides" / slide_id
-        coords_dir = Path(coords_dir) if coords_dir else results / "coords"
-        feature_dir = Path(feature_dir) if feature_dir else results / "features"
-        return cls(slide_id, slide_dir / "thumbnail.png", slide_dir / "meta.json", slide_dir / "tissue_mask.png",
-                   slide_dir / "lesion_mask.png", {s: coords_dir / s / f"{slide_id}.h5" for s in SCALES},
-                   feature_dir / f"{slide_id}.pt")
+        """A slide's files in the results layout (:mod:`msamil_core.layout`) under ``results``:
+        its slide folder, its coordinates in ``coords_dir`` (default ``results/coords``) and its
+        bag in ``feature_dir`` (default ``results/features``)."""
+        results = str(results)
+        coords_dir = str(coords_dir) if coords_dir else f"{results}/coords"
+        bag = Path(feature_dir) / f"{slide_id}.pt" if feature_dir else Path(results) / "features" / f"{slide_id}.pt"
+        files = [Path(layout.slide_file(slide_id, name, results))
+                 for name in (layout.THUMBNAIL, layout.META, layout.TISSUE_MASK, layout.LESION_MASK)]
+        return cls(slide_id, *files, {s: Path(layout.scale_file(coords_dir, s, slide_id)) for s in SCALES}, bag)
 
 
 class _Staging:
@@ -404,7 +380,7 @@ def prepare_slide(slide_path: str | os.PathLike, slide_id: str, mpp: float | Non
         else:
             coords = _stage_coordinates(slide_path, slide_id, mpp, settings, out, places, stage, identity)
         bag = extract_bags(slide_path, [list(coords.values())], settings.encoder, slide_id=slide_id, mpp=mpp,
-                           digest=digest, **asdict(settings.extract))[0]
+                           digest=digest, **settings.extract.kwargs())[0]
         check_encoder(wanted, bag.encoder, "the model", "the encoder given")
         if len(bag) == 0:
             raise MsamilError(f"slide {slide_id!r}: no patch passes the selection mask, so there is nothing to classify")
@@ -430,9 +406,9 @@ def _stage_coordinates(slide_path, slide_id: str, mpp, settings: SlideSettings, 
         meta_path, tissue_path, lesion_path = folder.meta, folder.tissue, folder.lesion
     else:
         thumb, meta_path = stage.path(out.thumbnail), stage.path(out.meta)
-        make_thumbnail(slide_path, thumb, meta_path, slide_id, mpp, settings.long_side)
+        make_thumbnail(slide_path, thumb, meta_path, slide_id, mpp, settings.thumbnail)
         tissue_path = stage.path(out.tissue)
-        make_tissue_mask(thumb, tissue_path, settings.tissue, settings.min_tissue_fraction, slide_id)
+        make_tissue_mask(thumb, tissue_path, settings.tissue, slide_id)
         lesion_path = None
         if needs_lesion:
             lesion_path = stage.path(out.lesion)

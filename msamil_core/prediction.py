@@ -5,11 +5,14 @@ then every fold's model; the ensemble's class probabilities are the mean over fo
 fold's vote is its most probable class. :func:`predict_slides` is ``msamil predict``;
 :func:`draw_fold_heatmaps` is ``msamil heatmap`` (one fold's attention on its test slides).
 
-Predictions write only under their own folder: per-slide files that were made from the same slide
-file are reused from there or from the workflow's results (read only), and whatever is missing is
-computed into ``<out>/slides/``, ``<out>/coords/`` and ``<out>/features/``, so a prediction never
-changes the cohort's files. The checkpoint's ``encoder`` (name plus weight hash) must be the
-encoder given and the one that made any reused bag; a mismatch fails naming both.
+Every per-slide setting comes from the experiment's manifest (:mod:`msamil_core.manifest`,
+:func:`slide_settings`): a setting given on the command line that contradicts it stops the run,
+naming both values. Predictions write only under their own folder: per-slide files that were
+made from the same slide file with the same settings are reused from there or from the
+workflow's results (read only), and whatever is missing is computed into ``<out>/slides/``,
+``<out>/coords/`` and ``<out>/features/``, so a prediction never changes the cohort's files. The
+checkpoint's ``encoder`` (name plus weight hash) must be the manifest's and the one that made any
+reused bag; a mismatch fails naming both.
 """
 
 from __future__ import annotations
@@ -22,11 +25,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import layout
 from .cohort.sheet import check_sheet, load_sheet, read_table, slide_mpp
 from .errors import MsamilError
 from .features.bags import find_bag, load_bag
 from .fileio import atomic_path, write_json
-from .pipeline import SlideFiles, SlideSettings, check_encoder, prepare_slide, slide_folder
+from .manifest import Manifest, read_manifest
+from .pipeline import ExtractOptions, SlideFiles, SlideSettings, check_encoder, prepare_slide, slide_folder
+from .settings import EncoderSettings, PatchSettings, ThumbnailSettings, TissueSettings, flag_of, fields_of
 from .reporting.heatmaps import SlideAttention
 from .training.mil import bag_item, checkpoint_scales, forward_bag, load_checkpoint, scale_indices
 
@@ -145,6 +151,103 @@ def model_attention(model, item, device) -> tuple[np.ndarray, np.ndarray]:
     return probs, attention[0].float().cpu().numpy().astype(np.float64)
 
 
+# ----------------------------------------------------------------------------- the manifest's settings
+
+
+def _contradiction(flag: str, given, stated, manifest: Manifest, key: str) -> MsamilError:
+    option = (flag if given else f"--no-{flag[2:]}") if isinstance(given, bool) else f"{flag} {_show(given)}"
+    return MsamilError(f"{option} contradicts the experiment's manifest {manifest.path}: its models were trained "
+                       f"with {key} {_show(stated)}; leave the option out (the manifest's value is used)")
+
+
+def _show(value) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    return " ".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+
+
+def _checked(manifest: Manifest, cls: type, section: str, flags: dict):
+    """The manifest's settings of one section, after checking that no flag contradicts them."""
+    stated = manifest.settings_of(section)
+    for f, _ in fields_of(cls):
+        if f.name in flags and flags[f.name] != getattr(stated, f.name):
+            if cls is PatchSettings and f.name == "strategy" and stated.resolved_strategy(
+                    manifest.get("segmentation") is not None) == flags[f.name]:
+                continue
+            raise _contradiction(flag_of(f), flags[f.name], getattr(stated, f.name), manifest,
+                                 f"{cls.KEY or section}.{f.name}")
+    return stated
+
+
+def _checked_encoder(manifest: Manifest, flags: dict):
+    """The manifest's encoder spec, after checking the encoder flags: a name, options or weights
+    that give another encoder id, or another input size or normalisation, contradict it."""
+    from .features.encoders import EncoderSpec, encoder_id
+
+    stated = manifest.encoder
+    spec = EncoderSpec.from_settings(stated)
+    if not flags:
+        return spec
+    mine = EncoderSpec.from_settings(stated.replace(**flags))
+    record = manifest["encoder"]
+    fields = {f.name: f for f, _ in fields_of(EncoderSettings)}
+    for key, ours, theirs in (("input_size", mine.input_size, record["input_size"]),
+                              ("mean", list(mine.mean), record["mean"]), ("std", list(mine.std), record["std"])):
+        if ours != theirs:
+            raise _contradiction(flag_of(fields[key]), flags.get(key, ours), theirs, manifest, f"encoder {key}")
+    if encoder_id(mine) != record["id"]:
+        changed = next(iter(k for k in ("name", "weights", "options", "seed") if k in flags), next(iter(flags)))
+        raise _contradiction(flag_of(fields[changed]), flags[changed], getattr(stated, changed), manifest,
+                             f"encoder {changed} (encoder id {record['id']}, which a different encoder or weights "
+                             f"would not give)")
+    return spec
+
+
+def slide_settings(models: str | os.PathLike, flags: dict[type, dict], segmentation_checkpoint: str | None = None,
+                   fp16: bool | None = None, extract: ExtractOptions | None = None) -> SlideSettings:
+    """The per-slide settings an experiment's models were trained with, from its manifest, for
+    ``msamil predict``: ``flags`` ({settings class: {field: value}}, the options given) must agree
+    with it, or one line names both values. Without a manifest (an experiment trained by hand
+    with ``msamil train``) the flags over the defaults are used, unchecked, and a warning says so."""
+    extract = extract or ExtractOptions()
+    manifest = read_manifest(models)
+    if manifest is None:
+        log.warning("%s has no manifest.json (trained outside the workflow): the preprocessing and encoder settings "
+                    "given are used unchecked, over the defaults; the workflow's experiments carry their own", models)
+        from .features.encoders import EncoderSpec
+
+        make = {cls: cls(**flags.get(cls, {})) for cls in (ThumbnailSettings, TissueSettings, PatchSettings,
+                                                              EncoderSettings)}
+        if fp16 is not None:
+            extract = ExtractOptions(extract.features.replace(fp16=fp16), extract.device, extract.progress)
+        return SlideSettings(EncoderSpec.from_settings(make[EncoderSettings]), make[ThumbnailSettings],
+                             make[TissueSettings], make[PatchSettings], segmentation_checkpoint, extract)
+    stated_fp16 = manifest["features"]["fp16"]
+    if fp16 is not None and fp16 != stated_fp16:
+        raise _contradiction("--fp16", fp16, stated_fp16, manifest, "features.fp16")
+    extract = ExtractOptions(extract.features.replace(fp16=stated_fp16), extract.device, extract.progress)
+    return SlideSettings(
+        encoder=_checked_encoder(manifest, flags.get(EncoderSettings, {})),
+        thumbnail=_checked(manifest, ThumbnailSettings, "thumbnail", flags.get(ThumbnailSettings, {})),
+        tissue=_checked(manifest, TissueSettings, "tissue", flags.get(TissueSettings, {})),
+        patches=_checked(manifest, PatchSettings, "patches", flags.get(PatchSettings, {})),
+        segmentation_checkpoint=manifest.checked_segmentation(segmentation_checkpoint), extract=extract)
+
+
+def check_manifest_models(manifest: Manifest | None, fold_models: list[FoldModel]) -> None:
+    """The fold models are the manifest's: its classes and (but for e2e twins) its encoder."""
+    if manifest is None:
+        return
+    for fold in fold_models:
+        if list(fold.checkpoint["classes"]) != list(manifest["classes"]):
+            raise MsamilError(f"{fold.path}: its classes {list(fold.checkpoint['classes'])} differ from "
+                              f"{manifest['classes']} in {manifest.path}; the experiment was retrained since: rerun "
+                              "the workflow (write_manifest)")
+        if not manifest.is_e2e and fold.checkpoint.get("encoder") != manifest.encoder_id:
+            raise MsamilError(f"{fold.path}: its encoder {fold.checkpoint.get('encoder')!r} differs from "
+                              f"{manifest.encoder_id!r} in {manifest.path}; rerun the workflow (write_manifest)")
+
+
 # ----------------------------------------------------------------------------- inputs and outputs
 
 
@@ -237,6 +340,7 @@ def predict_slides(models: str | os.PathLike, sheet, out: str | os.PathLike, set
     from .features.encoders import encoder_id
 
     fold_models = load_fold_models(models, device, folds)
+    check_manifest_models(read_manifest(models), fold_models)
     expected = fold_models[0].checkpoint.get("encoder", "")
     given = encoder_id(settings.encoder)
     check_encoder(expected, given, str(fold_models[0].path), "the encoder given")
@@ -246,7 +350,10 @@ def predict_slides(models: str | os.PathLike, sheet, out: str | os.PathLike, set
     for sid, row in sheet.iterrows():
         mpp = slide_mpp(row)
         own = SlideFiles.under(out, sid)
-        reuse = [SlideFiles.under(results, sid, feature_dir=features)] if results else []
+        # the workflow keeps patches.strategy's coordinates in coords/, another strategy's in coords/<strategy>/;
+        # a file is reused only when its attributes are this strategy's and settings'
+        places = [layout.coords_dir(settings.strategy, main, str(results)) for main in (settings.strategy, None)]
+        reuse = [SlideFiles.under(results, sid, feature_dir=features, coords_dir=d) for d in places] if results else []
         try:
             bag_path = prepare_slide(row["path"], sid, mpp, settings, own, reuse, expected or given)
             if heatmaps:
@@ -263,16 +370,17 @@ def predict_slides(models: str | os.PathLike, sheet, out: str | os.PathLike, set
     for att, row, files, mpp in drawn:
         try:
             draw_slide(att, row, files.meta, files.thumbnail, out / "heatmaps" / att.slide_id, mpp, top_k,
-                       Path(models).name)
+                       Path(models).name, settings.thumbnail)
         except MsamilError as exc:
             raise MsamilError(f"slide {att.slide_id!r} with {checkpoints}: {exc}") from None
     write_predictions(out, records, fold_models, models)
     return records
 
 
-def draw_slide(att: SlideAttention, row, meta_path, thumbnail_path, out_dir, mpp, top_k: int, title: str) -> dict:
+def draw_slide(att: SlideAttention, row, meta_path, thumbnail_path, out_dir, mpp, top_k: int, title: str,
+               thumbnail: ThumbnailSettings | None = None) -> dict:
     """Heatmaps of one slide (a sheet ``row``) into ``out_dir``; the thumbnail and meta.json are
-    read from their files, or made from the slide (not written) when missing."""
+    read from their files, or made from the slide (not written, with ``thumbnail``'s size) when missing."""
     from .reporting.heatmaps import write_slide_heatmaps
     from .wsi.annotations import annotation_mask
     from .wsi.masks import read_rgb
@@ -284,7 +392,7 @@ def draw_slide(att: SlideAttention, row, meta_path, thumbnail_path, out_dir, mpp
         meta, thumb = load_meta(meta_path), read_rgb(thumbnail_path, sid)
     else:
         with open_slide(row["path"], sid, mpp) as slide:
-            thumb, meta = thumbnail_and_meta(slide, 1024)
+            thumb, meta = thumbnail_and_meta(slide, (thumbnail or ThumbnailSettings()).long_side)
     lesion = None
     annotation = row.get("annotation", "")
     if isinstance(annotation, str) and annotation:

@@ -5,12 +5,13 @@
 rule train_e2e:
     input:
         coords=all_coords,
-        folds="results/splits/folds.csv",
+        folds=layout.folds_file(),
         sheet=SCREENED_SHEET,
     output:
-        "results/e2e/{e2e}/fold{fold}/checkpoint.pt",
+        layout.e2e_checkpoint("{e2e}", "{fold}"),
     params:
         out=e2e_run_dir,
+        coords=layout.coords_dir(CFG.strategy, CFG.strategy),
         options=e2e_options,
     log:
         "logs/train_e2e/{e2e}/fold{fold}.log",
@@ -23,16 +24,16 @@ rule train_e2e:
         "../envs/msamil.yaml"
     shell:
         "msamil e2e --sheet {input.sheet:q} --folds {input.folds:q} --fold {wildcards.fold:q}"
-        " --coords-dir results/coords --out {params.out:q} {params.options} --threads {threads} 2> {log:q}"
+        " --coords-dir {params.coords:q} --out {params.out:q} {params.options} --threads {threads} 2> {log:q}"
 
 
 rule extract_e2e_features:
     input:
         slide=slide_file,
         coords=slide_coords(),
-        checkpoint="results/e2e/{e2e}/fold{fold}/checkpoint.pt",
+        checkpoint=layout.e2e_checkpoint("{e2e}", "{fold}"),
     output:
-        "results/features/e2e-{e2e}-fold{fold}/{slide}.pt",
+        layout.bag_file(layout.e2e_feature_set("{e2e}", "{fold}"), "{slide}"),
     params:
         path=slide_path,
         options=extract_e2e_options,
@@ -54,14 +55,15 @@ rule extract_e2e_features:
 rule run_k_study:
     input:
         coords=all_coords,
-        folds="results/splits/folds.csv",
+        folds=layout.folds_file(),
         sheet=SCREENED_SHEET,
     output:
-        curves="results/e2e/{e2e}/k_study.csv",
-        summary="results/e2e/{e2e}/k_study_summary.csv",
-        png="results/e2e/{e2e}/k_study.png",
+        curves=layout.e2e_dir("{e2e}") + "/k_study.csv",
+        summary=layout.e2e_dir("{e2e}") + "/k_study_summary.csv",
+        png=layout.e2e_dir("{e2e}") + "/k_study.png",
     params:
         out=e2e_run_dir,
+        coords=layout.coords_dir(CFG.strategy, CFG.strategy),
         options=k_study_options,
     log:
         "logs/run_k_study/{e2e}.log",
@@ -74,4 +76,4 @@ rule run_k_study:
         "../envs/msamil.yaml"
     shell:
         "msamil e2e --sheet {input.sheet:q} --folds {input.folds:q} --fold 0"
-        " --coords-dir results/coords --out {params.out:q} {params.options} --threads {threads} --no-progress 2> {log:q}"
+        " --coords-dir {params.coords:q} --out {params.out:q} {params.options} --threads {threads} --no-progress 2> {log:q}"

@@ -11,7 +11,7 @@ localrules:
 
 rule fetch_weights:
     output:
-        "results/weights/{key}.json",
+        layout.weights_record("{key}"),
     params:
         options=fetch_weights_options,
     log:
@@ -65,7 +65,7 @@ rule index_bags:
     input:
         feature_set_bags,
     output:
-        "results/features/{feature_set}/bags.tsv",
+        layout.bag_index("{feature_set}"),
     log:
         "logs/index_bags/{feature_set}.log",
     localrule: True

@@ -5,17 +5,18 @@
 # folds.csv exists, and one process start (torch import) serves all of them.
 rule draw_heatmaps:
     input:
-        checkpoint="results/models/{experiment}/fold0/checkpoint.pt",
+        checkpoint=layout.fold_checkpoint("{experiment}", 0),
         bags=experiment_bags,
         thumbnails=all_thumbnails,
-        folds="results/splits/folds.csv",
+        folds=layout.folds_file(),
         sheet=SCREENED_SHEET,
     output:
-        "results/heatmaps/{experiment}/fold0/summary.csv",
+        layout.heatmap_dir("{experiment}") + "/summary.csv",
     params:
         models=experiment_dir,
         features=experiment_features,
         out_dir=experiment_heatmap_dir,
+        slides=layout.RESULTS + "/slides",
         options=CFG.heatmap_options(),
     log:
         "logs/draw_heatmaps/{experiment}.log",
@@ -27,7 +28,7 @@ rule draw_heatmaps:
         "../envs/msamil.yaml"
     shell:
         "msamil heatmap --models {params.models:q} --fold 0 --features {params.features:q}"
-        " --sheet {input.sheet:q} --folds {input.folds:q} --slides-dir results/slides"
+        " --sheet {input.sheet:q} --folds {input.folds:q} --slides-dir {params.slides:q}"
         " --out-dir {params.out_dir:q} {params.options} --threads {threads} 2> {log:q}"
 
 
@@ -36,13 +37,14 @@ rule predict_slides:
         unpack(predict_inputs),
         sheet=predict_sheet(),
     output:
-        csv="results/predictions/{experiment}/predictions.csv",
-        json="results/predictions/{experiment}/predictions.json",
+        csv=layout.predictions_dir("{experiment}") + "/predictions.csv",
+        json=layout.predictions_dir("{experiment}") + "/predictions.json",
     params:
         models=experiment_dir,
         out=predictions_dir,
         features=experiment_features,
         options=predict_options,
+        results=layout.RESULTS,
     log:
         "logs/predict_slides/{experiment}.log",
     threads: 2
@@ -54,5 +56,5 @@ rule predict_slides:
         "../envs/msamil.yaml"
     shell:
         "msamil predict --models {params.models:q} --sheet {input.sheet:q}"
-        " --out {params.out:q} --results results --features {params.features:q}"
+        " --out {params.out:q} --results {params.results:q} --features {params.features:q}"
         " {params.options} --threads {threads} --no-progress 2> {log:q}"

@@ -4,7 +4,7 @@ if DEMO:
 
     rule make_demo_cohort:
         output:
-            sheet=config["demo"]["sheet"],
+            sheet=SETTINGS.demo.sheet,
             slides=[workflow_path(p) for p in SLIDES["path"]],
             annotations=[workflow_path(p) for p in SLIDES["annotation"] if p],
         params:
@@ -57,9 +57,9 @@ rule preprocess_slide:
     input:
         slide=slide_file,
     output:
-        png="results/slides/{slide}/thumbnail.png",
-        meta="results/slides/{slide}/meta.json",
-        tissue="results/slides/{slide}/tissue_mask.png",
+        png=layout.slide_file("{slide}", layout.THUMBNAIL),
+        meta=layout.slide_file("{slide}", layout.META),
+        tissue=layout.slide_file("{slide}", layout.TISSUE_MASK),
         # the coordinates and patches.geojson, unless they wait for a lesion mask
         **preprocess_coords_outputs(),
     params:
@@ -88,7 +88,7 @@ if CFG.uses_lesion:
     rule make_patch_coordinates:
         input:
             **coords_selection(),
-            meta="results/slides/{slide}/meta.json",
+            meta=layout.slide_file("{slide}", layout.META),
         output:
             # every strategy in use: results/coords/{scale}/ (patches.strategy), coords/{strategy}/{scale}/
             coords_outputs(),
@@ -117,7 +117,7 @@ rule index_thumbnails:
     input:
         slide_metas,
     output:
-        "results/thumbnails.tsv",
+        layout.thumbnail_index(),
     log:
         "logs/index_thumbnails.log",
     localrule: True

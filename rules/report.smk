@@ -8,12 +8,14 @@ rule make_report:
         segmentation=segmentation_metrics(),
         heatmaps=heatmap_summaries(),
         k_studies=e2e_report_inputs(),
+        manifests=manifests(),
         left_out=LEFT_OUT,
     output:
-        html="results/report/index.html",
-        summary="results/report/summary.csv",
+        html=layout.report_dir() + "/index.html",
+        summary=layout.report_dir() + "/summary.csv",
     params:
         options=report_options(),
+        out=layout.report_dir(),
     log:
         "logs/make_report.log",
     threads: 1
@@ -23,4 +25,4 @@ rule make_report:
     conda:
         "../envs/msamil.yaml"
     shell:
-        "msamil report {params.options} --benchmarks benchmarks --out-dir results/report 2> {log:q}"
+        "msamil report {params.options} --benchmarks benchmarks --out-dir {params.out:q} 2> {log:q}"

@@ -10,10 +10,11 @@ rule train_segmentation:
         unpack(segmentation_inputs),
         sheet=SCREENED_SHEET,
     output:
-        checkpoint="results/segmentation/checkpoint.pt",
-        metrics="results/segmentation/metrics.json",
+        checkpoint=layout.segmentation_file("checkpoint.pt"),
+        metrics=layout.segmentation_file("metrics.json"),
     params:
         options=CFG.segment_train_options(),
+        probabilities=layout.segmentation_file("probabilities"),
     log:
         "logs/train_segmentation.log",
     threads: 2
@@ -26,7 +27,7 @@ rule train_segmentation:
     shell:
         "msamil segment-train --sheet {input.sheet:q} --thumbnails {input.thumbnails:q}"
         " --out {output.checkpoint:q} --metrics {output.metrics:q} {params.options}"
-        " --probabilities-dir results/segmentation/probabilities"
+        " --probabilities-dir {params.probabilities:q}"
         " --threads {threads} 2> {log:q}"
 
 
@@ -35,10 +36,12 @@ rule segment_lesions:
         # ancient: when slides are added the model is retrained with their annotations, but the
         # slides already segmented keep their masks (and features) instead of starting over
         checkpoint=ancient(segmentation_checkpoint()),
-        thumbnail="results/slides/{slide}/thumbnail.png",
-        tissue="results/slides/{slide}/tissue_mask.png",
+        thumbnail=layout.slide_file("{slide}", layout.THUMBNAIL),
+        tissue=layout.slide_file("{slide}", layout.TISSUE_MASK),
     output:
-        "results/slides/{slide}/lesion_mask.png",
+        layout.slide_file("{slide}", layout.LESION_MASK),
+    params:
+        probabilities=layout.segmentation_file("probabilities"),
     log:
         "logs/segment_lesions/{slide}.log",
     group:
@@ -52,5 +55,5 @@ rule segment_lesions:
     shell:
         "msamil segment --checkpoint {input.checkpoint:q} --thumbnail {input.thumbnail:q}"
         " --tissue-mask {input.tissue:q} --slide-id {wildcards.slide:q} --out {output:q}"
-        " --reuse results/segmentation/probabilities"
+        " --reuse {params.probabilities:q}"
         " --threads {threads} 2> {log:q}"

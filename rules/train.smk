@@ -6,7 +6,7 @@ rule make_splits:
         sheet=SCREENED_SHEET,
     output:
         # update(): the previous folds.csv is read so patients keep their fold as slides are added
-        update("results/splits/{repeat}folds.csv"),
+        update(layout.folds_file("{repeat}")),
     params:
         options=splits_options,
     log:
@@ -28,10 +28,10 @@ rule train_fold:
         sheet=SCREENED_SHEET,
         init=init_checkpoint,
     output:
-        checkpoint="results/models/{experiment}/{repeat}fold{fold}/checkpoint.pt",
+        checkpoint=layout.fold_checkpoint("{experiment}", "{fold}", "{repeat}"),
         # the best checkpoint on the fold's test part (msamil evaluate's outputs, same process)
-        metrics="results/models/{experiment}/{repeat}fold{fold}/metrics.json",
-        predictions="results/models/{experiment}/{repeat}fold{fold}/predictions.csv",
+        metrics=layout.fold_dir("{experiment}", "{fold}", "{repeat}") + "/metrics.json",
+        predictions=layout.fold_dir("{experiment}", "{fold}", "{repeat}") + "/predictions.csv",
     params:
         features=experiment_features,
         models=experiment_dir,
@@ -50,3 +50,26 @@ rule train_fold:
     shell:
         "msamil train --features {params.features:q} --sheet {input.sheet:q} --folds {input.folds:q}"
         " --fold {wildcards.fold:q} --out {params.models:q} {params.options} --threads {threads} --evaluate 2> {log:q}"
+
+
+# The experiment's manifest: everything its models' inputs depend on (SPEC "Outputs"), checked
+# against every fold's checkpoint; predict and the report read it. A changed relation (ablation_of,
+# ...) rewrites it without retraining.
+rule write_manifest:
+    input:
+        checkpoints=experiment_checkpoints,
+        segmentation=manifest_segmentation,
+    output:
+        layout.manifest_file("{experiment}"),
+    params:
+        settings=manifest_settings,
+    log:
+        "logs/write_manifest/{experiment}.log",
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    conda:
+        "../envs/msamil.yaml"
+    shell:
+        "msamil manifest --settings {params.settings} --checkpoints {input.checkpoints:q} --out {output:q} 2> {log:q}"

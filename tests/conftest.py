@@ -16,6 +16,13 @@ SHARED_DATA = Path(os.environ.get("MSAMIL_SHARED_DATA", REPO.parent / "shared" /
 SLIDES = SHARED_DATA / "slides"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def names_cache(tmp_path_factory):
+    """The cache of MIL model and encoder names (msamil_core.names) in a folder of this test run,
+    shared by its workflow runs (one `list-models` subprocess per run), never the user's."""
+    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("xdg-cache"))
+
+
 def workflow_failure(run, workdir: Path) -> str:
     """What a failed Snakemake run said: the end of its stderr, then the end of each log file of a
     failed job it names (a job's traceback is in its log, not in Snakemake's stderr)."""

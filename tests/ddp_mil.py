@@ -19,8 +19,9 @@ import torch
 
 from msamil_core.features.bags import Bag, save_bag
 from msamil_core.runtime import distributed
-from msamil_core.training.engine import fit
-from msamil_core.training.mil import BagDataset, MILTask, TrainConfig
+from msamil_core.training.engine import Schedule, fit
+from msamil_core.settings import TrainConfig
+from msamil_core.training.mil import BagDataset, MILTask
 
 
 def bags(folder: Path, n: int = 7, dim: int = 12) -> list[Path]:
@@ -63,7 +64,7 @@ def train(out: str, grad_accum: int) -> None:
     train = BagDataset(paths, [p.stem for p in paths], labels, cfg.scales, train=True)
     task = MILTask(cfg, train, BagDataset([], [], [], cfg.scales), ["a", "b"], 12, torch.device("cpu"))
     assert any(True for _ in task.model.buffers()), "the model must have buffers"
-    result = fit(task, cfg.schedule())
+    result = fit(task, Schedule.of(cfg))
     if rank == 0:
         torch.save({"state_dict": task.model.state_dict(), "world": world, "history": result.history}, out)
     if world > 1:

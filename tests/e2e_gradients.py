@@ -15,7 +15,8 @@ import sys
 
 import torch
 
-from msamil_core.training.e2e import E2EConfig, EndToEnd, SlidePatches, build_joint_model, slide_forward, step_seed
+from msamil_core.settings import E2EConfig
+from msamil_core.training.e2e import EndToEnd, SlidePatches, build_joint_model, slide_forward, step_seed
 from msamil_core.training.engine import sync_gradients
 from msamil_core.features.encoders import EncoderSpec
 from msamil_core.runtime import distributed

@@ -10,7 +10,7 @@ import h5py
 import pytest
 
 from conftest import shared_slide
-from msamil_core.cli import COMMANDS, main
+from msamil_core.cli import commands, main
 
 
 def msamil(*args, cwd=None):
@@ -22,7 +22,7 @@ def msamil(*args, cwd=None):
 def test_help_lists_every_command():
     out = msamil("--help")
     assert out.returncode == 0
-    for name in COMMANDS:
+    for name in commands():
         assert name in out.stdout
 
 
@@ -63,12 +63,12 @@ def test_preprocessing_chain_on_cmu(tmp_path, cmu_slide):
               "--min-fraction", "0.4"]
     scales = ("20x", "10x", "5x")
     files = {s: [str(tmp_path / "multi" / s / f"{m}.h5") for m in scales] for s in ("lesion", "tissue", "random")}
-    assert main([*common, "--lesion-mask", str(d / "lesion_mask.png"), "--random", "5", "--random-seed", "3",
+    assert main([*common, "--lesion-mask", str(d / "lesion_mask.png"), "--random-n", "5", "--random-seed", "3",
                  *[a for s, f in files.items() for m, p in zip(scales, f) for a in ("--strategy-out", f"{s}:{m}={p}")]]) == 0
     single = {
         "lesion": ["--lesion-mask", str(d / "lesion_mask.png")],
         "tissue": [],
-        "random": ["--random", "5", "--random-seed", "3"],
+        "random": ["--strategy", "random", "--random-n", "5", "--random-seed", "3"],
     }
     for strategy, extra in single.items():
         alone = [str(tmp_path / "single" / strategy / f"{m}.h5") for m in ("20x", "10x", "5x")]
@@ -82,8 +82,8 @@ def test_preprocessing_chain_on_cmu(tmp_path, cmu_slide):
         assert f["coords"].shape[0] == 5
     with h5py.File(files["lesion"][0]) as fl, h5py.File(files["tissue"][0]) as ft:
         assert 0 < fl["coords"].shape[0] < ft["coords"].shape[0]
-    # lesion without its mask, random without N, a strategy without all three scales: a one-line error
-    for strategy, names in (("lesion", scales), ("random", scales), ("tissue", scales[:2])):
+    # lesion without its mask, a strategy without all three scales: a one-line error
+    for strategy, names in (("lesion", scales), ("tissue", scales[:2])):
         named = [a for m, p in zip(names, files[strategy]) for a in ("--strategy-out", f"{strategy}:{m}={p}")]
         assert main([*common, *named]) == 1
 
@@ -123,7 +123,7 @@ def test_preprocess_writes_what_the_steps_write_one_by_one(tmp_path, cmu_slide):
     import numpy as np
     from PIL import Image
 
-    grid = ["--patch-size", "256", "--min-fraction", "0.4", "--random", "5", "--random-seed", "3"]
+    grid = ["--patch-size", "256", "--min-fraction", "0.4", "--random-n", "5", "--random-seed", "3"]
     scales = ("20x", "10x", "5x")
     made = {}
     for how in ("steps", "one"):

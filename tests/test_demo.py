@@ -80,7 +80,11 @@ def test_sheet_lists_the_whole_cohort(cohort):
     import pandas as pd
 
     sheet = pd.read_csv(cohort / "slides.csv")
-    assert sheet.equals(demo.cohort_table(30, SEED, cohort, P))
+    table = demo.cohort_table(30, SEED, cohort, P)
+    for column in ("path", "annotation"):  # relative to the sheet's folder: the cohort moves with its sheet
+        assert not any(sheet[column].str.startswith("/"))
+        sheet[column] = [str((cohort / p).resolve()) for p in sheet[column]]
+    assert sheet.equals(table)
     written = sorted(p.stem for p in (cohort / "slides").glob("*.tiff"))
     assert written == SLIDES
     assert sorted(p.stem for p in (cohort / "annotations").glob("*.geojson")) == SLIDES

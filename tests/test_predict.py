@@ -1,5 +1,6 @@
 """`msamil predict`: the whole chain on new slides with a tiny trained experiment, the fold
-ensemble and votes, reuse of per-slide outputs, and bad input (encoder mismatch, bad slide)."""
+ensemble and votes, reuse of per-slide outputs, the experiment's manifest obeyed (a flag that
+contradicts it refused), and bad input (encoder mismatch, bad slide)."""
 
 from __future__ import annotations
 
@@ -15,9 +16,10 @@ from conftest import write_pyramid_tiff
 from msamil_core.cli import main
 
 PATCH = 64  # level-0 px of a 20x patch: demo slides of 32 x 24 patches = 2048 x 1536 px
+# what the tiny experiment was trained with (its manifest says so; given, these are only checked)
 ENCODER = ["--encoder", "resnet18", "--input-size", "32", "--seed", "0"]
-PREPROCESS = ["--long-side", "512", "--patch-size", str(PATCH), "--batch-size", "64", "--workers", "0",
-              "--threads", "1", "--no-progress"]
+PREPROCESS = ["--long-side", "512", "--patch-size", str(PATCH)]
+RUNTIME = ["--batch-size", "64", "--workers", "0", "--threads", "1", "--no-progress"]
 LABELS = ["bland_zonal", "atypical_alternating", "bland_zonal", "atypical_alternating"]
 
 
@@ -43,17 +45,22 @@ def write_sheet(path: Path, rows: list[dict]) -> Path:
 @pytest.fixture(scope="session")
 def tiny_experiment(tmp_path_factory):
     """Four demo slides taken through the chain by `msamil_core.pipeline.prepare_slide`, and an
-    ABMIL experiment of two folds trained for two epochs on their bags."""
+    ABMIL experiment of two folds trained for two epochs on their bags, with its manifest."""
     from msamil_core.features.encoders import EncoderSpec, encoder_id
-    from msamil_core.pipeline import ExtractOptions, PatchSettings, SlideFiles, SlideSettings, prepare_slide
-    from msamil_core.training.mil import BagDataset, TrainConfig, train_fold
+    from msamil_core.manifest import settings_record, write_manifest
+    from msamil_core.pipeline import ExtractOptions, SlideFiles, SlideSettings, prepare_slide
+    from msamil_core.settings import (EncoderSettings, FeatureSettings, PatchSettings, SplitSettings,
+                                      ThumbnailSettings, TissueSettings, TrainConfig)
+    from msamil_core.training.mil import BagDataset, train_fold
 
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("tiny")
-    spec = EncoderSpec("resnet18", input_size=32, seed=0)
+    encoder = EncoderSettings(name="resnet18", input_size=32, seed=0)
+    spec = EncoderSpec.from_settings(encoder)
     enc = encoder_id(spec)
-    settings = SlideSettings(encoder=spec, long_side=512, patches=PatchSettings(patch_size=PATCH),
-                             extract=ExtractOptions(batch_size=64, workers=0, device="cpu", progress=False))
+    thumbnail, patches = ThumbnailSettings(long_side=512), PatchSettings(patch_size=PATCH, strategy="tissue")
+    settings = SlideSettings(encoder=spec, thumbnail=thumbnail, patches=patches,
+                             extract=ExtractOptions(FeatureSettings(batch_size=64, workers=0), "cpu", False))
     results, features = root / "results", root / "results" / "features" / "tiny"
     rows, bags = [], []
     for i, label in enumerate(LABELS):
@@ -73,6 +80,10 @@ def tiny_experiment(tmp_path_factory):
         val_set = BagDataset([bags[i] for i in train], ids, [y[i] for i in train], cfg.scales)
         train_fold(cfg, train_set, val_set, classes, 512, models / f"fold{k}", torch.device("cpu"), encoder=enc,
                    run_config={"name": "tiny_abmil", "model": cfg.model, "scales": cfg.scales})
+    record = settings_record("tiny_abmil", thumbnail=thumbnail, tissue=TissueSettings(), patches=patches,
+                             encoder_key="tiny", encoder=encoder, fp16=False, feature_folder="tiny",
+                             splits=SplitSettings(), training=cfg)
+    write_manifest(record, [str(models / f"fold{k}" / "checkpoint.pt") for k in (0, 1)], models / "manifest.json")
     return {"root": root, "results": results, "features": features, "sheet": sheet, "models": models, "rows": rows,
             "classes": classes, "encoder": enc}
 
@@ -81,7 +92,7 @@ def _predict(exp, out: Path, *args: str, results: Path | None = None) -> int:
     """`msamil predict` reusing the tiny experiment's results (or another results folder)."""
     results = results or exp["results"]
     return main(["predict", "--models", str(exp["models"]), "--out", str(out), "--results", str(results),
-                 "--features", str(results / "features" / "tiny"), *PREPROCESS, *ENCODER, *args])
+                 "--features", str(results / "features" / "tiny"), *RUNTIME, *args])
 
 
 def _files(directory: Path) -> dict[Path, float]:
@@ -171,16 +182,48 @@ def test_another_file_under_a_cohort_slide_id_gets_its_own_features(tiny_experim
     assert theirs.shape != own["features"].shape or not torch.allclose(theirs, own["features"])
 
 
+def test_flags_that_agree_with_the_manifest_change_nothing_and_others_are_refused(tiny_experiment, tmp_path, capsys):
+    """The manifest decides every setting: the same flags as it states give the same prediction
+    as none; a flag that contradicts it stops the run in one line naming both values."""
+    exp = tiny_experiment
+    tiff = exp["rows"][2]["path"]
+    assert _predict(exp, tmp_path / "bare", "--slide", tiff, results=tmp_path / "none") == 0
+    assert _predict(exp, tmp_path / "flags", "--slide", tiff, *PREPROCESS, *ENCODER, "--strategy", "tissue",
+                    results=tmp_path / "none") == 0
+    bare, flags = (json.loads((tmp_path / d / "predictions.json").read_text())["slides"][0] for d in ("bare", "flags"))
+    assert bare["probabilities"] == flags["probabilities"]
+    for flag, value, stated in (("--input-size", "224", "input_size 32"), ("--patch-size", "128", f"patch_size {PATCH}"),
+                                ("--seed", "1", "encoder seed"), ("--strategy", "lesion", "strategy tissue"),
+                                ("--long-side", "1024", "long_side 512"), ("--no-remove-pen", None, "remove_pen true")):
+        capsys.readouterr()
+        out = tmp_path / f"refused{flag}"
+        code = _predict(exp, out, "--slide", tiff, flag, *([value] if value else []), results=tmp_path / "none")
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 1 and len(err) == 1, (flag, err)
+        assert flag in err[0] and stated in err[0] and "manifest.json" in err[0], err[0]
+        assert not out.exists()
+
+
+def test_without_a_manifest_the_flags_are_used_with_a_warning(tiny_experiment, tmp_path, caplog):
+    import shutil
+
+    exp = tiny_experiment
+    models = tmp_path / "models"
+    shutil.copytree(exp["models"], models)
+    (models / "manifest.json").unlink()
+    tiff = exp["rows"][2]["path"]
+    code = main(["predict", "--models", str(models), "--out", str(tmp_path / "out"), "--slide", tiff, *RUNTIME,
+                 *PREPROCESS, *ENCODER])
+    assert code == 0 and "has no manifest.json" in caplog.text
+    assert _predict(exp, tmp_path / "with", "--slide", tiff, results=tmp_path / "none") == 0
+    got, manifest = (json.loads((tmp_path / d / "predictions.json").read_text())["slides"][0]["probabilities"]
+                     for d in ("out", "with"))
+    assert got == manifest
+
+
 def test_encoder_mismatch_names_both_and_writes_nothing(tiny_experiment, tmp_path, capsys):
     exp = tiny_experiment
     tiff = exp["rows"][0]["path"]
-    other = ["--encoder", "resnet18", "--input-size", "32", "--seed", "1"]
-    code = main(["predict", "--models", str(exp["models"]), "--out", str(tmp_path / "out"), "--slide", tiff,
-                 "--results", str(tmp_path / "results"), *PREPROCESS, *other])
-    err = capsys.readouterr().err.strip().splitlines()
-    assert code == 1 and len(err) == 1 and "encoder mismatch" in err[0]
-    assert exp["encoder"] in err[0] and "resnet18-" in err[0].replace(exp["encoder"], "")
-    assert not (tmp_path / "out").exists() and not (tmp_path / "results").exists()
 
     # a reused bag of another encoder (what a wrong --features gives) is refused too
     foreign = tmp_path / "foreign"
@@ -189,7 +232,7 @@ def test_encoder_mismatch_names_both_and_writes_nothing(tiny_experiment, tmp_pat
     bag["encoder"] = "uni-0123456789"
     torch.save(bag, foreign / "s0.pt")
     code = main(["predict", "--models", str(exp["models"]), "--out", str(tmp_path / "out"), "--slide", tiff,
-                 "--slide-id", "s0", "--results", str(exp["results"]), "--features", str(foreign), *PREPROCESS, *ENCODER])
+                 "--slide-id", "s0", "--results", str(exp["results"]), "--features", str(foreign), *RUNTIME])
     err = capsys.readouterr().err
     assert code == 1 and "uni-0123456789" in err and exp["encoder"] in err and "checkpoint.pt" in err
     assert not (tmp_path / "out").exists()

@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from msamil_core.features.bags import Bag, save_bag
-from msamil_core.training.engine import fit
-from msamil_core.training.mil import BagDataset, MILTask, TrainConfig
+from msamil_core.training.engine import Schedule, fit
+from msamil_core.settings import TrainConfig
+from msamil_core.training.mil import BagDataset, MILTask
 
 SCALES = ["20x", "10x", "5x"]
 IDS = [f"s{i}" for i in range(8)]
@@ -46,7 +47,7 @@ def make_task(bags, train=IDS[:6], val=IDS[6:], classes=("normal", "tumor"), **o
 def interrupted(bags, resume: Path) -> None:
     """A run of the baseline task stopped after 3 optimizer steps (its first epoch), its resume.pt kept."""
     task = make_task(bags)
-    fit(task, task.cfg.schedule(max_steps=3), resume)
+    fit(task, Schedule.of(task.cfg, max_steps=3), resume)
     assert resume.exists()
 
 
@@ -58,9 +59,9 @@ def test_an_unchanged_run_resumes(bags, tmp_path, caplog):
     resume = tmp_path / "resume.pt"
     interrupted(bags, resume)
     with caplog.at_level(logging.INFO, logger="msamil_core.training.engine"):
-        resumed = fit(make_task(bags), make_task(bags).cfg.schedule(), resume)
+        resumed = fit(make_task(bags), Schedule.of(make_task(bags).cfg), resume)
     assert f"resuming from {resume} at epoch 1 (optimizer step 3)" in caplog.text and "starting over" not in caplog.text
-    whole = fit(make_task(bags), make_task(bags).cfg.schedule(), None)
+    whole = fit(make_task(bags), Schedule.of(make_task(bags).cfg), None)
     assert same_weights(resumed.best_state, whole.best_state)
 
 
@@ -80,11 +81,11 @@ def test_a_changed_run_starts_over_and_says_why(bags, tmp_path, caplog, change):
     interrupted(bags, resume)
     task = make_task(bags, **options)
     with caplog.at_level(logging.INFO, logger="msamil_core.training.engine"):
-        rerun = fit(task, task.cfg.schedule(), resume)
+        rerun = fit(task, Schedule.of(task.cfg), resume)
     assert f"resume checkpoint {resume} was written for another run ({reason}); starting over" in caplog.text
     assert "resuming from" not in caplog.text
     fresh = make_task(bags, **options)
-    assert same_weights(rerun.best_state, fit(fresh, fresh.cfg.schedule(), None).best_state)
+    assert same_weights(rerun.best_state, fit(fresh, Schedule.of(fresh.cfg), None).best_state)
     assert [h["epoch"] for h in rerun.history] == [0, 1, 2, 3]
 
 
@@ -95,8 +96,8 @@ def test_a_truncated_resume_checkpoint_starts_over(bags, tmp_path, caplog, keep)
     data = resume.read_bytes()
     resume.write_bytes(data[: int(len(data) * keep)])
     with caplog.at_level(logging.INFO, logger="msamil_core.training.engine"):
-        rerun = fit(make_task(bags), make_task(bags).cfg.schedule(), resume)
+        rerun = fit(make_task(bags), Schedule.of(make_task(bags).cfg), resume)
     lines = [r.getMessage() for r in caplog.records if "starting over" in r.getMessage()]
     assert len(lines) == 1 and str(resume) in lines[0] and "truncated" in lines[0] and "\n" not in lines[0]
-    assert same_weights(rerun.best_state, fit(make_task(bags), make_task(bags).cfg.schedule(), None).best_state)
+    assert same_weights(rerun.best_state, fit(make_task(bags), Schedule.of(make_task(bags).cfg), None).best_state)
     assert torch.load(resume, weights_only=True)["epoch"] == 4  # overwritten by the new run's checkpoint

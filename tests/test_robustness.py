@@ -359,7 +359,7 @@ def test_train_and_evaluate_on_bags_need_no_slide_paths(tmp_path, column):
     sheet = tmp_path / "sheet.csv"
     sheet.write_text("\n".join(rows) + "\n")
     out = tmp_path / "models"
-    assert main(["splits", "--sheet", str(sheet), "--out", str(tmp_path / "folds.csv"), "--folds", "2"]) == 0
+    assert main(["splits", "--sheet", str(sheet), "--out", str(tmp_path / "folds.csv"), "--n-folds", "2"]) == 0
     assert main(["train", "--features", str(tmp_path / "bags"), "--sheet", str(sheet), "--out", str(out), "--folds",
                  str(tmp_path / "folds.csv"), "--fold", "0", "--model", "abmil.base", "--epochs", "2",
                  "--threads", "1", "--evaluate"]) == 0

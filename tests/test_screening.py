@@ -14,17 +14,12 @@ import pandas as pd
 import pytest
 
 from conftest import shared_slide, write_pyramid_tiff
-from msamil_core.cohort.screening import (
-    ScreenPolicy,
-    ScreenSettings,
-    keep_usable,
-    read_left_out,
-    screen_cohort,
-)
+from msamil_core.cohort.screening import ScreenSettings, keep_usable, read_left_out, screen_cohort
 from msamil_core.cohort.sheet import load_sheet
 from msamil_core.errors import MsamilError
+from msamil_core.settings import ScreeningSettings, ThumbnailSettings
 
-SETTINGS = ScreenSettings(long_side=256)
+SETTINGS = ScreenSettings(ThumbnailSettings(long_side=256))
 
 
 @pytest.fixture
@@ -58,7 +53,7 @@ def cohort(tmp_path):
 def test_bad_slides_and_annotations_are_left_out_with_one_line_reasons(cohort):
     sheet = load_sheet(cohort / "sheet.csv")
     verdicts = screen_cohort(sheet, SETTINGS, cohort / "cache.json")
-    kept, left_out = keep_usable(sheet, verdicts, ScreenPolicy(max_left_out=0.6))
+    kept, left_out = keep_usable(sheet, verdicts, ScreeningSettings(max_left_out=0.6))
     assert list(kept.index) == ["cmu (1)", "good", "good broken annotation"]
     assert kept.at["good broken annotation", "annotation"] == ""  # the slide stays, its annotation goes
     assert kept.at["good", "annotation"].endswith("good.geojson")
@@ -76,9 +71,9 @@ def test_the_share_limit_and_no_leaving_out_stop_the_run_naming_reasons(cohort):
     sheet = load_sheet(cohort / "sheet.csv")
     verdicts = screen_cohort(sheet, SETTINGS)
     with pytest.raises(MsamilError, match=r"4 of 7 slides \(57%\).*max_left_out \(50%\).*unreadable"):
-        keep_usable(sheet, verdicts, ScreenPolicy(max_left_out=0.5))
+        keep_usable(sheet, verdicts, ScreeningSettings(max_left_out=0.5))
     with pytest.raises(MsamilError, match="4 of 7 slides cannot be used.*leave_out: true"):
-        keep_usable(sheet, verdicts, ScreenPolicy(leave_out=False))
+        keep_usable(sheet, verdicts, ScreeningSettings(leave_out=False))
 
 
 def test_a_rerun_screens_only_changed_files_and_a_fixed_slide_comes_back(cohort, caplog):
@@ -94,7 +89,7 @@ def test_a_rerun_screens_only_changed_files_and_a_fixed_slide_comes_back(cohort,
     fixed = screen_cohort(sheet, SETTINGS, cohort / "cache.json")
     assert "screening 1 slides (6 unchanged" in caplog.text
     assert fixed["missing"] == {"slide": None, "annotation": None}
-    kept, _ = keep_usable(sheet, fixed, ScreenPolicy(max_left_out=0.5))
+    kept, _ = keep_usable(sheet, fixed, ScreeningSettings(max_left_out=0.5))
     assert "missing" in kept.index
 
 

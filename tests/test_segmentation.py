@@ -15,8 +15,9 @@ from msamil_core.errors import MsamilError
 from msamil_core.fileio import write_json
 from msamil_core.features.weights import load_weights
 from msamil_core.segmentation.model import build_model, load_segmentation_checkpoint
-from msamil_core.segmentation.postprocess import PostProcess, postprocess
-from msamil_core.segmentation.training import SegmentationConfig, dice_bce_loss, mask_scores, split_patients
+from msamil_core.segmentation.postprocess import postprocess
+from msamil_core.settings import PostProcessSettings, SegmentationSettings
+from msamil_core.segmentation.training import dice_bce_loss, mask_scores, split_patients
 from msamil_core.wsi.masks import load_mask, save_mask, save_rgb_png
 
 DS = 32  # level-0 px per thumbnail px
@@ -288,9 +289,9 @@ def test_postprocess_threshold_tissue_and_specks():
     prob[50, 70] = 0.9  # a speck
     tissue = np.ones((60, 80), bool)
     tissue[:, 45:] = False
-    mask = postprocess(prob, tissue, PostProcess(threshold=0.5, min_object_fraction=0.001))
+    mask = postprocess(prob, tissue, PostProcessSettings(threshold=0.5, min_object_fraction=0.001))
     assert mask[10:40, 10:45].all() and mask.sum() == 30 * 35  # clipped to tissue, speck dropped
-    assert not postprocess(prob, tissue, PostProcess(threshold=0.95)).any()
+    assert not postprocess(prob, tissue, PostProcessSettings(threshold=0.95)).any()
 
 
 def test_local_encoder_weights_load_strictly(tmp_path):
@@ -307,7 +308,7 @@ def test_local_encoder_weights_load_strictly(tmp_path):
 
 def test_config_and_encoder_errors_are_explained():
     with pytest.raises(MsamilError, match="decoder_channels"):
-        SegmentationConfig(encoder_depth=3)
+        SegmentationSettings(encoder_depth=3)
     with pytest.raises(MsamilError, match="no_such_encoder"):
         build_model("no_such_encoder")
 

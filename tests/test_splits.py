@@ -226,12 +226,12 @@ def test_command_updates_its_own_output(tmp_path):
     sheet_path, out = tmp_path / "slides.csv", tmp_path / "results" / "folds.csv"
     first = cohort({"a": 6, "b": 5})
     first.to_csv(sheet_path, index=False)
-    run_splits("--sheet", str(sheet_path), "--out", str(out), "--folds", "3", "--seed", "1", "--previous", str(out))
+    run_splits("--sheet", str(sheet_path), "--out", str(out), "--n-folds", "3", "--split-seed", "1", "--previous", str(out))
     before = read_folds(out)
     assert before["n_folds"].eq(3).all() and len(before) == len(first)
 
     pd.concat([first, cohort({"a": 2, "b": 3}, prefix="new")]).to_csv(sheet_path, index=False)
-    run_splits("--sheet", str(sheet_path), "--out", str(out), "--folds", "3", "--seed", "1", "--previous", str(out))
+    run_splits("--sheet", str(sheet_path), "--out", str(out), "--n-folds", "3", "--split-seed", "1", "--previous", str(out))
     after = read_folds(out)
     assert len(after) > len(before)
     merged = before.merge(after, on="slide_id", suffixes=("_before", "_after"))
@@ -240,7 +240,7 @@ def test_command_updates_its_own_output(tmp_path):
     assert [p.name for p in out.parent.iterdir()] == ["folds.csv"]  # no temporary files left
 
     with pytest.raises(MsamilError, match="previous folds file has 3 folds"):
-        run_splits("--sheet", str(sheet_path), "--out", str(out), "--folds", "2", "--previous", str(out))
+        run_splits("--sheet", str(sheet_path), "--out", str(out), "--n-folds", "2", "--previous", str(out))
     pd.testing.assert_frame_equal(read_folds(out), after)  # a failed run leaves the file as it was
 
 

@@ -8,7 +8,8 @@ from PIL import Image
 
 from msamil_core.wsi.slide import open_slide
 from msamil_core.wsi.masks import load_mask, save_mask
-from msamil_core.wsi.tissue import TissueParams, is_fluorescence, otsu_threshold, tissue_mask
+from msamil_core.settings import TissueSettings
+from msamil_core.wsi.tissue import is_fluorescence, otsu_threshold, tissue_mask
 
 
 def test_cmu_mask_covers_tissue_not_glass(cmu_slide):
@@ -40,7 +41,7 @@ def test_ink_and_dark_artefacts_are_removed():
     assert mask[tissue].mean() > 0.97
     for artefact in (blue_ink, green_ink, dust):
         assert mask[artefact].mean() < 0.05
-    kept = tissue_mask(rgb, TissueParams(remove_pen=False))
+    kept = tissue_mask(rgb, TissueSettings(remove_pen=False))
     assert kept[blue_ink].mean() > 0.5  # the filter, not the threshold, removed the ink
 
 

@@ -1,6 +1,7 @@
 """The ``msamil`` command line: one sub-command per pipeline step.
 
-Each sub-command lives in ``msamil_core/cli/<name>.py`` and defines ``HELP`` (one line),
+Each sub-command lives in ``msamil_core/cli/<name>.py`` (found by its name: a new module is a new
+command) and defines ``HELP`` (one line),
 ``add_arguments(parser)`` and ``run(args)``, which turns the arguments into the core's settings
 and calls one core function. Options several commands share are in :mod:`.options`. Heavy
 imports (torch, OpenSlide) happen inside ``run`` so that ``msamil --help`` stays fast.
@@ -19,9 +20,12 @@ import sys
 from .. import __version__
 from ..errors import MsamilError
 
-# Order is the order shown by ``msamil --help``: the pipeline's order.
-COMMANDS = ["demo", "screen", "preprocess", "thumbnail", "tissue", "segment-train", "segment", "coords", "fetch-weights",
-            "extract", "splits", "train", "evaluate", "predict", "heatmap", "e2e", "report", "export-geojson", "list-models"]
+def commands() -> list[str]:
+    """Every command: one module per command in this package (``options`` holds shared options),
+    named with dashes for underscores, in alphabetical order."""
+    import pkgutil
+
+    return sorted(m.name.replace("_", "-") for m in pkgutil.iter_modules(__path__) if m.name != "options")
 
 
 def _load(name: str):
@@ -41,7 +45,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"msamil {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     sub = parser.add_subparsers(dest="command", metavar="<command>", required=True)
-    for name in [only] if only else COMMANDS:
+    for name in [only] if only else commands():
         module = _load(name)
         p = sub.add_parser(
             name, help=module.HELP, description=module.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -54,7 +58,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
 def _command_in(argv: list[str]) -> str | None:
     for arg in argv:
         if not arg.startswith("-"):
-            return arg if arg in COMMANDS else None
+            return arg if arg in commands() else None
     return None
 
 

@@ -24,16 +24,18 @@ from __future__ import annotations
 
 import argparse
 
+from .options import add_settings, from_args
+
 HELP = "write the synthetic demo cohort (pyramidal TIFFs, lesion GeoJSONs, slide sheet)"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="demo_data", metavar="DIR", help="output folder (default: %(default)s)")
-    parser.add_argument("--n-slides", type=int, default=30, metavar="N", help="slides in the cohort (default: %(default)s)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed, >= 0 (default: %(default)s)")
-    parser.add_argument("--patch-size", type=int, default=256, metavar="PX",
-                        help="the pipeline's patch size in px at each magnification; nests are this many level-0 px "
-                        "and slides 32 x 24 times it; a multiple of 16, >= 32 (default: %(default)s)")
+    from ..settings import DemoSettings, PatchSettings
+
+    add_settings(parser, DemoSettings)
+    # nests are this many level-0 px and slides 32 x 24 times it (a multiple of 16, >= 32)
+    add_settings(parser, PatchSettings, only=["patch_size"])
     parser.add_argument("--threads", type=int, default=1, metavar="N",
                         help="worker processes, one slide each (default: %(default)s)")
     parser.add_argument("--slides", nargs="+", metavar="ID", default=None,
@@ -42,6 +44,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> None:
     from ..cohort.demo import generate_cohort
+    from ..settings import DemoSettings, PatchSettings
 
-    generate_cohort(args.out, n_slides=args.n_slides, seed=args.seed, patch_size=args.patch_size, threads=args.threads,
+    demo, patches = from_args(args, DemoSettings), from_args(args, PatchSettings)
+    generate_cohort(args.out, n_slides=demo.n_slides, seed=demo.seed, patch_size=patches.patch_size, threads=args.threads,
                     slide_ids=args.slides, progress=True)

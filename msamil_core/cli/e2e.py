@@ -31,32 +31,14 @@ from __future__ import annotations
 
 import argparse
 
-from .options import (add_config_arguments, add_encoder_arguments, add_fold_arguments, config_flags, encoder_spec,
-                      fold_indices, json_option, load_folds, read_options)
+from .options import (add_encoder_arguments, add_fold_arguments, add_settings, classes_option, encoder_spec,
+                      fold_indices, from_args, json_option, load_folds, read_options, split_settings)
 
 HELP = "slides + coords + folds -> e2e/<name>/fold<k>/checkpoint.pt (tuned encoder + MIL model)"
 
 
-TRAINING_OPTIONS = {
-    "model": "registered MIL model (`msamil list-models`)",
-    "scales": "scales patches are sampled from",
-    "k": "patches sampled per slide and step (paper: 200)",
-    "epochs": "epochs",
-    "lr": "MIL model's peak learning rate",
-    "encoder_lr": "encoder's peak learning rate",
-    "min_lr": "the MIL model's floor learning rate (the encoder's is scaled by encoder_lr / lr)",
-    "grad_accum": "slides per optimizer step",
-    "balance": "class balance by loss weights or sampling",
-    "patience": "stop after this many epochs without a lower validation loss (0 = never)",
-    "chunk_size": "patches per encoder forward",
-    "workers": "reader processes reading the next slides' patches",
-    "open_slides": "slides kept open at once per reading process; the least recently read is closed first",
-}
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from ..training.e2e import E2EConfig
-    from ..training.mil import BALANCE_CHOICES
+    from ..settings import E2EConfig
 
     data = parser.add_argument_group("slides and folds")
     add_fold_arguments(data)
@@ -64,32 +46,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="folder with <scale>/<slide_id>.h5 coordinates (the workflow's results/coords)")
     data.add_argument("--out", required=True, help="e2e run directory: fold<k>/ (or the K study) is written inside")
     add_encoder_arguments(parser)
-    tr = parser.add_argument_group("training (flags override --options)")
-    tr.add_argument("--options", help="JSON/YAML file or inline JSON with e2e options (the config's `e2e` entry keys)")
-    tr.add_argument("--model-args", help="JSON of MIL model options")
-    add_config_arguments(tr, E2EConfig, TRAINING_OPTIONS, defaults=False, choices={"balance": BALANCE_CHOICES})
-    tr.add_argument("--train-seed", type=int,
-                    help="seed of the MIL model, the patch sampling and the slide order (--seed seeds the encoder)")
-    tr.add_argument("--no-checkpointing", action="store_true",
-                    help="keep the encoder's activations instead of recomputing them (more memory, less time)")
-    ks = parser.add_argument_group("K study")
-    ks.add_argument("--k-study", type=int, nargs="+", metavar="K", help="run the K study with these K instead of training")
-    ks.add_argument("--k-study-steps", type=int, default=60, help="optimizer steps per K (default 60)")
+    tr = parser.add_argument_group("training (over --options, which is over the defaults); with --k-study, the K "
+                                   "study instead of training")
+    tr.add_argument("--options", help="JSON/YAML file or inline JSON with e2e options (the config's `e2e` entry keys "
+                    "below)")
+    add_settings(tr, E2EConfig, defaults=False, source="--options', else {default}")
     rt = parser.add_argument_group("runtime")
     rt.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
     rt.add_argument("--threads", type=int, help="torch CPU threads")
     rt.add_argument("--no-progress", action="store_true", help="(kept for old command lines; progress is logged per epoch)")
 
 
-def e2e_options(args: argparse.Namespace) -> dict:
-    """--options, then explicit flags on top."""
-    options = read_options(args.options, "--options") if args.options else {}
-    flags = {**config_flags(args, TRAINING_OPTIONS), "seed": args.train_seed,
-             "model_args": json_option(args.model_args, "--model-args"), "task": json_option(args.task, "--task")}
-    options.update({k: v for k, v in flags.items() if v is not None})
-    if args.no_checkpointing:
-        options["checkpointing"] = False
-    return options
+def e2e_config(args: argparse.Namespace):
+    """The :class:`~msamil_core.settings.E2EConfig`: the defaults, --options, then the flags."""
+    from ..settings import E2EConfig
+
+    base = E2EConfig.from_dict(read_options(args.options, "--options") if args.options else {}, "--options")
+    return from_args(args, E2EConfig, base)
 
 
 def run(args: argparse.Namespace) -> None:
@@ -101,10 +74,10 @@ def run(args: argparse.Namespace) -> None:
     from ..training.e2e import run_e2e
 
     set_threads(args.threads)
+    cfg = e2e_config(args)
     sheet = load_sheet(args.sheet)
     folds = load_folds(args, sheet, Path(args.out))
-    run_e2e(e2e_options(args), encoder_spec(args), sheet, folds, fold_indices(args, folds), args.coords_dir, args.out,
-            resolve_device(args.device), args.classes, args.val_fraction, args.split_seed, args.k_study,
-            args.k_study_steps)
-    if args.k_study and is_main_process():  # training writes the curves' CSV; reporting draws them
+    run_e2e(cfg, encoder_spec(args), sheet, folds, fold_indices(args, folds), args.coords_dir, args.out,
+            resolve_device(args.device), classes_option(args), split_settings(args), json_option(args.task, "--task"))
+    if cfg.k_study and is_main_process():  # training writes the curves' CSV; reporting draws them
         plot_k_study(args.out)

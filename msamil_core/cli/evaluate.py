@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 
-from .options import add_fold_arguments, fold_indices, load_folds
+from .options import add_fold_arguments, fold_indices, load_folds, split_settings
 
 HELP = "fold checkpoints -> predictions.csv + metrics.json on each fold's test part"
 
@@ -33,4 +33,4 @@ def run(args: argparse.Namespace) -> None:
     sheet = load_sheet(args.sheet, need_paths=False)  # bags only: no slide is opened
     folds = load_folds(args, sheet)
     evaluate_experiment(args.models, sheet, folds, fold_indices(args, folds), args.features,
-                        resolve_device(args.device), args.val_fraction, args.split_seed)
+                        resolve_device(args.device), split_settings(args))

@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import argparse
 
+from .options import add_settings, from_args
+
 HELP = "a fold's model + its test slides -> attention heatmaps (PNG), montage, QuPath GeoJSON"
 
 
@@ -37,7 +39,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--slides-dir", default="results/slides",
                         help="folder of <slide>/thumbnail.png and meta.json (default results/slides)")
     parser.add_argument("--out-dir", required=True, help="folder to write <slide>/ folders and summary.csv into")
-    parser.add_argument("--top-k", type=int, default=8, help="patches per row of the montage (default 8)")
+    from ..settings import HeatmapSettings
+
+    add_settings(parser, HeatmapSettings)
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default cpu)")
     parser.add_argument("--threads", type=int, help="torch CPU threads")
 
@@ -45,7 +49,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> None:
     from ..prediction import draw_fold_heatmaps
     from ..runtime import resolve_device, set_threads
+    from ..settings import HeatmapSettings
 
     set_threads(args.threads)
     draw_fold_heatmaps(args.models, args.fold, args.features, args.sheet, args.out_dir, resolve_device(args.device),
-                       folds_path=args.folds, slide_ids=args.slide_ids, slides_dir=args.slides_dir, top_k=args.top_k)
+                       folds_path=args.folds, slide_ids=args.slide_ids, slides_dir=args.slides_dir,
+                       top_k=from_args(args, HeatmapSettings).top_k)

@@ -1,8 +1,11 @@
-"""Options several commands share, and their conversion into the core's settings.
+"""Options several commands share, and the options of the settings model.
 
-Each ``add_*`` function adds one group of options to a command's parser; the function beside it
-turns the parsed group into the dataclass the core takes (:class:`~msamil_core.wsi.tissue.TissueParams`,
-:class:`~msamil_core.features.encoders.EncoderSpec`, :class:`~msamil_core.pipeline.ExtractOptions`, ...).
+A command's settings options are made from the setting classes of :mod:`msamil_core.settings`
+by :func:`add_settings`: one option per setting, named, typed, bounded and explained as the
+setting is, with its default (or, for a command that takes the setting from a file such as an
+experiment's manifest, no default). :func:`from_args` turns the parsed options back into the
+settings object the core takes. So a command's defaults and help are those of the config, and
+the workflow's option strings (:func:`msamil_core.settings.cli_args`) are read back exactly.
 """
 
 from __future__ import annotations
@@ -12,29 +15,101 @@ import json
 from pathlib import Path
 
 from ..errors import MsamilError
+from ..settings import Section, default_of, fields_of, flag_of
+
+# ----------------------------------------------------------------------------- settings as options
 
 
-def add_config_arguments(group, cls, helps: dict[str, str], defaults: bool = True,
-                         choices: dict[str, tuple] | None = None, flags: dict[str, str] | None = None) -> None:
-    """One ``--field-name`` option per field of the config dataclass ``cls`` named in ``helps``,
-    typed like the field's default. With ``defaults`` the option defaults to the field's default
-    (shown in the help); without, to None, so that it only overrides options read elsewhere
-    (``--experiment``, ``--options``)."""
-    default = cls()
-    for name, text in helps.items():
-        value = getattr(default, name)
-        kwargs = {"choices": (choices or {}).get(name), "default": value if defaults else None,
-                  "help": f"{text} (default {value})"}
-        if isinstance(value, list):
-            kwargs.update(nargs="+", type=type(value[0]) if value else str)
-        elif value is not None:
-            kwargs["type"] = type(value)
-        group.add_argument((flags or {}).get(name, f"--{name.replace('_', '-')}"), dest=name, **kwargs)
+def dest(cls: type, name: str) -> str:
+    """Where a setting's option is stored in the parsed namespace (a class may share field names
+    with another in one command, e.g. the encoder's and the training's ``seed``)."""
+    return f"{cls.__name__}.{name}"
 
 
-def config_flags(args: argparse.Namespace, helps: dict[str, str]) -> dict:
-    """The options of :func:`add_config_arguments` (without defaults) that were given."""
-    return {name: getattr(args, name) for name in helps if getattr(args, name) is not None}
+def _selected(cls: type, only, exclude):
+    for f, tp in fields_of(cls):
+        if only is not None:
+            if f.name in only:
+                yield f, tp
+        elif f.name not in exclude and f.metadata.get("cli", True):
+            yield f, tp
+
+
+def _json_mapping(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not JSON ({exc})") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("must be a JSON object, e.g. '{\"depth\": 2}'")
+    return value
+
+
+def add_settings(parser, cls: type, only=None, exclude=(), defaults: bool = True, source: str = "") -> None:
+    """One option per setting of ``cls`` (those with ``cli=True``, or those named in ``only``).
+
+    With ``defaults`` each option defaults to its setting's default, shown in the help. Without,
+    it defaults to None and only overrides (or, where ``source`` says so, must agree with) the
+    settings read elsewhere; ``source`` says where in the help, e.g. "the manifest's" or
+    "--experiment's, else {default}".
+    """
+    import typing
+
+    from ..settings import unwrap_optional
+
+    for f, tp in _selected(cls, only, exclude):
+        kind, _ = unwrap_optional(tp)
+        default = default_of(f) if defaults else None
+        text = f.metadata.get("help", "")
+        meta = f.metadata
+        kwargs = {"dest": dest(cls, f.name), "default": default}
+        value = default_of(f)
+        shown = ("none" if value is None else " ".join(map(str, value)) if isinstance(value, list)
+                 else json.dumps(value) if isinstance(value, dict) else str(value).lower() if isinstance(value, bool)
+                 else value)
+        where = source.format(default=shown) if source else shown
+        if kind is bool:  # --flag / --no-flag; argparse adds the default to the help when there is one
+            kwargs["action"] = argparse.BooleanOptionalAction
+            kwargs["help"] = (text if defaults else f"{text} (default: {where})").replace("%", "%%")
+        else:
+            kwargs["help"] = f"{text} (default: {shown if defaults else where})".replace("%", "%%")
+            if typing.get_origin(kind) is list:
+                item = typing.get_args(kind)[0]
+                name = f.name.upper()
+                kwargs.update(nargs="*", type=item, metavar=name[:-2] if name.endswith("SES") else name.rstrip("S"))
+                if meta.get("choices"):
+                    kwargs["choices"] = meta["choices"]
+            elif kind is dict or typing.get_origin(kind) is dict:
+                kwargs.update(type=_json_mapping, metavar="JSON")
+            else:
+                kwargs["type"] = kind
+                if meta.get("choices"):
+                    kwargs["choices"] = meta["choices"]
+                else:
+                    kwargs["metavar"] = f.name.upper()
+        parser.add_argument(flag_of(f), **kwargs)
+
+
+def given(args: argparse.Namespace, cls: type) -> dict:
+    """The settings of ``cls`` whose options the namespace holds and that are not None."""
+    values = {}
+    for f, _ in fields_of(cls):
+        value = getattr(args, dest(cls, f.name), None)
+        if value is not None:
+            values[f.name] = value
+    return values
+
+
+def from_args(args: argparse.Namespace, cls: type, base: Section | dict | None = None, **fixed):
+    """The settings object of ``cls``: ``base`` (an object or mapping; default the defaults),
+    with the options given on top and then ``fixed``."""
+    values = base.to_dict() if isinstance(base, Section) else dict(base or {})
+    values.update(given(args, cls))
+    values.update(fixed)
+    return cls(**{k: v for k, v in values.items() if k in cls.names()})
+
+
+# ----------------------------------------------------------------------------- slides and outputs
 
 
 def add_slide_arguments(parser: argparse.ArgumentParser) -> None:
@@ -44,71 +119,17 @@ def add_slide_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mpp", type=float, help="level-0 µm/px; overrides the file's value (sheet column `mpp`)")
 
 
-# ----------------------------------------------------------------------------- tissue
-
-
-TISSUE_OPTIONS = {
-    "min_saturation": "floor of the saturation threshold, 0..1",
-    "dark_threshold": "brightest channel below this (0..1) is an artefact",
-    "close_radius": "closing radius in thumbnail px",
-    "min_object_fraction": "drop tissue pieces smaller than this fraction of the thumbnail",
-    "max_hole_fraction": "fill holes up to this fraction of the thumbnail",
-}
-
-
-def add_tissue_arguments(parser) -> None:
-    """The tissue-mask options (the config's `tissue` section)."""
-    from ..wsi.tissue import TissueParams
-
-    parser.add_argument("--mode", choices=["auto", "brightfield", "fluorescence"], default="auto",
-                        help="tissue detection: auto (dark background = fluorescence), brightfield or fluorescence")
-    add_config_arguments(parser, TissueParams, TISSUE_OPTIONS)
-    parser.add_argument("--no-pen-removal", dest="remove_pen", action="store_false", help="keep blue/green ink")
-    parser.add_argument("--min-tissue-fraction", type=float, default=1e-3,
-                        help="fail when less than this fraction of the thumbnail is tissue")
-
-
-def tissue_params(args: argparse.Namespace):
-    """The :class:`~msamil_core.wsi.tissue.TissueParams` of :func:`add_tissue_arguments`' options."""
-    from ..wsi.tissue import TissueParams
-
-    return TissueParams(mode=args.mode, remove_pen=args.remove_pen, **{name: getattr(args, name) for name in TISSUE_OPTIONS})
-
-
-# ----------------------------------------------------------------------------- patches
-
-
-PATCH_OPTIONS = {
-    "patch_size": "patch size in px at each magnification",
-    "min_fraction": "minimum selection-mask fraction of a kept patch",
-    "base_mpp": "µm/px that defines 20x",
-    "random_n": "the random strategy: N random tissue patches at 20x (N/4 at 10x, N/16 at 5x)",
-    "random_seed": "seed of the random strategy",
-}
-
-
-def add_patch_arguments(parser) -> None:
-    """Patch grids (the config's `patches` section); ``random_n`` is ``--random N``."""
-    from ..pipeline import PatchSettings
-
-    add_config_arguments(parser, PatchSettings, PATCH_OPTIONS, flags={"random_n": "--random"})
-
-
-def patch_settings(args: argparse.Namespace):
-    from ..pipeline import PatchSettings
-
-    return PatchSettings(**{name: getattr(args, name) for name in PATCH_OPTIONS})
-
-
 def add_output_arguments(parser) -> None:
     """--strategy-out, --geojson and --geojson-strategy (also `msamil preprocess`'s)."""
+    from ..settings import STRATEGIES
+
     parser.add_argument("--strategy-out", action="append", default=[], metavar="NAME:SCALE=H5",
                         help="the file of one strategy (lesion, tissue, random) and scale (20x, 10x, 5x), repeatable "
                         "(`msamil coords`: instead of --out-*)")
     parser.add_argument("--geojson", metavar="FILE",
                         help="also export the masks and one strategy's patch grids as QuPath GeoJSON, as "
                         "`msamil export-geojson` does")
-    parser.add_argument("--geojson-strategy", choices=["lesion", "tissue", "random"],
+    parser.add_argument("--geojson-strategy", choices=STRATEGIES,
                         help="the strategy whose grids --geojson draws (default: the first written)")
 
 
@@ -126,68 +147,41 @@ def strategy_files(items: list[str]) -> dict[str, dict[str, str]]:
 # ----------------------------------------------------------------------------- encoders and extraction
 
 
-def add_encoder_arguments(parser: argparse.ArgumentParser) -> None:
-    """The encoder options (the config's `encoders` entries)."""
+def add_encoder_arguments(parser: argparse.ArgumentParser, defaults: bool = True, source: str = "",
+                          checkpoint: bool = True) -> None:
+    """The encoder options (an `encoders` entry of the config) and, with ``checkpoint``, --encoder-checkpoint."""
+    from ..settings import EncoderSettings
+
     enc = parser.add_argument_group("encoder")
-    enc.add_argument("--encoder-checkpoint",
-                     help="an e2e checkpoint (results/e2e/<name>/fold<k>/checkpoint.pt): its tuned encoder, with the "
-                     "name, input size, normalisation and options it was trained with; replaces the other encoder options")
-    enc.add_argument("--encoder", default="msfem",
-                     help="a preset (`msamil list-models`: uni_v1, virchow2, resnet50_trunc, ...), msfem or a timm model "
-                     "name (default msfem)")
-    enc.add_argument("--weights", help="weights: a local file (.safetensors, .bin, .pth), a folder with the model's "
-                     "published files, or hf-hub:<org>/<repo> fetched by `msamil fetch-weights`; default: random init")
-    enc.add_argument("--input-size", type=int,
-                     help="patch side fed to the encoder, px (default: the preset's, else 224; paper: 512)")
-    rgb = ("R", "G", "B")
-    enc.add_argument("--mean", type=float, nargs=3, metavar=rgb, help="normalisation mean (default: the preset's, "
-                     "else ImageNet)")
-    enc.add_argument("--std", type=float, nargs=3, metavar=rgb, help="normalisation std (default: the preset's, "
-                     "else ImageNet)")
-    enc.add_argument("--encoder-arg", action="append", default=[], metavar="KEY=VALUE",
-                     help="encoder option, repeatable; VALUE is read as JSON when it parses (msfem: depth=2 heads=8 "
-                     "dim=512 backbone=efficientnet_b3 backbone_weights=FILE; timm: e.g. init_values=1e-5)")
-    enc.add_argument("--seed", type=int, default=0, help="seed of the random initialisation (default 0)")
+    if checkpoint:
+        enc.add_argument("--encoder-checkpoint",
+                         help="an e2e checkpoint (results/e2e/<name>/fold<k>/checkpoint.pt): its tuned encoder, with "
+                         "the name, input size, normalisation and options it was trained with; replaces the other "
+                         "encoder options")
+    add_settings(enc, EncoderSettings, defaults=defaults, source=source)
 
 
 def encoder_spec(args: argparse.Namespace):
     """The :class:`~msamil_core.features.encoders.EncoderSpec` of :func:`add_encoder_arguments`'
     options (an e2e checkpoint's tuned encoder with ``--encoder-checkpoint``)."""
     from ..features.encoders import EncoderSpec
+    from ..settings import EncoderSettings
 
     if getattr(args, "encoder_checkpoint", None):
         from ..training.e2e import encoder_spec_from_checkpoint
 
         return encoder_spec_from_checkpoint(args.encoder_checkpoint)
-    if args.input_size is not None and args.input_size < 1:
-        raise MsamilError(f"--input-size must be at least 1, got {args.input_size}")
-    return EncoderSpec(name=args.encoder, weights=args.weights, input_size=args.input_size,
-                       mean=tuple(args.mean) if args.mean else None, std=tuple(args.std) if args.std else None,
-                       kwargs=parse_encoder_args(args.encoder_arg), seed=args.seed)
-
-
-def parse_encoder_args(items: list[str]) -> dict:
-    """``["depth=2", "backbone=efficientnet_b3"]`` -> ``{"depth": 2, "backbone": "efficientnet_b3"}``."""
-    kwargs = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise MsamilError(f"--encoder-arg {item!r}: expected KEY=VALUE, e.g. depth=2")
-        try:
-            kwargs[key.strip()] = json.loads(value)
-        except json.JSONDecodeError:
-            kwargs[key.strip()] = value  # a bare string such as a model or file name
-    return kwargs
+    return EncoderSpec.from_settings(from_args(args, EncoderSettings))
 
 
 def add_extract_arguments(parser: argparse.ArgumentParser) -> None:
-    """Batch size, reader processes, device, threads, fp16, progress."""
+    """Batch size, readers and precision (the config's `features`), and device, threads, progress."""
+    from ..settings import FeatureSettings
+
     rt = parser.add_argument_group("runtime")
-    rt.add_argument("--batch-size", type=int, default=32, help="patches per forward pass (default 32)")
-    rt.add_argument("--workers", type=int, default=2, help="reader processes decoding patches (0 = none; default 2)")
+    add_settings(rt, FeatureSettings)
     rt.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
     rt.add_argument("--threads", type=int, help="torch threads for the model (default: torch's choice)")
-    rt.add_argument("--fp16", action="store_true", help="store features as float16 (computation unchanged)")
     rt.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -196,72 +190,39 @@ def extract_options(args: argparse.Namespace):
     torch's threads."""
     from ..pipeline import ExtractOptions
     from ..runtime import set_threads
+    from ..settings import FeatureSettings
 
     set_threads(args.threads)
-    return ExtractOptions(batch_size=args.batch_size, workers=args.workers, device=args.device, fp16=args.fp16,
+    return ExtractOptions(features=from_args(args, FeatureSettings), device=args.device,
                           progress=not args.no_progress)
-
-
-# ----------------------------------------------------------------------------- lesion masks and annotations
-
-
-def add_postprocess_arguments(parser: argparse.ArgumentParser, from_checkpoint: bool) -> None:
-    """--threshold, --min-object-fraction, --max-hole-fraction; with ``from_checkpoint`` they
-    default to the checkpoint's values (None here)."""
-    from ..segmentation.postprocess import PostProcess
-
-    d = PostProcess()
-    where = "the checkpoint's" if from_checkpoint else "%(default)s"
-    g = parser.add_argument_group("lesion mask")
-    g.add_argument("--threshold", type=float, default=None if from_checkpoint else d.threshold,
-                   help=f"lesion where the probability is at least this (default {where})")
-    g.add_argument("--min-object-fraction", type=float, default=None if from_checkpoint else d.min_object_fraction,
-                   help=f"drop lesion pieces smaller than this fraction of the thumbnail (default {where})")
-    g.add_argument("--max-hole-fraction", type=float, default=None if from_checkpoint else d.max_hole_fraction,
-                   help=f"fill holes in lesions up to this fraction of the thumbnail (default {where})")
-
-
-def add_annotation_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options that turn annotation files into lesion masks (classes, mask labels, bounds)."""
-    from ..wsi.annotations import DEFAULT_IGNORE_CLASSES, DEFAULT_SUBTRACT_CLASSES, DEFAULT_TOLERANCE
-
-    g = parser.add_argument_group("annotations")
-    g.add_argument("--lesion-classes", nargs="+", metavar="PATTERN",
-                   help="annotation classes that are lesion (shell patterns, case-insensitive, e.g. Tumor 'Carcinoma*'); "
-                   "default: every class not ignored or subtracted")
-    g.add_argument("--ignore-classes", nargs="*", metavar="PATTERN", default=list(DEFAULT_IGNORE_CLASSES),
-                   help="classes that are not lesion when --lesion-classes is not given (default: %(default)s); "
-                   "give the option with no pattern to ignore none")
-    g.add_argument("--subtract-classes", nargs="*", metavar="PATTERN", default=list(DEFAULT_SUBTRACT_CLASSES),
-                   help="classes cut out of the lesion, e.g. exclusion regions and CAMELYON16's ASAP group _2 "
-                   "(default: %(default)s)")
-    g.add_argument("--mask-labels", nargs="+", type=int, metavar="VALUE",
-                   help="label values that are lesion in a label-image annotation (default: any nonzero pixel)")
-    g.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE,
-                   help="how far vertices may lie outside the slide, as a fraction of its width/height "
-                   "(default %(default)s)")
-
-
-def class_rules(args: argparse.Namespace):
-    from ..wsi.annotations import ClassRules
-
-    return ClassRules(lesion=args.lesion_classes, ignore=args.ignore_classes, subtract=args.subtract_classes)
 
 
 # ----------------------------------------------------------------------------- cohorts and folds
 
 
 def add_fold_arguments(parser) -> None:
-    """Sheet, folds and task options shared by train, evaluate and e2e."""
+    """Sheet, folds, the config's `splits` and `classes`, and the task: shared by train, evaluate and e2e."""
+    from ..settings import Config, SplitSettings
+
     parser.add_argument("--sheet", required=True, help="slide sheet (CSV/TSV with slide_id, path, label, patient_id; "
                         "train and evaluate read bags only and need no path)")
     parser.add_argument("--folds", help="folds.csv from `msamil splits`; default: made from the sheet")
     parser.add_argument("--fold", default="all", help="fold index, or `all` (default)")
-    parser.add_argument("--n-folds", type=int, default=5, help="folds to make when --folds is not given (default 5)")
-    parser.add_argument("--val-fraction", type=float, default=0.2, help="share of training patients used for validation")
-    parser.add_argument("--split-seed", type=int, default=0, help="seed of the folds and validation parts")
-    parser.add_argument("--classes", nargs="+", help="class order (default: sorted sheet labels)")
+    add_settings(parser, SplitSettings)
+    add_settings(parser, Config, only=["classes"])
     parser.add_argument("--task", help="JSON: class name -> list of sheet labels (e.g. a two-class task)")
+
+
+def split_settings(args: argparse.Namespace):
+    from ..settings import SplitSettings
+
+    return from_args(args, SplitSettings)
+
+
+def classes_option(args: argparse.Namespace) -> list[str] | None:
+    from ..settings import Config
+
+    return given(args, Config).get("classes") or None
 
 
 def load_folds(args: argparse.Namespace, sheet, out_dir=None):
@@ -270,7 +231,8 @@ def load_folds(args: argparse.Namespace, sheet, out_dir=None):
 
     if args.folds:
         return read_folds(args.folds)
-    folds = make_folds(sheet, n_folds=args.n_folds, seed=args.split_seed)
+    splits = split_settings(args)
+    folds = make_folds(sheet, n_folds=splits.n_folds, seed=splits.seed)
     if out_dir is not None:
         write_folds(Path(out_dir) / "folds.csv", folds)
     return folds

@@ -19,27 +19,29 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .options import (add_output_arguments, add_patch_arguments, add_slide_arguments, add_tissue_arguments,
-                      patch_settings, strategy_files, tissue_params)
+from .options import add_output_arguments, add_settings, add_slide_arguments, from_args, strategy_files
 
 HELP = "slide -> thumbnail.png + meta.json + tissue_mask.png (+ coords, GeoJSON)"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from ..settings import PatchSettings, ThumbnailSettings, TissueSettings
+
     add_slide_arguments(parser)
-    parser.add_argument("--long-side", type=int, default=1024, help="thumbnail long side in px (default 1024)")
+    add_settings(parser, ThumbnailSettings)
     parser.add_argument("--thumbnail", required=True, help="thumbnail PNG to write")
     parser.add_argument("--meta", required=True, help="meta.json to write")
     parser.add_argument("--tissue-mask", required=True, help="tissue mask PNG to write (0/255)")
-    add_tissue_arguments(parser.add_argument_group("tissue mask"))
+    add_settings(parser.add_argument_group("tissue mask"), TissueSettings)
     coords = parser.add_argument_group("coordinates (with --strategy-out)")
-    add_patch_arguments(coords)
+    add_settings(coords, PatchSettings, exclude=("strategy",))
     add_output_arguments(coords)
 
 
 def run(args: argparse.Namespace) -> None:
     from ..errors import MsamilError
     from ..pipeline import make_coordinates, make_thumbnail, make_tissue_mask
+    from ..settings import PatchSettings, ThumbnailSettings, TissueSettings
 
     files = strategy_files(args.strategy_out)
     if "lesion" in files:
@@ -51,10 +53,10 @@ def run(args: argparse.Namespace) -> None:
     outputs = [args.thumbnail, args.meta, args.tissue_mask, *(p for f in files.values() for p in f.values()),
                *([args.geojson] if args.geojson else [])]
     try:
-        make_thumbnail(args.slide, args.thumbnail, args.meta, slide_id, args.mpp, args.long_side)
-        make_tissue_mask(args.thumbnail, args.tissue_mask, tissue_params(args), args.min_tissue_fraction, slide_id)
+        make_thumbnail(args.slide, args.thumbnail, args.meta, slide_id, args.mpp, from_args(args, ThumbnailSettings))
+        make_tissue_mask(args.thumbnail, args.tissue_mask, from_args(args, TissueSettings), slide_id)
         if files:
-            make_coordinates(args.meta, args.tissue_mask, files, patch_settings(args), geojson=args.geojson,
+            make_coordinates(args.meta, args.tissue_mask, files, from_args(args, PatchSettings), geojson=args.geojson,
                              geojson_strategy=args.geojson_strategy)
     except BaseException:
         for path in outputs:  # a failed step leaves none of the slide's files (each is written whole)

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import argparse
 
-from .options import add_postprocess_arguments
+from .options import add_settings, given
 
 HELP = "thumbnail + tissue mask -> lesion_mask.png (UNet++)"
 
@@ -45,13 +45,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "probabilities when this checkpoint made them from this thumbnail")
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default %(default)s)")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads for torch; 0 = torch's default")
-    add_postprocess_arguments(parser, from_checkpoint=True)
+    from ..settings import PostProcessSettings
+
+    add_settings(parser.add_argument_group("lesion mask"), PostProcessSettings, defaults=False,
+                 source="the checkpoint's (segment-train's settings)")
 
 
 def run(args: argparse.Namespace) -> None:
     from ..pipeline import make_lesion_mask
+    from ..settings import PostProcessSettings
 
-    post = {"threshold": args.threshold, "min_object_fraction": args.min_object_fraction,
-            "max_hole_fraction": args.max_hole_fraction}  # None: the checkpoint's
+    post = given(args, PostProcessSettings)  # what is not given: the checkpoint's
     make_lesion_mask(args.checkpoint, args.thumbnail, args.tissue_mask, args.out, args.slide_id, post, args.reuse,
                      args.fallback_below, args.probabilities, args.device, args.threads)

@@ -23,43 +23,13 @@ from __future__ import annotations
 
 import argparse
 
-from .options import add_annotation_arguments, add_config_arguments, add_postprocess_arguments, class_rules
+from .options import add_settings, from_args
 
 HELP = "annotated thumbnails -> UNet++ lesion segmentation checkpoint (+ metrics.json)"
 
 
-MODEL_OPTIONS = {
-    "encoder": "segmentation_models_pytorch encoder",
-    "encoder_weights": "local encoder state dict (.pth, .bin, .safetensors); None = random init",
-    "encoder_depth": "encoder stages, 1..5",
-    "decoder_channels": "UNet++ decoder widths, one per stage",
-}
-TRAINING_OPTIONS = {
-    "input_size": "long side (px) of the thumbnail as the network sees it (paper: 1024)",
-    "crop_size": "train on random square crops of this many px; 0 = whole images",
-    "epochs": "epochs",
-    "batch_size": "thumbnails per batch",
-    "lr": "peak AdamW learning rate",
-    "min_lr": "learning rate at the end of the cosine decay",
-    "warmup_epochs": "linear warm-up",
-    "weight_decay": "AdamW weight decay",
-    "bce_weight": "weight of BCE in the loss",
-    "dice_weight": "weight of soft Dice in the loss",
-    "holdout_fraction": "annotated patients held out for the final IoU",
-    "val_fraction": "annotated patients that pick the best epoch",
-    "grad_clip": "max gradient norm; 0 = off",
-    "grad_accum": "batches per optimizer step",
-    "patience": "stop after this many epochs without a better validation IoU; 0 = never",
-    "hue": "max hue shift, fraction of the colour circle",
-    "saturation": "max relative saturation change",
-    "brightness": "max relative brightness change",
-    "contrast": "max relative contrast change",
-    "seed": "seed of the split, the initialisation and the augmentation",
-}
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from ..segmentation.training import SegmentationConfig
+    from ..settings import (AnnotationSettings, PostProcessSettings, SegmentationSettings, SegmentationTraining)
 
     io = parser.add_argument_group("input and output")
     io.add_argument("--sheet", required=True, help="slide sheet (CSV/TSV) with slide_id, patient_id and annotation columns")
@@ -72,27 +42,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     io.add_argument("--probabilities-dir", metavar="DIR",
                     help="also write each given slide's lesion probabilities under the saved checkpoint to "
                     "DIR/<slide_id>.npz, for `msamil segment --reuse DIR` (which then need not load the network)")
-    add_config_arguments(parser.add_argument_group("model"), SegmentationConfig, MODEL_OPTIONS)
-    t = parser.add_argument_group("training")
-    add_config_arguments(t, SegmentationConfig, TRAINING_OPTIONS)
-    t.add_argument("--no-augment", dest="augment", action="store_false", help="no flips, rotations or colour jitter")
+    # every option is a setting of the config's `segmentation` section, under the same name
+    add_settings(parser.add_argument_group("model and training"), SegmentationSettings,
+                 only=[n for n in SegmentationTraining.names() if n != "checkpoint"])
+    add_settings(parser.add_argument_group("lesion mask"), SegmentationSettings, only=PostProcessSettings.names())
+    add_settings(parser.add_argument_group("annotations"), SegmentationSettings, only=AnnotationSettings.names())
+    t = parser.add_argument_group("runtime")
     t.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda[:N] (default %(default)s)")
     t.add_argument("--threads", type=int, default=0, help="CPU threads for torch; 0 = torch's default")
-    add_postprocess_arguments(parser, from_checkpoint=False)
-    add_annotation_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> None:
-    from dataclasses import fields
-
     from ..runtime import set_threads
-    from ..segmentation.postprocess import PostProcess
-    from ..segmentation.training import SegmentationConfig, train_from_sheet
+    from ..segmentation.training import train_from_sheet
+    from ..settings import SegmentationSettings
 
     set_threads(args.threads)
-    # every training option's dest is the SegmentationConfig field of the same name
-    cfg = SegmentationConfig(**{f.name: getattr(args, f.name) for f in fields(SegmentationConfig)})
-    post = PostProcess(args.threshold, args.min_object_fraction, args.max_hole_fraction)
-    train_from_sheet(args.sheet, args.out, cfg, post, class_rules(args), args.mask_labels, args.tolerance,
-                     slides_dir=args.slides_dir, thumbnails=args.thumbnails, metrics_path=args.metrics,
-                     probabilities_dir=args.probabilities_dir, device=args.device)
+    train_from_sheet(args.sheet, args.out, from_args(args, SegmentationSettings), slides_dir=args.slides_dir,
+                     thumbnails=args.thumbnails, metrics_path=args.metrics, probabilities_dir=args.probabilities_dir,
+                     device=args.device)

@@ -20,14 +20,17 @@ from __future__ import annotations
 
 import argparse
 
+from .options import add_settings, from_args
+
 HELP = "slide sheet -> patient-level stratified folds (folds.csv)"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sheet", required=True, help="slide sheet (CSV or TSV: slide_id, label, patient_id; path may be empty)")
     parser.add_argument("--out", required=True, help="folds CSV to write, e.g. results/splits/folds.csv")
-    parser.add_argument("--folds", type=int, default=5, metavar="K", help="number of folds, >= 2 (default: %(default)s)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the placement order and validation ranks (default: %(default)s)")
+    from ..settings import SplitSettings
+
+    add_settings(parser, SplitSettings, only=["n_folds", "seed"])
     parser.add_argument(
         "--previous",
         metavar="CSV",
@@ -36,6 +39,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
+    from ..settings import SplitSettings
     from ..training.splits import split_sheet
 
-    split_sheet(args.sheet, args.out, args.folds, args.seed, args.previous)
+    splits = from_args(args, SplitSettings)
+    split_sheet(args.sheet, args.out, splits.n_folds, splits.seed, args.previous)

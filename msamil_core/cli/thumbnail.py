@@ -11,19 +11,22 @@ from __future__ import annotations
 
 import argparse
 
-from .options import add_slide_arguments
+from .options import add_settings, add_slide_arguments, from_args
 
 HELP = "slide -> thumbnail.png + meta.json"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_slide_arguments(parser)
-    parser.add_argument("--long-side", type=int, default=1024, help="thumbnail long side in px (default 1024)")
+    from ..settings import ThumbnailSettings
+
+    add_settings(parser, ThumbnailSettings)
     parser.add_argument("--out", required=True, help="thumbnail PNG to write")
     parser.add_argument("--meta", required=True, help="meta.json to write")
 
 
 def run(args: argparse.Namespace) -> None:
     from ..pipeline import make_thumbnail
+    from ..settings import ThumbnailSettings
 
-    make_thumbnail(args.slide, args.out, args.meta, args.slide_id, args.mpp, args.long_side)
+    make_thumbnail(args.slide, args.out, args.meta, args.slide_id, args.mpp, from_args(args, ThumbnailSettings))

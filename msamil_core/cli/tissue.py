@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 
-from .options import add_tissue_arguments, tissue_params
+from .options import add_settings, from_args
 
 HELP = "thumbnail -> tissue_mask.png"
 
@@ -19,10 +19,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--thumbnail", required=True, help="thumbnail PNG (from `msamil thumbnail`)")
     parser.add_argument("--slide-id", help="slide name used in messages (default: thumbnail's folder name)")
     parser.add_argument("--out", required=True, help="mask PNG to write (0/255)")
-    add_tissue_arguments(parser)
+    from ..settings import TissueSettings
+
+    add_settings(parser, TissueSettings)
 
 
 def run(args: argparse.Namespace) -> None:
     from ..pipeline import make_tissue_mask
+    from ..settings import TissueSettings
 
-    make_tissue_mask(args.thumbnail, args.out, tissue_params(args), args.min_tissue_fraction, args.slide_id)
+    make_tissue_mask(args.thumbnail, args.out, from_args(args, TissueSettings), args.slide_id)

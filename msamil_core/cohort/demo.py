@@ -22,9 +22,10 @@ What is written (``generate_cohort``)
     :mod:`msamil_core.wsi.annotations` disagrees on about a third of the outline's
     pixels, one pixel deep.
 ``<out>/slides.csv``
-    The slide sheet: ``slide_id, path, label, patient_id, annotation`` with
-    absolute paths (resolved against the working directory at call time). It
-    always lists the whole cohort, also when only some slides are generated.
+    The slide sheet: ``slide_id, path, label, patient_id, annotation`` with paths
+    relative to the sheet's folder (``slides/<slide_id>.tiff``), so that the cohort
+    can move with its sheet. It always lists the whole cohort, also when only some
+    slides are generated.
 
 Geometry (``P`` = ``patch_size``, default 256, in level-0 px)
 ------------------------------------------------------------
@@ -877,7 +878,10 @@ def generate_cohort(
                     future.result()
                     bar.update()
     sheet = Path(out_dir) / "slides.csv"
+    relative = table.copy()
+    for column in ("path", "annotation"):  # from the sheet's folder: the cohort moves with its sheet
+        relative[column] = [Path(p).relative_to(Path(out_dir).resolve()).as_posix() for p in table[column]]
     with atomic_path(sheet) as tmp:
-        table.to_csv(tmp, index=False)
+        relative.to_csv(tmp, index=False)
     log.info("demo cohort: %d of %d slides written under %s", len(jobs), len(table), Path(out_dir).resolve())
     return table

@@ -6,14 +6,17 @@ would do first: the slide opens, its µm/px is known, its thumbnail-level image 
 tissue (the tissue step's own mask and threshold), and its annotation, if any, parses and fits
 the slide. A slide that fails is left out of the run with its one-line reason; a bad annotation
 leaves out only the annotation (the slide is still segmented, trained on and evaluated). The
-screened sheet (kept slides; absolute paths; bad annotations blanked) is what every later step
-reads, and ``left_out.csv`` lists what was left out; the report shows it.
+screened sheet (kept slides; bad annotations blanked; paths inside the project relative to the
+screened sheet, so that a moved project or a copied results folder still finds them) is what
+every later step reads, and ``left_out.csv`` lists what was left out; the report shows it.
 
-Verdicts are cached by the slide and annotation files' path, size and modification time and by
-the settings, so a rerun screens only new or changed files: a fixed file comes back in.
+Verdicts are cached by the slide and annotation files' path (as the project sees it), size and
+modification time and by the settings, so a rerun screens only new or changed files: a fixed
+file comes back in.
 
-Whether a run may leave slides out is :class:`ScreenPolicy`: by default it may, up to a share of
-the sheet, above which the screening fails (nothing is written) and names the first reasons.
+Whether a run may leave slides out is :class:`~msamil_core.settings.ScreeningSettings`: by
+default it may, up to a share of the sheet, above which the screening fails (nothing is
+written) and names the first reasons.
 """
 
 from __future__ import annotations
@@ -24,14 +27,15 @@ import logging
 import math
 import os
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
 
 from ..errors import MsamilError
 from ..fileio import atomic_path, write_json
-from ..wsi.tissue import TissueParams
+from ..layout import project_path
+from ..settings import ScreeningSettings, ThumbnailSettings, TissueSettings
 from .sheet import slide_mpp
 
 log = logging.getLogger(__name__)
@@ -41,28 +45,14 @@ LEFT_OUT_COLUMNS = ("slide_id", "patient_id", "label", "what", "reason")
 
 @dataclass(frozen=True)
 class ScreenSettings:
-    """What the screening checks a slide with: the thumbnail step's long side and the tissue
-    step's settings (the same decision they will make)."""
+    """What the screening checks a slide with: the thumbnail step's and the tissue step's
+    settings (the same decision they will make)."""
 
-    long_side: int = 1024
-    tissue: TissueParams = field(default_factory=TissueParams)
-    min_tissue_fraction: float = 1e-3
+    thumbnail: ThumbnailSettings = field(default_factory=ThumbnailSettings)
+    tissue: TissueSettings = field(default_factory=TissueSettings)
 
     def key(self) -> dict:
-        return {"long_side": self.long_side, "tissue": asdict(self.tissue),
-                "min_tissue_fraction": self.min_tissue_fraction}
-
-
-@dataclass(frozen=True)
-class ScreenPolicy:
-    """Whether slides may be left out (``leave_out``) and up to which share of the sheet."""
-
-    leave_out: bool = True
-    max_left_out: float = 0.1
-
-    def __post_init__(self):
-        if not 0.0 <= self.max_left_out <= 1.0:
-            raise MsamilError(f"screening max_left_out {self.max_left_out} must be a share between 0 and 1")
+        return {"thumbnail": self.thumbnail.to_dict(), "tissue": self.tissue.to_dict()}
 
 
 def _one_line(exc: BaseException) -> str:
@@ -72,14 +62,15 @@ def _one_line(exc: BaseException) -> str:
 
 
 def _stat(path: str) -> dict | None:
-    """A file as the cache knows it: resolved path, size and modification time (None: absent).
+    """A file as the cache knows it: its path as the project sees it (relative inside it), size and
+    modification time (None: absent).
     A file replaced, fixed or touched gets a new entry; reading no byte keeps a rerun over
     thousands of unchanged slides at a stat each."""
     try:
         st = os.stat(path)
     except OSError:
         return None
-    return {"path": str(Path(path).resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    return {"path": project_path(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
 def screen_key(row: pd.Series, settings: ScreenSettings) -> str:
@@ -108,8 +99,8 @@ def screen_slide(row: pd.Series, settings: ScreenSettings) -> dict:
         if not row["path"]:
             raise MsamilError(f"slide {sid!r}: the sheet gives no path; add the slide file's path")
         with open_slide(row["path"], sid, slide_mpp(row)) as slide:
-            rgb, meta = thumbnail_and_meta(slide, settings.long_side)
-        slide_tissue_mask(rgb, settings.tissue, settings.min_tissue_fraction, sid)
+            rgb, meta = thumbnail_and_meta(slide, settings.thumbnail.long_side)
+        slide_tissue_mask(rgb, settings.tissue, sid)
     except Exception as exc:  # noqa: BLE001 - any failure to read a slide is a reason to leave it out
         verdict["slide"] = _one_line(exc)
         return verdict
@@ -166,7 +157,7 @@ def screen_cohort(sheet: pd.DataFrame, settings: ScreenSettings, cache: str | os
     return verdicts
 
 
-def keep_usable(sheet: pd.DataFrame, verdicts: dict[str, dict], policy: ScreenPolicy,
+def keep_usable(sheet: pd.DataFrame, verdicts: dict[str, dict], policy: ScreeningSettings,
                   what: str = "the sheet") -> tuple[pd.DataFrame, pd.DataFrame]:
     """(screened sheet, left-out table) under ``policy``; raises when it forbids the result."""
     bad = [sid for sid in sheet.index if verdicts[sid]["slide"]]
@@ -198,28 +189,42 @@ def keep_usable(sheet: pd.DataFrame, verdicts: dict[str, dict], policy: ScreenPo
     return kept, left_out
 
 
-def screening_record(sheet: pd.DataFrame, settings: ScreenSettings, policy: ScreenPolicy) -> dict:
+def screening_record(sheet: pd.DataFrame, settings: ScreenSettings, policy: ScreeningSettings) -> dict:
     """What a screening was made from: its settings and policy, and a digest of which of the
-    sheet's slide and annotation files existed. The workflow compares it with the config and the
-    files of a later run to know, while it plans, whether the screened sheet is still current."""
+    sheet's slide and annotation files existed (their paths as the project sees them, so that the
+    record holds in a moved project). The workflow compares it with the config and the files of a
+    later run to know, while it plans, whether the screened sheet is still current."""
     paths = list(sheet["path"]) + [p for p in sheet.get("annotation", []) if p]
-    present = sorted(str(p) for p in paths if p and os.path.exists(p))
-    record = {"settings": settings.key(), "policy": asdict(policy),
+    present = sorted(project_path(p) for p in paths if p and os.path.exists(p))
+    record = {"settings": settings.key(), "policy": policy.to_dict(),
               "files": hashlib.sha256("\n".join(present).encode()).hexdigest()}
     return json.loads(json.dumps(record))
 
 
 def write_screened(kept: pd.DataFrame, left_out: pd.DataFrame, sheet_out: str | os.PathLike,
                    left_out_path: str | os.PathLike) -> None:
-    """The screened sheet (CSV, absolute paths, the mpp column as numbers or empty) and the
-    left-out table (CSV: slide_id, patient_id, label, what, reason)."""
+    """The screened sheet (CSV; paths of files inside the project relative to the screened sheet,
+    others absolute; the mpp column as numbers or empty) and the left-out table (CSV: slide_id,
+    patient_id, label, what, reason)."""
     kept = kept.reset_index(drop=True)
+    folder = Path(sheet_out).resolve().parent
+    for column in ("path", "annotation"):
+        if column in kept.columns:
+            kept[column] = [_sheet_relative(p, folder) for p in kept[column]]
     if "mpp" in kept.columns:
         kept["mpp"] = ["" if (isinstance(v, float) and math.isnan(v)) else repr(float(v)) for v in kept["mpp"]]
     for frame, target in ((left_out, left_out_path), (kept, sheet_out)):  # the sheet last: it marks completion
         Path(target).parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(target) as tmp:
             frame.to_csv(tmp, index=False)
+
+
+def _sheet_relative(path: str, folder: Path) -> str:
+    """A file's path as a sheet in ``folder`` holds it: relative when the file is inside the project."""
+    if not path:
+        return path
+    inside = project_path(path)
+    return os.path.relpath(os.path.abspath(inside), folder) if not os.path.isabs(inside) else inside
 
 
 def read_left_out(path: str | os.PathLike) -> pd.DataFrame:

@@ -97,6 +97,13 @@ class EncoderSpec:
     kwargs: dict[str, Any] = field(default_factory=dict)
     seed: int = 0
 
+    @classmethod
+    def from_settings(cls, settings) -> "EncoderSpec":
+        """The spec of an encoder's settings (an `encoders` entry: :class:`~msamil_core.settings.EncoderSettings`)."""
+        return cls(name=settings.name, weights=settings.weights, input_size=settings.input_size,
+                   mean=tuple(settings.mean) if settings.mean else None, std=tuple(settings.std) if settings.std else None,
+                   kwargs=dict(settings.options), seed=settings.seed)
+
     def __post_init__(self) -> None:
         preset = get_preset(self.name)
         if self.input_size is None:
@@ -362,6 +369,16 @@ def load_preset_weights(model: PresetEncoder, preset: Preset, path: str | os.Pat
         layout = preset.layout
     state = convert_state_dict(state, layout, preset.unused_keys)
     load_weights(model.backbone, state, f"encoder {preset.name}", source=path)
+
+
+def output_rule(spec: EncoderSpec) -> str:
+    """Which tokens or maps make an encoder's patch feature, in words (the manifest records it)."""
+    preset = get_preset(spec.name)
+    if preset:
+        return preset.output
+    if spec.name in _REGISTRY:
+        return "class token"  # msfem: the Transformer's class token of the last layer
+    return "timm global pool"
 
 
 def weights_file(spec: EncoderSpec) -> Path | None:

@@ -42,7 +42,11 @@ def run_dirs(directory: str | os.PathLike) -> dict[tuple[int, int], Path]:
 
 def load_experiment(directory: str | os.PathLike) -> tuple[dict[tuple[int, int], dict], dict]:
     """Per-run metrics ``{(repeat, fold): metrics}`` (with ``training_seconds`` added where the
-    fold's history.json has them) and the experiment's config (from the first checkpoint)."""
+    fold's history.json has them) and the experiment's config: its manifest's settings and
+    relations (:meth:`~msamil_core.manifest.Manifest.report_config`), or for an experiment
+    trained by hand (no manifest) its checkpoints' training config."""
+    from ..manifest import read_manifest
+
     directory = Path(directory)
     runs: dict[tuple[int, int], dict] = {}
     config: dict = {}
@@ -54,6 +58,9 @@ def load_experiment(directory: str | os.PathLike) -> tuple[dict[tuple[int, int],
             runs[run]["training_seconds"] = seconds
     if not runs:
         raise MsamilError(f"{directory}: no fold<k>/metrics.json; run `msamil evaluate` for this experiment first")
+    manifest = read_manifest(directory)
+    if manifest is not None:
+        return runs, manifest.report_config()
     # the first run's config; keys only the last run's has (a first repeat reused from a run
     # without them, e.g. ablation_of) are added from it
     for fold_dir in dict.fromkeys([dirs[min(dirs)], dirs[max(dirs)]]):

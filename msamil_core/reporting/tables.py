@@ -130,7 +130,7 @@ def _main_comparison(cfg: dict) -> bool:
     """Whether an experiment takes part in the scale and strategy comparisons (not an ablation,
     not a learning-curve point, not an e2e twin, trained from scratch)."""
     return (not cfg.get("init_from") and not cfg.get("ablation_of") and not cfg.get("e2e")
-            and cfg.get("train_fraction", 1.0) >= 1.0)
+            and (cfg.get("train_fraction") or 1.0) >= 1.0)
 
 
 def _key(config: dict, *fields: str) -> tuple:
@@ -262,7 +262,7 @@ def learning_curves(configs: dict[str, dict], per_fold: dict[str, dict], ratio: 
 
     groups: dict[tuple, dict[str, list]] = {}
     for name, cfg in configs.items():
-        if "train_fraction" in cfg and not cfg.get("ablation_of"):
+        if cfg.get("train_fraction") is not None and not cfg.get("ablation_of"):
             arm = "transfer" if cfg.get("init_from") else "scratch"
             groups.setdefault(_key(cfg, "model", "task", "scales"), {}).setdefault(arm, []).append(
                 (float(cfg["train_fraction"]), name))

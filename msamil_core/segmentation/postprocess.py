@@ -15,33 +15,18 @@ from __future__ import annotations
 import json
 import logging
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import MsamilError
 from ..fileio import atomic_path, file_sha256
+from ..settings import PostProcessSettings
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class PostProcess:
-    """From probabilities to the lesion mask (thumbnail px); ``msamil segment`` applies the same."""
-
-    threshold: float = 0.5  # lesion where the probability is at least this
-    min_object_fraction: float = 5e-4  # drop lesion specks smaller than this fraction of the thumbnail
-    max_hole_fraction: float = 1e-3  # fill holes in lesions up to this fraction of the thumbnail
-
-    def __post_init__(self):
-        if not 0.0 < self.threshold < 1.0:
-            raise MsamilError(f"segmentation threshold must be in (0, 1), got {self.threshold}")
-        if self.min_object_fraction < 0 or self.max_hole_fraction < 0:
-            raise MsamilError("segmentation min_object_fraction and max_hole_fraction must be non-negative")
-
-
-def postprocess(prob: np.ndarray, tissue: np.ndarray | None, params: PostProcess) -> np.ndarray:
+def postprocess(prob: np.ndarray, tissue: np.ndarray | None, params: PostProcessSettings) -> np.ndarray:
     """Lesion mask bool [h, w]: ``prob >= threshold`` within tissue, small holes filled, specks dropped."""
     from ..wsi.tissue import clean_mask
 

@@ -31,73 +31,12 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ..errors import MsamilError
-from ..training.engine import Task, TrainingConfig, fit
+from ..settings import AnnotationSettings, PostProcessSettings, SegmentationSettings
+from ..training.engine import Schedule, Task, fit
 from .model import ARCH, PAD_VALUE, build_model, network_image, normalise, predict_probabilities, round_up
-from .postprocess import PostProcess, postprocess
+from .postprocess import postprocess
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class SegmentationConfig(TrainingConfig):
-    """Training settings; the config's ``segmentation`` section maps onto them.
-
-    Sizes are px at network scale: the thumbnail resized so that its long side is ``input_size``.
-    """
-
-    encoder: str = "resnet18"  # any segmentation_models_pytorch encoder (resnet34, efficientnet-b0, tu-<timm>)
-    encoder_weights: str | None = None  # local state dict for the encoder; None = random init
-    encoder_depth: int = 5
-    decoder_channels: list = field(default_factory=lambda: [256, 128, 64, 32, 16])
-    input_size: int = 256  # long side of the network's view of a thumbnail
-    crop_size: int = 128  # train on random square crops of this size (4x cheaper than 256); 0 = whole images
-    epochs: int = 15
-    batch_size: int = 8
-    lr: float = 1e-3
-    min_lr: float = 1e-5
-    warmup_epochs: float = 1.0
-    weight_decay: float = 1e-4
-    grad_clip: float = 1.0  # max gradient norm; 0 = off
-    grad_accum: int = 1  # batches per optimizer step
-    patience: int = 0  # epochs without a better validation IoU before stopping; 0 = never
-    bce_weight: float = 1.0
-    dice_weight: float = 1.0
-    holdout_fraction: float = 0.2  # of annotated patients, never trained on: the reported IoU
-    val_fraction: float = 0.2  # of annotated patients, picks the best epoch
-    augment: bool = True
-    hue: float = 0.04  # max hue shift, fraction of the colour circle
-    saturation: float = 0.25  # max relative saturation change
-    brightness: float = 0.2  # max relative brightness change
-    contrast: float = 0.2  # max relative contrast change
-    seed: int = 0
-
-    OPTION = "segmentation"
-    MONITOR = "val_iou"
-
-    def __post_init__(self):
-        self.coerce()
-        self.decoder_channels = [int(c) for c in self.decoder_channels]
-        self.check(
-            (self.input_size >= 32, f"segmentation: input_size must be at least 32 px, got {self.input_size}"),
-            (self.crop_size == 0 or self.crop_size >= 32,
-             f"segmentation: crop_size must be 0 (off) or at least 32 px, got {self.crop_size}"),
-            (self.crop_size % self.multiple == 0,
-             f"segmentation: crop_size must be a multiple of {self.multiple}, got {self.crop_size}"),
-            (self.epochs >= 1 and self.batch_size >= 1, "segmentation: epochs and batch_size must be at least 1"),
-            (1 <= self.encoder_depth <= 5, f"segmentation: encoder_depth must be 1..5, got {self.encoder_depth}"),
-            (len(self.decoder_channels) == self.encoder_depth,
-             "segmentation: decoder_channels needs one entry per encoder_depth level"),
-            (0 <= self.holdout_fraction < 1 and 0 <= self.val_fraction < 1,
-             "segmentation: holdout_fraction and val_fraction must be in [0, 1)"),
-            (self.holdout_fraction + self.val_fraction < 1,
-             "segmentation: holdout_fraction + val_fraction must leave patients to train on"),
-            (self.lr > 0 and self.min_lr >= 0, "segmentation: lr must be positive and min_lr non-negative"),
-        )
-
-    @property
-    def multiple(self) -> int:
-        """Input sides must be multiples of this (px)."""
-        return 2**self.encoder_depth
 
 
 @dataclass
@@ -122,16 +61,12 @@ def load_sample(
     patient_id: str,
     thumbnail: str | os.PathLike,
     annotation: str | os.PathLike,
-    rules=None,
-    mask_labels: Sequence[int] | None = None,
-    tolerance: float | None = None,
+    annotations: AnnotationSettings | None = None,
 ) -> SlideSample:
-    """Read a thumbnail with the meta.json and tissue_mask.png beside it, and rasterise its annotation.
-
-    ``rules``, ``mask_labels`` and ``tolerance`` are passed to
-    :func:`msamil_core.wsi.annotations.annotation_mask`.
-    """
-    from ..wsi.annotations import DEFAULT_TOLERANCE, annotation_mask
+    """Read a thumbnail with the meta.json and tissue_mask.png beside it, and rasterise its
+    annotation (:func:`msamil_core.wsi.annotations.annotation_mask` with ``annotations``: which
+    classes are lesion, mask labels, tolerance)."""
+    from ..wsi.annotations import ClassRules, annotation_mask
     from ..wsi.masks import load_mask, read_rgb
     from ..wsi.thumbnail import load_meta, meta_sizes
 
@@ -150,8 +85,9 @@ def load_sample(
                 f"slide {slide_id!r}: {what} in {slide_dir} is {arr.shape[1]} x {arr.shape[0]} px but meta.json says "
                 f"{w} x {h}; rerun the thumbnail and tissue steps of this slide"
             )
-    tol = DEFAULT_TOLERANCE if tolerance is None else tolerance
-    lesion = annotation_mask(annotation, slide_id, level0_size, thumb_size, rules, mask_labels, tol) & tissue
+    a = annotations or AnnotationSettings()
+    lesion = annotation_mask(annotation, slide_id, level0_size, thumb_size, ClassRules.of(a), a.mask_labels,
+                             a.tolerance) & tissue
     return SlideSample(slide_id, patient_id, rgb, tissue, lesion)
 
 
@@ -188,7 +124,7 @@ def _resize_float(arr: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return np.asarray(img.resize(size, Image.Resampling.BOX if shrink else Image.Resampling.BILINEAR))
 
 
-def _canvas(samples: Sequence[SlideSample], cfg: SegmentationConfig):
+def _canvas(samples: Sequence[SlideSample], cfg: SegmentationSettings):
     """Stack samples at network scale on white square canvases.
 
     Returns uint8 images [N, 3, S, S], float16 soft targets [N, 1, S, S], bool valid [N, 1, S, S]
@@ -226,7 +162,7 @@ def evaluate(
     input_size: int,
     mean: Sequence[float],
     std: Sequence[float],
-    post: PostProcess,
+    post: PostProcessSettings,
     multiple: int = 32,
     device: torch.device | str = "cpu",
 ) -> dict:
@@ -272,7 +208,7 @@ def dice_bce_loss(
 
 
 def augment_batch(
-    images: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor, cfg: SegmentationConfig, gen: torch.Generator
+    images: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor, cfg: SegmentationSettings, gen: torch.Generator
 ):
     """Random rotations by 90 degrees, flips and colour jitter, per sample; images float [B, 3, S, S] in [0, 1]."""
     from torchvision.transforms.v2 import functional as TF
@@ -317,7 +253,7 @@ class SegmentationTask(Task):
     augmented) thumbnails per item, BCE + soft Dice; validation IoU after every epoch. Batches
     and augmentation draw from one generator seeded by ``seed``, whose state resume.pt keeps."""
 
-    def __init__(self, cfg: SegmentationConfig, split: dict[str, list[SlideSample]], post: PostProcess,
+    def __init__(self, cfg: SegmentationSettings, split: dict[str, list[SlideSample]], post: PostProcessSettings,
                  device: torch.device):
         from ..features.encoders import IMAGENET_MEAN, IMAGENET_STD
 
@@ -382,8 +318,8 @@ class SegmentationTask(Task):
         self.order = state["order"]
 
 
-def train_segmentation(samples: Sequence[SlideSample], cfg: SegmentationConfig | None = None,
-                       post: PostProcess | None = None, device: str = "auto",
+def train_segmentation(samples: Sequence[SlideSample], cfg: SegmentationSettings | None = None,
+                       post: PostProcessSettings | None = None, device: str = "auto",
                        resume_path: str | os.PathLike | None = None) -> tuple[dict, dict]:
     """Train UNet++ on annotated thumbnails; returns (checkpoint dict, metrics dict).
 
@@ -396,8 +332,8 @@ def train_segmentation(samples: Sequence[SlideSample], cfg: SegmentationConfig |
     from ..fileio import file_sha256
     from ..runtime import resolve_device
 
-    cfg = cfg or SegmentationConfig()
-    post = post or PostProcess()
+    cfg = cfg or SegmentationSettings()
+    post = post or cfg.postprocess()
     dev = resolve_device(device)
     parts = split_patients([s.patient_id for s in samples], cfg.holdout_fraction, cfg.val_fraction, cfg.seed)
     split = {name: [s for s in samples if parts[s.patient_id] == name] for name in ("train", "val", "holdout")}
@@ -408,7 +344,7 @@ def train_segmentation(samples: Sequence[SlideSample], cfg: SegmentationConfig |
         log.warning("segmentation: no validation patients; the last epoch is kept")
     started = time.perf_counter()
     task = SegmentationTask(cfg, split, post, dev)
-    result = fit(task, cfg.schedule(), resume_path)
+    result = fit(task, Schedule.of(cfg, monitor="val_iou"), resume_path)
     train_seconds = time.perf_counter() - started
     model = task.model
     model.load_state_dict(result.best_state)
@@ -439,14 +375,13 @@ def train_segmentation(samples: Sequence[SlideSample], cfg: SegmentationConfig |
     return checkpoint, metrics
 
 
-def train_from_sheet(sheet_path: str | os.PathLike, out: str | os.PathLike, cfg: SegmentationConfig, post: PostProcess,
-                     rules=None, mask_labels: Sequence[int] | None = None, tolerance: float | None = None,
+def train_from_sheet(sheet_path: str | os.PathLike, out: str | os.PathLike, cfg: SegmentationSettings,
                      slides_dir: str | os.PathLike | None = None, thumbnails: Sequence[str] | None = None,
                      metrics_path: str | os.PathLike | None = None, probabilities_dir: str | os.PathLike | None = None,
                      device: str = "auto") -> dict:
     """``msamil segment-train``: train on the sheet's annotated slides whose thumbnail.png,
     meta.json and tissue_mask.png lie in ``slides_dir/<slide_id>/`` (or beside the given
-    ``thumbnails``); write the checkpoint to ``out`` and the metrics beside it (or to
+    ``thumbnails``), their annotations read with ``cfg``'s annotation settings; write the checkpoint to ``out`` and the metrics beside it (or to
     ``metrics_path``); with ``probabilities_dir``, also each slide's lesion probabilities under the
     saved checkpoint (:func:`~msamil_core.segmentation.postprocess.save_probabilities`). A killed
     run resumes from ``resume.pt`` beside ``out``. Returns the metrics."""
@@ -474,10 +409,10 @@ def train_from_sheet(sheet_path: str | os.PathLike, out: str | os.PathLike, cfg:
                           "slides first")
     samples = []
     for sid, row in annotated.iterrows():
-        samples.append(load_sample(sid, row["patient_id"], thumbs[sid], row["annotation"], rules, mask_labels, tolerance))
+        samples.append(load_sample(sid, row["patient_id"], thumbs[sid], row["annotation"], cfg.annotations()))
         log.info("%s: lesion %.1f %% of the thumbnail", sid, 100.0 * samples[-1].lesion.mean())
     out = Path(out)
-    checkpoint, metrics = train_segmentation(samples, cfg, post, device=device, resume_path=out.parent / "resume.pt")
+    checkpoint, metrics = train_segmentation(samples, cfg, device=device, resume_path=out.parent / "resume.pt")
     if not is_main_process():
         return metrics
     # metrics first: the checkpoint is the rule's main output and marks the step complete

@@ -50,51 +50,14 @@ from ..runtime import autocast, distributed, is_main_process
 from ..wsi.coords import read_patch_table
 from ..wsi.geometry import SCALES, scale_index
 from ..wsi.slide import OpenSlides
-from .engine import TrainingConfig, fit
-from .mil import BALANCE_CHOICES, SlideTask, validation_metrics
+from ..settings import E2EConfig, SplitSettings
+from .engine import Schedule, fit
+from .mil import SlideTask, validation_metrics
 
 log = logging.getLogger(__name__)
 
 # Encoder options that name a file only the initial weights need; the tuned state replaces it.
 _INIT_ONLY_KWARGS = ("backbone_weights",)
-
-
-@dataclass
-class E2EConfig(TrainingConfig):
-    """End-to-end training settings (the config's ``e2e`` entries map onto it)."""
-
-    model: str = "msamil.base"
-    model_args: dict = field(default_factory=dict)
-    scales: list = field(default_factory=lambda: list(SCALES))  # patches sampled from these scales
-    k: int = 200  # patches sampled per slide and step (paper: 200)
-    epochs: int = 10
-    lr: float = 1e-4  # MIL aggregator's peak learning rate
-    encoder_lr: float = 1e-5  # encoder's peak learning rate
-    min_lr: float = 1e-6  # the aggregator's floor; the encoder's is scaled by encoder_lr / lr
-    warmup_epochs: float = 1.0
-    weight_decay: float = 1e-2
-    grad_accum: int = 1  # slides per optimizer step
-    grad_clip: float = 1.0
-    balance: str = "loss"  # loss | sampling | none
-    seed: int = 0
-    bf16: bool = True  # bf16 autocast on CUDA
-    checkpointing: bool = True  # activation checkpointing of the encoder, chunk by chunk
-    chunk_size: int = 16  # patches per encoder forward
-    workers: int = 0  # DataLoader processes reading the next slides' patches
-    standardize: bool = True  # z-score features with the initial encoder's statistics on training patches
-    patience: int = 0  # epochs without a lower validation loss before stopping; 0 = never
-    open_slides: int = 8  # slides kept open at once per reading process (least recently read closed first)
-
-    OPTION = "e2e"
-    CHOICES = {"balance": BALANCE_CHOICES}
-
-    def __post_init__(self):
-        self.coerce()
-        self.scales = [SCALES[scale_index(s)] for s in self.scales]
-        self.check((bool(self.scales), "e2e needs at least one scale (20x, 10x, 5x)"),
-                   (self.k >= 1 and self.chunk_size >= 1, "e2e options k and chunk_size must be at least 1"),
-                   (self.epochs >= 1 and self.grad_accum >= 1, "e2e options epochs and grad_accum must be at least 1"),
-                   (self.open_slides >= 1, "e2e option open_slides must be at least 1"))
 
 
 # ----------------------------------------------------------------------------- data
@@ -377,7 +340,7 @@ def train_e2e(cfg: E2EConfig, spec: EncoderSpec, train_set: SlidePatchDataset, v
     out_dir.mkdir(parents=True, exist_ok=True)
     task = E2ETask(cfg, spec, train_set, val_set, classes, device)
     try:
-        result = fit(task, cfg.schedule(), out_dir / "resume.pt")
+        result = fit(task, Schedule.of(cfg), out_dir / "resume.pt")
     finally:
         train_set.close()
         val_set.close()
@@ -437,10 +400,10 @@ def k_study(cfg: E2EConfig, spec: EncoderSpec, train_set: SlidePatchDataset, cla
     rows, ends = [], []
     steps_per_epoch = math.ceil(len(train_set) / cfg.grad_accum)
     for k in ks:
-        kcfg = E2EConfig.from_dict({**asdict(cfg), "k": k, "epochs": math.ceil(steps / steps_per_epoch)})
+        kcfg = cfg.replace(k=k, epochs=math.ceil(steps / steps_per_epoch))
         train_set.k = k
         task = E2ETask(kcfg, spec, train_set, None, classes, device, norm_k=max(ks))
-        fit(task, kcfg.schedule(max_steps=steps),
+        fit(task, Schedule.of(kcfg, max_steps=steps),
             on_step=lambda step, losses, k=k: rows.append({"k": k, "step": step, "loss": float(np.mean(losses))}))
         ends.append({"k": k, "end_loss": end_loss(task.model, train_set, k, device, cfg.bf16, task.loss_fn),
                      "end_loss_kmax": end_loss(task.model, train_set, max(ks), device, cfg.bf16, task.loss_fn)})
@@ -478,40 +441,33 @@ def write_k_study(out_dir: str | os.PathLike, rows: list[dict], ends: list[dict]
     return summary
 
 
-def run_e2e(options: dict, spec: EncoderSpec, sheet, folds, fold_list: list[int], coords_dir: str | os.PathLike,
-            out: str | os.PathLike, device: torch.device, classes: list[str] | None = None, val_fraction: float = 0.2,
-            split_seed: int = 0, k_study_ks: list[int] | None = None, k_study_steps: int = 60) -> None:
+def run_e2e(cfg: E2EConfig, spec: EncoderSpec, sheet, folds, fold_list: list[int], coords_dir: str | os.PathLike,
+            out: str | os.PathLike, device: torch.device, classes: list[str] | None = None,
+            splits: SplitSettings | None = None, task: dict | None = None, name: str | None = None) -> None:
     """``msamil e2e``: train each fold of ``fold_list`` into ``out/fold<k>/``, or with
-    ``k_study_ks`` run the K study on the first fold's training slides into ``out/``.
-
-    ``options`` are the keys of a config ``e2e`` entry; the workflow's own keys (encoder,
-    experiments, folds, k_study, k_study_steps) are ignored here. Coordinates are read from
-    ``coords_dir/<scale>/<slide_id>.h5``.
-    """
+    ``cfg.k_study`` run the K study on the first fold's training slides into ``out/``.
+    Coordinates are read from ``coords_dir/<scale>/<slide_id>.h5``; ``task`` maps class names to
+    sheet labels (None: the sheet's labels)."""
     from ..cohort.sheet import slide_mpp
     from ..cohort.tasks import select_slides, task_classes
+    from ..layout import scale_file
     from .splits import fold_parts
 
-    options = dict(options)
-    task = options.pop("task", None)
-    name = options.pop("name", Path(out).name)
-    for key in ("encoder", "experiments", "folds", "k_study", "k_study_steps"):
-        options.pop(key, None)
-    cfg = E2EConfig.from_dict(options)
+    splits = splits or SplitSettings()
+    name = name or Path(out).name
     classes, mapping = task_classes(sheet, task, classes)
-    out, coords_dir = Path(out), Path(coords_dir)
+    out = Path(out)
 
     def dataset(part: str, k: int) -> SlidePatchDataset:
-        ids, labels = select_slides(fold_parts(folds, k, val_fraction=val_fraction, seed=split_seed)[part], sheet, mapping)
+        ids, labels = select_slides(fold_parts(folds, k, val_fraction=splits.val_fraction, seed=splits.seed)[part],
+                                    sheet, mapping)
         sources = [SlideSource(s, sheet.loc[s, "path"], slide_mpp(sheet.loc[s]),
-                               tuple(str(coords_dir / scale / f"{s}.h5") for scale in SCALES)) for s in ids]
+                               tuple(scale_file(coords_dir, scale, s) for scale in SCALES)) for s in ids]
         return SlidePatchDataset(sources, labels, cfg.k, spec.input_size, cfg.scales, cfg.seed, cfg.open_slides)
 
-    if k_study_ks:
-        if any(k < 1 for k in k_study_ks) or k_study_steps < 1:
-            raise MsamilError("--k-study values and --k-study-steps must be at least 1")
-        ks = sorted(k_study_ks)
-        rows, ends = k_study(cfg, spec, dataset("train", fold_list[0]), classes, ks, k_study_steps, device)
+    if cfg.k_study:
+        ks = sorted(cfg.k_study)
+        rows, ends = k_study(cfg, spec, dataset("train", fold_list[0]), classes, ks, cfg.k_study_steps, device)
         if is_main_process():
             for r in write_k_study(out, rows, ends):
                 log.info("K study: K=%d, after %d steps: running loss (last quarter) %.4f, loss on all training "
@@ -525,6 +481,6 @@ def run_e2e(options: dict, spec: EncoderSpec, sheet, folds, fold_list: list[int]
         log.info("%s fold %d: %d train / %d val slides, encoder %s -> %s, K=%d", name, k, len(train_set), len(val_set),
                  spec.name, cfg.model, cfg.k)
         metrics = train_e2e(cfg, spec, train_set, val_set, classes, out / f"fold{k}", device,
-                            {"name": name, "task": task, **options})
+                            {"name": name, "task": task, **cfg.to_dict()})
         log.info("%s fold %d: best validation %s", name, k,
                  {m: round(v, 4) for m, v in metrics.items() if isinstance(v, float)})

@@ -61,54 +61,15 @@ class Schedule:
     workers: int = 0  # DataLoader processes loading items
     max_steps: int = 0  # stop after this many optimizer steps; 0 = epochs decide
 
-
-class TrainingConfig:
-    """What the config dataclasses of every task share: numbers coerced to their declared types
-    (YAML 1.1 reads ``1e-6`` as a string), choices and checks failing as one line naming the key,
-    unknown keys refused by :meth:`from_dict`, and the :class:`Schedule` of the shared keys
-    (``epochs``, ``grad_accum``, ``grad_clip``, ``warmup_epochs``, ``weight_decay``, ``patience``;
-    ``monitor``, ``bf16`` and ``workers`` where the task has them)."""
-
-    OPTION = "training"  # how messages name the options
-    MONITOR = "val_loss"  # the monitored metric of tasks without a `monitor` option
-    CHOICES: dict[str, tuple[str, ...]] = {}
-
-    def coerce(self) -> None:
-        """Numbers to their declared types, and the choices checked; first thing in ``__post_init__``."""
-        from dataclasses import fields
-
-        for f in fields(self):
-            kind = {"int": int, "float": float}.get(str(f.type))
-            if kind is not None:
-                try:
-                    setattr(self, f.name, kind(getattr(self, f.name)))
-                except (TypeError, ValueError):
-                    raise MsamilError(f"{self.OPTION} option {f.name} must be a number, got "
-                                      f"{getattr(self, f.name)!r}") from None
-        for name, allowed in self.CHOICES.items():
-            if getattr(self, name) not in allowed:
-                raise MsamilError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
-
-    @staticmethod
-    def check(*checks: tuple[bool, str]) -> None:
-        """Fail with the message of the first check that does not hold."""
-        for ok, message in checks:
-            if not ok:
-                raise MsamilError(message)
-
-    def schedule(self, max_steps: int = 0) -> Schedule:
-        return Schedule(epochs=self.epochs, grad_accum=self.grad_accum, grad_clip=self.grad_clip,
-                        warmup_epochs=self.warmup_epochs, weight_decay=self.weight_decay, patience=self.patience,
-                        monitor=getattr(self, "monitor", self.MONITOR), bf16=getattr(self, "bf16", True),
-                        workers=getattr(self, "workers", 0), max_steps=max_steps)
-
     @classmethod
-    def from_dict(cls, values: dict):
-        known = set(cls.__dataclass_fields__)
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise MsamilError(f"unknown {cls.OPTION} option(s) {', '.join(unknown)}; valid: {', '.join(sorted(known))}")
-        return cls(**values)
+    def of(cls, cfg, monitor: str = "val_loss", max_steps: int = 0) -> "Schedule":
+        """The schedule of a task's settings (:mod:`msamil_core.settings`): the keys every task
+        shares; ``monitor``, ``bf16`` and ``workers`` where the task has them (``monitor`` is the
+        metric of tasks without one)."""
+        return cls(epochs=cfg.epochs, grad_accum=cfg.grad_accum, grad_clip=cfg.grad_clip,
+                   warmup_epochs=cfg.warmup_epochs, weight_decay=cfg.weight_decay, patience=cfg.patience,
+                   monitor=getattr(cfg, "monitor", monitor), bf16=getattr(cfg, "bf16", True),
+                   workers=getattr(cfg, "workers", 0), max_steps=max_steps)
 
 
 @dataclass

@@ -34,48 +34,11 @@ from ..errors import MsamilError
 from ..features.bags import Bag, find_bag, load_bag
 from ..fileio import save_torch, torch_load, write_json
 from ..runtime import autocast, is_main_process
-from ..wsi.geometry import SCALES, scale_index
-from .engine import Task, TrainingConfig, fit
+from ..settings import SplitSettings, TrainConfig
+from ..wsi.geometry import scale_index
+from .engine import Schedule, Task, fit
 
 log = logging.getLogger(__name__)
-
-FREEZE_CHOICES = ("none", "all_but_head")
-BALANCE_CHOICES = ("loss", "sampling", "none")
-MONITOR_CHOICES = ("val_loss", "val_auc", "val_balanced_accuracy")
-
-
-@dataclass
-class TrainConfig(TrainingConfig):
-    """One experiment's training settings (the config's ``experiments`` entries map onto it)."""
-
-    model: str = "abmil.base"
-    model_args: dict = field(default_factory=dict)  # overrides of the registered defaults
-    scales: list = field(default_factory=lambda: list(SCALES))  # instances kept, by scale
-    epochs: int = 20
-    lr: float = 2e-4
-    min_lr: float = 1e-6
-    warmup_epochs: float = 1.0
-    weight_decay: float = 1e-2
-    grad_accum: int = 4  # bags per optimizer step
-    grad_clip: float = 1.0  # max gradient norm; 0 = off
-    max_instances: int = 4096  # random subsample of larger bags in training; 0 = all
-    balance: str = "loss"  # class balance by weighted loss, by sampling, or none
-    patience: int = 5  # epochs without improvement of `monitor` before stopping; 0 = never
-    monitor: str = "val_loss"
-    seed: int = 0
-    init_from: str | None = None  # our checkpoint or a MIL-Lab / FEATHER weights file
-    freeze: str = "none"  # none | all_but_head (train the classifier only)
-    bf16: bool = True  # bf16 autocast on CUDA
-    workers: int = 0  # DataLoader workers that load bags
-    standardize: bool = True  # z-score features per dimension with the training bags' statistics
-
-    CHOICES = {"freeze": FREEZE_CHOICES, "balance": BALANCE_CHOICES, "monitor": MONITOR_CHOICES}
-
-    def __post_init__(self):
-        self.coerce()
-        self.scales = [SCALES[scale_index(s)] for s in self.scales]
-        self.check((bool(self.scales), "an experiment needs at least one scale (20x, 10x, 5x)"),
-                   (self.epochs >= 1 and self.grad_accum >= 1, "epochs and grad_accum must be at least 1"))
 
 
 def epoch_order(labels: np.ndarray, epoch: int, seed: int, balance: str) -> np.ndarray:
@@ -383,7 +346,7 @@ def train_fold(cfg: TrainConfig, train_set: BagDataset, val_set: BagDataset, cla
     norm = train_set.feature_statistics() if cfg.standardize else None
     train_set.norm = val_set.norm = norm
     task = MILTask(cfg, train_set, val_set, classes, in_dim, device)
-    result = fit(task, cfg.schedule(), out_dir / "resume.pt")
+    result = fit(task, Schedule.of(cfg), out_dir / "resume.pt")
     if result.rank == 0:
         save_torch(out_dir / "checkpoint.pt", {
             "model_name": cfg.model, "model_args": dict(task.model.model_args), "state_dict": result.best_state,
@@ -397,12 +360,14 @@ def train_fold(cfg: TrainConfig, train_set: BagDataset, val_set: BagDataset, cla
 
 def checkpoint_scales(ckpt: dict) -> list[str]:
     """The scales an experiment's model reads (its training config; all three by default)."""
-    config = ckpt.get("config") or {}
-    return TrainConfig.from_dict({k: v for k, v in config.items() if k in TrainConfig.__dataclass_fields__}).scales
+    from ..settings import SCALES
+
+    scales = (ckpt.get("config") or {}).get("scales") or SCALES
+    return [SCALES[i] for i in sorted({scale_index(s) for s in scales})]
 
 
 def evaluate_fold(fold_dir: str | os.PathLike, k: int, sheet, folds, features: str | os.PathLike, device,
-                  val_fraction: float = 0.2, split_seed: int = 0) -> dict:
+                  splits: SplitSettings) -> dict:
     """Run ``fold_dir/checkpoint.pt`` on fold ``k``'s test part; write predictions.csv and
     metrics.json there (``inference_seconds``: loading the test bags and running the model)."""
     from ..cohort.tasks import select_slides, task_classes
@@ -419,7 +384,7 @@ def evaluate_fold(fold_dir: str | os.PathLike, k: int, sheet, folds, features: s
             f"{fold_dir / 'checkpoint.pt'}: the model's classes {ckpt['classes']} differ from this sheet's {classes}; "
             "evaluate with the sheet and task it was trained on"
         )
-    parts = fold_parts(folds, k, val_fraction=val_fraction, seed=split_seed)
+    parts = fold_parts(folds, k, val_fraction=splits.val_fraction, seed=splits.seed)
     test_ids, test_y = select_slides(parts["test"], sheet, mapping)
     if not test_ids:
         raise MsamilError(f"fold {k} has no test slides for classes {classes}; check folds.csv and the task")
@@ -453,34 +418,27 @@ class FoldData:
     features: str | os.PathLike
     sheet: object  # the slide sheet (cohort.sheet.load_sheet)
     folds: object  # the folds table (splits.read_folds / make_folds)
-    val_fraction: float = 0.2
-    split_seed: int = 0
+    splits: SplitSettings = field(default_factory=SplitSettings)  # validation parts
     classes: list[str] | None = None  # class order without a task
 
 
-def train_experiment(options: dict, data: FoldData, folds: list[int], out: str | os.PathLike, device,
-                     evaluate: bool = False) -> None:
-    """Train an experiment (the keys of a config ``experiments`` entry) on the given folds, each
-    into ``out/fold<k>/``; with ``evaluate`` run each fold's best model on its test part too."""
+def train_experiment(cfg: TrainConfig, data: FoldData, folds: list[int], out: str | os.PathLike, device,
+                     evaluate: bool = False, task: dict | None = None, name: str | None = None) -> None:
+    """Train an experiment on the given folds, each into ``out/fold<k>/``; with ``evaluate`` run
+    each fold's best model on its test part too. ``task`` maps class names to sheet labels (None:
+    the sheet's labels are the classes)."""
     from ..cohort.tasks import select_slides, task_classes
     from .splits import fold_parts
 
-    options = dict(options)
-    task = options.pop("task", None)
-    name = options.pop("name", Path(out).name)
-    options.pop("encoder", None)  # the workflow's feature set; the bags say which encoder made them
-    # for the report: repeat (with repeats), learning-curve share and ablation pairing
-    extra = {key: options.pop(key) for key in ("strategy", "e2e", "repeat", "repeat_splits", "train_fraction",
-                                               "ablation_of") if options.get(key) is not None}
-    cfg = TrainConfig.from_dict(options)
+    name = name or Path(out).name
     classes, mapping = task_classes(data.sheet, task, data.classes)
     out = Path(out)
     for k in folds:
-        parts = fold_parts(data.folds, k, val_fraction=data.val_fraction, seed=data.split_seed)
+        parts = fold_parts(data.folds, k, val_fraction=data.splits.val_fraction, seed=data.splits.seed)
         (train_ids, train_y), (val_ids, val_y), (test_ids, _) = (
             select_slides(parts[p], data.sheet, mapping) for p in ("train", "val", "test"))
-        if extra.get("train_fraction", 1.0) < 1.0:
-            train_ids, train_y = learning_curve_subset(train_ids, train_y, data.sheet, extra)
+        if cfg.train_fraction is not None and cfg.train_fraction < 1.0:
+            train_ids, train_y = learning_curve_subset(train_ids, train_y, data.sheet, cfg)
         if not train_ids:
             raise MsamilError(f"fold {k} has no training slides for classes {classes}; check folds.csv and the task")
         train_paths, val_paths = locate_bags(data.features, train_ids), locate_bags(data.features, val_ids)
@@ -501,30 +459,29 @@ def train_experiment(options: dict, data: FoldData, folds: list[int], out: str |
         val_set = BagDataset(val_paths, val_ids, val_y, cfg.scales)
         log.info("%s fold %d: %d train / %d val slides, classes %s, model %s on %s", name, k, len(train_ids),
                  len(val_ids), classes, cfg.model, "+".join(cfg.scales))
-        run_config = {"name": name, "task": task, **options, **extra}
+        run_config = {"name": name, "task": task, **cfg.to_dict()}
         metrics = train_fold(cfg, train_set, val_set, classes, in_dim, out / f"fold{k}", device,
                              encoder=first.encoder, run_config=run_config)
         log.info("%s fold %d: best validation %s", name, k,
                  {m: round(v, 4) for m, v in metrics.items() if isinstance(v, float)})
         if evaluate and is_main_process():
-            evaluate_fold(out / f"fold{k}", k, data.sheet, data.folds, data.features, device,
-                          val_fraction=data.val_fraction, split_seed=data.split_seed)
+            evaluate_fold(out / f"fold{k}", k, data.sheet, data.folds, data.features, device, data.splits)
 
 
-def learning_curve_subset(train_ids: list[str], train_y: list[int], sheet, extra: dict) -> tuple[list[str], list[int]]:
+def learning_curve_subset(train_ids: list[str], train_y: list[int], sheet,
+                          cfg: TrainConfig) -> tuple[list[str], list[int]]:
     """A fold's training slides and labels cut to ``train_fraction`` of its patients per class
     (:func:`~.splits.training_subset`, seeded by the repeat so that each repeat draws anew)."""
     from .splits import training_subset
 
     patients = [str(sheet.loc[s, "patient_id"]) for s in train_ids]
-    kept = training_subset(patients, train_y, extra["train_fraction"], seed=int(extra.get("repeat", 0)))
-    log.info("train_fraction %s: %d of %d training slides", extra["train_fraction"], len(kept), len(train_ids))
+    kept = training_subset(patients, train_y, cfg.train_fraction, seed=cfg.repeat)
+    log.info("train_fraction %s: %d of %d training slides", cfg.train_fraction, len(kept), len(train_ids))
     return [train_ids[i] for i in kept], [train_y[i] for i in kept]
 
 
 def evaluate_experiment(models: str | os.PathLike, sheet, folds, fold_list: list[int], features: str | os.PathLike,
-                        device, val_fraction: float = 0.2, split_seed: int = 0) -> list[dict]:
+                        device, splits: SplitSettings) -> list[dict]:
     """``msamil evaluate``: :func:`evaluate_fold` for each fold of ``fold_list`` of the experiment
     folder ``models``."""
-    return [evaluate_fold(Path(models) / f"fold{k}", k, sheet, folds, features, device, val_fraction, split_seed)
-            for k in fold_list]
+    return [evaluate_fold(Path(models) / f"fold{k}", k, sheet, folds, features, device, splits) for k in fold_list]

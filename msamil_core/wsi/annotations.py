@@ -51,21 +51,15 @@ import numpy as np
 from PIL import Image
 
 from ..errors import MsamilError
+from ..settings import DEFAULT_IGNORE_CLASSES, DEFAULT_SUBTRACT_CLASSES, AnnotationSettings
 
 log = logging.getLogger(__name__)
 
-#: Classes that are never lesion unless ``lesion_classes`` names them: QuPath's non-lesion
-#: defaults (Stroma, Immune cells, Other, Region*, Ignore*), normal tissue, glass and tissue
-#: outlines (``Tissue`` is what QuPath's tissue detection calls its annotations).
-DEFAULT_IGNORE_CLASSES = ("Other", "Ignore*", "Region*", "Stroma", "Immune cells", "Normal*", "Background", "Tissue")
-#: Classes cut out of the lesion: exclusion regions, and CAMELYON16's ASAP group ``_2``
-#: (non-tumour areas inside a tumour outline; ASAP polygons cannot have holes).
-DEFAULT_SUBTRACT_CLASSES = ("Exclu*", "_2")
 #: Class name of an annotation without any class (QuPath shows it as "Unclassified").
 UNCLASSIFIED = "Unclassified"
 #: How far outside the slide (fraction of its width/height) vertices may lie before the file is
-#: refused: annotation tools let outlines overshoot the image edge a little.
-DEFAULT_TOLERANCE = 0.01
+#: refused (annotation tools let outlines overshoot the image edge a little): the setting's default.
+DEFAULT_TOLERANCE = AnnotationSettings().tolerance
 
 GEOJSON_SUFFIXES = (".geojson", ".json")
 XML_SUFFIXES = (".xml",)
@@ -96,6 +90,11 @@ class ClassRules:
     lesion: tuple[str, ...] | None = None
     ignore: tuple[str, ...] = DEFAULT_IGNORE_CLASSES
     subtract: tuple[str, ...] = DEFAULT_SUBTRACT_CLASSES
+
+    @classmethod
+    def of(cls, settings: AnnotationSettings) -> "ClassRules":
+        """The rules of the annotation settings (the config's `segmentation` section)."""
+        return cls(settings.lesion_classes, settings.ignore_classes, settings.subtract_classes)
 
     def __post_init__(self):
         # Accept lists from configs and the command line; keep the dataclass hashable.

@@ -12,29 +12,11 @@ on brightness instead, with a wider closing because nuclei stains leave gaps bet
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 from PIL import Image
 
 from ..errors import MsamilError
-
-
-@dataclass
-class TissueParams:
-    """Parameters of :func:`tissue_mask`; the config's ``tissue`` section maps onto them."""
-
-    mode: str = "auto"  # auto | brightfield | fluorescence
-    min_saturation: float = 0.05  # floor of the Otsu saturation threshold, 0..1
-    remove_pen: bool = True
-    dark_threshold: float = 0.25  # pixels whose brightest channel is below this (0..1) are artefacts
-    close_radius: int = 2  # thumbnail px
-    min_object_fraction: float = 2e-4  # specks smaller than this fraction of the thumbnail are dropped
-    max_hole_fraction: float = 1e-3  # holes up to this fraction of the thumbnail are filled
-
-    def __post_init__(self):
-        if self.mode not in ("auto", "brightfield", "fluorescence"):
-            raise MsamilError(f"tissue.mode must be auto, brightfield or fluorescence, got {self.mode!r}")
+from ..settings import TissueSettings
 
 
 def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
@@ -107,11 +89,11 @@ def _disk(radius: int) -> np.ndarray:
     return x * x + y * y <= radius * radius
 
 
-def tissue_mask(rgb: np.ndarray, params: TissueParams | None = None) -> np.ndarray:
+def tissue_mask(rgb: np.ndarray, params: TissueSettings | None = None) -> np.ndarray:
     """Tissue mask of an RGB uint8 thumbnail [h, w, 3]; bool [h, w]."""
     from scipy import ndimage as ndi
 
-    params = params or TissueParams()
+    params = params or TissueSettings()
     mode = params.mode
     if mode == "auto":
         mode = "fluorescence" if is_fluorescence(rgb) else "brightfield"
@@ -138,12 +120,12 @@ def tissue_mask(rgb: np.ndarray, params: TissueParams | None = None) -> np.ndarr
     return mask
 
 
-def slide_tissue_mask(rgb: np.ndarray, params: TissueParams, min_tissue_fraction: float, slide_id: str) -> np.ndarray:
+def slide_tissue_mask(rgb: np.ndarray, params: TissueSettings, slide_id: str) -> np.ndarray:
     """:func:`tissue_mask` of a slide's thumbnail; fails naming the slide when less than
-    ``min_tissue_fraction`` of the thumbnail is tissue."""
+    ``params.min_tissue_fraction`` of the thumbnail is tissue."""
     mask = tissue_mask(rgb, params)
     fraction = float(mask.mean())
-    if fraction < min_tissue_fraction:
+    if fraction < params.min_tissue_fraction:
         raise MsamilError(
             f"slide {slide_id!r}: no tissue found ({fraction:.2%} of the thumbnail); check the slide, "
             "or lower tissue.min_saturation in the config, or remove the slide from the sheet"
