@@ -55,6 +55,11 @@ def cohort_file(name: str, results: str = RESULTS) -> str:
     return f"{results}/cohort/{name}"
 
 
+def slides_root(results: str = RESULTS) -> str:
+    """The folder of every slide's folder."""
+    return f"{results}/slides"
+
+
 def slide_dir(slide: str, results: str = RESULTS) -> str:
     """A slide's thumbnail, meta.json, masks and QuPath export."""
     return f"{results}/slides/{slide}"
@@ -126,8 +131,13 @@ def fold_dir(experiment: str, fold: int | str, repeat: int | str = 0, results: s
     return f"{experiment_dir(experiment, results)}/{repeat_prefix(repeat)}fold{fold}"
 
 
+def fold_file(experiment: str, fold: int | str, repeat: int | str, name: str, results: str = RESULTS) -> str:
+    """A file of one fold's folder (checkpoint.pt, metrics.json, predictions.csv, history.json)."""
+    return f"{fold_dir(experiment, fold, repeat, results)}/{name}"
+
+
 def fold_checkpoint(experiment: str, fold: int | str, repeat: int | str = 0, results: str = RESULTS) -> str:
-    return f"{fold_dir(experiment, fold, repeat, results)}/{CHECKPOINT}"
+    return fold_file(experiment, fold, repeat, CHECKPOINT, results)
 
 
 def manifest_file(experiment: str, results: str = RESULTS) -> str:
@@ -143,13 +153,27 @@ def e2e_checkpoint(run: str, fold: int | str, results: str = RESULTS) -> str:
     return f"{e2e_dir(run, results)}/fold{fold}/{CHECKPOINT}"
 
 
+def e2e_file(run: str, name: str, results: str = RESULTS) -> str:
+    """A file of an e2e run's folder (k_study.csv, k_study_summary.csv, k_study.png)."""
+    return f"{e2e_dir(run, results)}/{name}"
+
+
 def heatmap_dir(experiment: str, results: str = RESULTS) -> str:
     """Fold 0's heatmaps of an experiment."""
     return f"{results}/heatmaps/{experiment}/fold0"
 
 
+def heatmap_file(experiment: str, name: str, results: str = RESULTS) -> str:
+    return f"{heatmap_dir(experiment, results)}/{name}"
+
+
 def predictions_dir(experiment: str, results: str = RESULTS) -> str:
     return f"{results}/predictions/{experiment}"
+
+
+def predictions_file(experiment: str, name: str, results: str = RESULTS) -> str:
+    """predictions.csv or predictions.json of an experiment's predictions on new slides."""
+    return f"{predictions_dir(experiment, results)}/{name}"
 
 
 def segmentation_file(name: str, results: str = RESULTS) -> str:
@@ -164,6 +188,10 @@ def weights_record(key: str, results: str = RESULTS) -> str:
 
 def report_dir(results: str = RESULTS) -> str:
     return f"{results}/report"
+
+
+def report_file(name: str, results: str = RESULTS) -> str:
+    return f"{report_dir(results)}/{name}"
 
 
 def thumbnail_index(results: str = RESULTS) -> str:

@@ -126,7 +126,7 @@ def write_manifest(settings: dict, checkpoints: list[str], out: str | os.PathLik
     if segmentation:
         path = segmentation["checkpoint"]
         segmentation = {**segmentation, "checkpoint": Path(os.path.relpath(path, root)).as_posix(),
-                        "sha256": file_sha256(path)}
+                        "checkpoint_sha256": file_sha256(path)}
     manifest = {
         "format": FORMAT, "msamil_version": __version__, "experiment": settings["experiment"],
         "project": Path(os.path.relpath(".", root)).as_posix(),
@@ -208,9 +208,9 @@ class Manifest:
         if not path.is_file():
             raise MsamilError(f"{self.path}: the experiment's lesion model {path} is missing; it selected patches on "
                               "its lesion masks (give the model with --segmentation-checkpoint, or restore the file)")
-        if file_sha256(path) != seg["sha256"]:
+        if file_sha256(path) != seg["checkpoint_sha256"]:
             raise MsamilError(f"lesion model {path} is not the one the experiment was trained with (SHA-256 "
-                              f"{seg['sha256'][:12]}... in {self.path}); give that model")
+                              f"{seg['checkpoint_sha256'][:12]}... in {self.path}); give that model")
         return str(path)
 
     def report_config(self) -> dict:

@@ -91,7 +91,7 @@ def unwrap_optional(tp) -> tuple[Any, bool]:
     return tp, False
 
 
-def _is_section(tp) -> bool:
+def is_section(tp) -> bool:
     return isinstance(tp, type) and issubclass(tp, Section)
 
 
@@ -125,7 +125,7 @@ def describe(tp) -> str:
         text = f"a list of {words}s"
     elif origin is dict or tp is dict:
         text = "a mapping"
-    elif _is_section(tp):
+    elif is_section(tp):
         text = f"a mapping of {tp.KEY or 'settings'}"
     else:
         text = {bool: "true or false", int: "a whole number", float: "a number", str: "a string"}.get(tp, str(tp))
@@ -208,7 +208,7 @@ def check_value(value, tp, meta: dict, label: str):
         if not args:
             return dict(value)
         return {str(k): check_value(v, args[1], {}, f"{label}.{k}") for k, v in value.items()}
-    if _is_section(tp):
+    if is_section(tp):
         return value if isinstance(value, tp) else tp.from_config(value, label)
     return _check_scalar(value, tp, meta, label)
 
@@ -242,7 +242,7 @@ class Section:
     def __post_init__(self):
         for f, tp in fields_of(type(self)):
             label = f"{self.KEY}.{f.name}" if self.KEY else f.name
-            if f.metadata.get("cli", True) and not _is_section(unwrap_optional(tp)[0]):
+            if f.metadata.get("cli", True) and not is_section(unwrap_optional(tp)[0]):
                 label += f" ({flag_of(f)})"
             setattr(self, f.name, check_value(getattr(self, f.name), tp, f.metadata, label))
         self.check()
@@ -744,7 +744,7 @@ class Config(Section):
 
     slides: str = setting("demo_data/slides.csv", "slide sheet (CSV or TSV): slide_id, path, label, patient_id "
                           "[, mpp, annotation]; relative paths are taken from the sheet's folder. When this is "
-                          "demo.sheet, the workflow first makes the demo cohort")
+                          "demo.sheet, the workflow first makes the demo cohort", cli=False)
     demo: DemoSettings = section(DemoSettings, DemoSettings.__doc__)
     screening: ScreeningSettings = section(ScreeningSettings, ScreeningSettings.__doc__)
     thumbnail: ThumbnailSettings = section(ThumbnailSettings, ThumbnailSettings.__doc__)
@@ -882,11 +882,11 @@ def _render_fields(cls, values: dict, indent: str) -> list[str]:
         value = values.get(f.name)
         help_ = f.metadata.get("help", "")
         kind = unwrap_optional(tp)[0]
-        if _is_section(kind):
+        if is_section(kind):
             lines += ["", *_comment(help_, indent), f"{indent}{f.name}:", *_render_fields(kind, value, indent + "  ")]
             continue
         item = typing.get_args(kind)[0] if typing.get_origin(kind) is list else None
-        if _is_section(item):  # a list of sections (experiments, e2e): their keys documented above
+        if is_section(item):  # a list of sections (experiments, e2e): their keys documented above
             lines += ["", *_comment(help_, indent), *_comment(f"Keys of each entry of `{f.name}`:", indent)]
             for g, _ in fields_of(item):
                 if item is ExperimentSettings and g.name in TrainingKnobs.names():
@@ -899,7 +899,7 @@ def _render_fields(cls, values: dict, indent: str) -> list[str]:
             lines.append(f"{indent}{f.name}: {body[0] if body else 'null'}")
             continue
         args = typing.get_args(kind)
-        if typing.get_origin(kind) is dict and args and _is_section(args[1]):  # encoders: a mapping of sections
+        if typing.get_origin(kind) is dict and args and is_section(args[1]):  # encoders: a mapping of sections
             lines += ["", *_comment(help_, indent), f"{indent}{f.name}:"]
             for key, entry in (value or {}).items():
                 lines += [f"{indent}  {key}:", *_render_fields(args[1], entry, indent + "    ")]

@@ -387,21 +387,22 @@ def coords_settings():
     return CFG.coords_settings()
 
 
+# What `rule all` asks of every kept slide (patterns with {slide}): the .smk file that defines a
+# per-slide rule adds its final outputs here, beside the rule.
+PER_SLIDE_TARGETS = []
+
+
 def final_outputs(wildcards):
-    """Every kept slide's coordinates, and the report when experiments are configured."""
+    """Every kept slide's per-slide targets, and the report when experiments are configured."""
     outputs = [LEFT_OUT]
     for slide in kept_slides():
-        # the job that writes the GeoJSON export writes the coordinates too: asking for it asks for them
-        if SETTINGS.export_geojson:
-            outputs.append(layout.slide_file(slide, layout.GEOJSON))
-        else:
-            outputs += coords_files(slide)
+        outputs += [target.replace("{slide}", slide) for target in PER_SLIDE_TARGETS]
     if EXPERIMENTS:
-        outputs.append(f"{layout.report_dir()}/index.html")
+        outputs.append(layout.report_file("index.html"))
     for run, entry in E2E_RUNS.items():  # e2e runs whose tuned encoders no experiment uses yet
         outputs += [layout.e2e_checkpoint(run, k) for k in CFG.e2e_folds(run)]
         if entry.k_study:
-            outputs.append(f"{e2e_dir(run)}/k_study_summary.csv")
+            outputs.append(layout.e2e_file(run, "k_study_summary.csv"))
     return outputs + predict_outputs()
 
 
@@ -533,7 +534,7 @@ def train_options(wildcards):
 
 def experiment_fold_files(experiment, name):
     """A file of every fold of every repeat of one experiment."""
-    return [f"{layout.fold_dir(experiment, k, r)}/{name}" for r in range(CFG.repeats(experiment))
+    return [layout.fold_file(experiment, k, r, name) for r in range(CFG.repeats(experiment))
             for k in CFG.experiment_folds(experiment)]
 
 
@@ -589,7 +590,7 @@ def segmentation_metrics():
 
 
 def heatmap_summaries():
-    return [f"{heatmap_dir(e)}/summary.csv" for e in CFG.heatmap_experiments]
+    return [layout.heatmap_file(e, "summary.csv") for e in CFG.heatmap_experiments]
 
 
 def experiment_heatmap_dir(wildcards):
@@ -632,19 +633,28 @@ def predictions_dir(wildcards):
     return layout.predictions_dir(wildcards.experiment)
 
 
+def results_folder(wildcards):
+    """The results folder (its slides/ and coords/ are reused by predict, read only)."""
+    return layout.RESULTS
+
+
+def report_folder(wildcards, output):
+    return os.path.dirname(output.html)
+
+
 def predict_options(wildcards):
     """Heatmaps and runtime options of `msamil predict`; the rest comes from the manifest."""
     return CFG.predict_options()
 
 
 def predict_outputs():
-    return [f"{layout.predictions_dir(e)}/predictions.csv" for e in CFG.predict_experiments]
+    return [layout.predictions_file(e, "predictions.csv") for e in CFG.predict_experiments]
 
 
 def e2e_report_inputs():
     """The K studies the report shows (runs with `k_study` and twins in the report)."""
     runs = {CFG.e2e_run(e) for e in EXPERIMENTS} - {None}
-    return [f"{e2e_dir(run)}/k_study_summary.csv" for run in sorted(runs) if E2E_RUNS[run].k_study]
+    return [layout.e2e_file(run, "k_study_summary.csv") for run in sorted(runs) if E2E_RUNS[run].k_study]
 
 
 def report_options():

@@ -58,9 +58,9 @@ rule run_k_study:
         folds=layout.folds_file(),
         sheet=SCREENED_SHEET,
     output:
-        curves=layout.e2e_dir("{e2e}") + "/k_study.csv",
-        summary=layout.e2e_dir("{e2e}") + "/k_study_summary.csv",
-        png=layout.e2e_dir("{e2e}") + "/k_study.png",
+        curves=layout.e2e_file("{e2e}", "k_study.csv"),
+        summary=layout.e2e_file("{e2e}", "k_study_summary.csv"),
+        png=layout.e2e_file("{e2e}", "k_study.png"),
     params:
         out=e2e_run_dir,
         coords=layout.coords_dir(CFG.strategy, CFG.strategy),

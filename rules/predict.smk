@@ -11,12 +11,12 @@ rule draw_heatmaps:
         folds=layout.folds_file(),
         sheet=SCREENED_SHEET,
     output:
-        layout.heatmap_dir("{experiment}") + "/summary.csv",
+        layout.heatmap_file("{experiment}", "summary.csv"),
     params:
         models=experiment_dir,
         features=experiment_features,
         out_dir=experiment_heatmap_dir,
-        slides=layout.RESULTS + "/slides",
+        slides=layout.slides_root(),
         options=CFG.heatmap_options(),
     log:
         "logs/draw_heatmaps/{experiment}.log",
@@ -37,14 +37,14 @@ rule predict_slides:
         unpack(predict_inputs),
         sheet=predict_sheet(),
     output:
-        csv=layout.predictions_dir("{experiment}") + "/predictions.csv",
-        json=layout.predictions_dir("{experiment}") + "/predictions.json",
+        csv=layout.predictions_file("{experiment}", "predictions.csv"),
+        json=layout.predictions_file("{experiment}", "predictions.json"),
     params:
         models=experiment_dir,
         out=predictions_dir,
         features=experiment_features,
         options=predict_options,
-        results=layout.RESULTS,
+        results=results_folder,
     log:
         "logs/predict_slides/{experiment}.log",
     threads: 2

@@ -112,6 +112,11 @@ if CFG.uses_lesion:
             "msamil coords --meta {input.meta:q} --tissue-mask {input.tissue:q} {params.options} 2> {log:q}"
 
 
+# Every slide's coordinates; the job that writes the GeoJSON export writes them too, so asking for
+# it asks for them.
+PER_SLIDE_TARGETS.extend([layout.slide_file("{slide}", layout.GEOJSON)] if SETTINGS.export_geojson else coords_outputs())
+
+
 # One input for the cohort steps that read every thumbnail (draw_heatmaps); see index_bags.
 rule index_thumbnails:
     input:

@@ -11,11 +11,11 @@ rule make_report:
         manifests=manifests(),
         left_out=LEFT_OUT,
     output:
-        html=layout.report_dir() + "/index.html",
-        summary=layout.report_dir() + "/summary.csv",
+        html=layout.report_file("index.html"),
+        summary=layout.report_file("summary.csv"),
     params:
         options=report_options(),
-        out=layout.report_dir(),
+        out=report_folder,
     log:
         "logs/make_report.log",
     threads: 1

@@ -30,8 +30,8 @@ rule train_fold:
     output:
         checkpoint=layout.fold_checkpoint("{experiment}", "{fold}", "{repeat}"),
         # the best checkpoint on the fold's test part (msamil evaluate's outputs, same process)
-        metrics=layout.fold_dir("{experiment}", "{fold}", "{repeat}") + "/metrics.json",
-        predictions=layout.fold_dir("{experiment}", "{fold}", "{repeat}") + "/predictions.csv",
+        metrics=layout.fold_file("{experiment}", "{fold}", "{repeat}", "metrics.json"),
+        predictions=layout.fold_file("{experiment}", "{fold}", "{repeat}", "predictions.csv"),
     params:
         features=experiment_features,
         models=experiment_dir,

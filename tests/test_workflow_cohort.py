@@ -69,13 +69,16 @@ def cohort(tmp_path_factory):
         check=True, capture_output=True,
     )
     full = pd.read_csv(wd / "data" / "slides.csv")
+    # the sheets sit in the project folder, their files relative to it (the project can move)
+    for column in ("path", "annotation"):
+        full[column] = [f"data/{p}" for p in full[column]]
     # two classes (the architecture), so that 2 folds find patients of each label among 8 slides
     full["label"] = full["label"].str.split("_").str[1]
     full["slide_id"] = ODD_IDS + list(full["slide_id"][len(ODD_IDS):])
     (wd / "bad.geojson").write_text('{"type": "FeatureCollection", "features": [{"type": "Feat')
-    full.loc[1, "annotation"] = str(wd / "bad.geojson")
+    full.loc[1, "annotation"] = "bad.geojson"
     shutil.copyfile(shared_slide("unreadable.svs"), wd / "broken.svs")
-    broken = pd.DataFrame([{"slide_id": BROKEN, "path": str(wd / "broken.svs"), "label": "zonal",
+    broken = pd.DataFrame([{"slide_id": BROKEN, "path": "broken.svs", "label": "zonal",
                             "patient_id": "patient_broken", "annotation": ""}])
     pd.concat([full.iloc[: N_SLIDES - 1], broken]).to_csv(wd / "first.csv", index=False)
     pd.concat([full.iloc[: N_SLIDES - 1], broken, full.iloc[N_SLIDES - 1:]]).to_csv(wd / "all.csv", index=False)
@@ -168,12 +171,47 @@ def test_adding_a_slide_plans_only_its_jobs_and_the_cohort_steps(cohort):
     jobs = planned_jobs(dry.stdout)
     per_slide = {"preprocess_slide": 1, "segment_lesions": 1, "make_patch_coordinates": 1, "extract_features": 1}
     cohort_steps = {"screen_slides": 1, "index_thumbnails": 1, "index_bags": 3, "train_segmentation": 1,
-                    "make_splits": 1, "train_fold": 6,
+                    "make_splits": 1, "train_fold": 6, "write_manifest": 3,
                     "draw_heatmaps": 1, "make_report": 1, "all": 1}
     assert jobs == {**per_slide, **cohort_steps}
     # every per-slide job is the new slide's; no other slide is recomputed
     slides_in_plan = set(np.unique(re.findall(r"slide=([^\n]+)", dry.stdout)))
     assert slides_in_plan == {new}
+
+
+def _dry_run(workdir: Path, snakefile: Path, *config: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    return subprocess.run([sys.executable, "-m", "snakemake", "-s", str(snakefile), "--directory", str(workdir),
+                           "--cores", "2", "-n", "--configfile", "config.yaml", *config, "--config", "slides=first.csv"],
+                          capture_output=True, text=True, env=env, cwd=workdir, timeout=900)
+
+
+def test_a_moved_project_or_copied_results_plan_nothing_and_an_added_experiment_only_itself(cohort, tmp_path):
+    """Params and records hold paths relative to the project or the sheet: the project folder moved
+    (every file with its modification time, .snakemake/ included), or its results copied into
+    another clone of the workflow (no .snakemake/), plans no job; an experiment added after either
+    plans its training, its manifest and the report."""
+    wd, _ = cohort
+    moved = tmp_path / "moved project"
+    shutil.copytree(wd, moved, symlinks=True)  # what `mv` leaves: the same files and times elsewhere
+    clone = tmp_path / "clone"
+    for part in ("Snakefile", "rules", "config", "workflow", "envs"):  # another checkout of the workflow
+        copy = shutil.copytree if (REPO / part).is_dir() else shutil.copy2
+        copy(REPO / part, clone / part)
+    for part in ("results", "data", "broken.svs", "bad.geojson", "first.csv", "config.yaml"):  # `cp -a`
+        copy = shutil.copytree if (wd / part).is_dir() else shutil.copy2
+        copy(wd / part, clone / part)
+    # the experiments of the run, and one more
+    added = "experiments:\n" + CONFIG.split("experiments:\n")[1] + "  - {name: more, model: abmil.base, scales: [20x]}\n"
+    for workdir, snakefile in ((moved, REPO / "Snakefile"), (clone, clone / "Snakefile")):
+        dry = _dry_run(workdir, snakefile)
+        assert dry.returncode == 0, dry.stderr[-3000:]
+        assert "Nothing to be done" in dry.stdout + dry.stderr, (workdir, planned_jobs(dry.stdout), dry.stdout[-3000:])
+        (workdir / "added.yaml").write_text(added)
+        dry = _dry_run(workdir, snakefile, "added.yaml")
+        assert dry.returncode == 0, dry.stderr[-3000:]
+        assert planned_jobs(dry.stdout) == {"train_fold": 2, "write_manifest": 1, "make_report": 1, "all": 1}, \
+            (workdir, dry.stdout[-3000:])
 
 
 def test_odd_slide_ids_went_through_every_step_to_the_report(cohort):
@@ -222,7 +260,7 @@ def test_editing_experiments_heatmaps_or_report_reruns_no_per_slide_step(cohort)
 # last: it changes the cohort the tests above read
 def test_a_fixed_slide_comes_back_in(cohort):
     wd, full = cohort
-    shutil.copyfile(wd / "data" / full.path.iloc[0], wd / "broken.svs")  # the scan is redone
+    shutil.copyfile(wd / full.path.iloc[0], wd / "broken.svs")  # the scan is redone
     screen = snakemake(wd, "--cores", "2", "--until", "screen_slides", "--configfile", "config.yaml",
                        "--config", f"slides={wd / 'first.csv'}")
     assert screen.returncode == 0, workflow_failure(screen, wd)

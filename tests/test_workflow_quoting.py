@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -124,4 +125,8 @@ def test_cohort_commands_keep_paths_whole(dry_run):
     assert annotation == []  # annotations come from the sheet, not the command line
     predict = by_rule["predict_slides"]
     assert predict[predict.index("--sheet") + 1] == "new slides.csv"
-    assert predict[predict.index("--strategy") + 1] == "lesion"
+    assert "--strategy" not in predict and "--encoder" not in predict  # the manifest's
+    manifest = by_rule["write_manifest"]
+    settings = json.loads(manifest[manifest.index("--settings") + 1])
+    assert settings["encoder"]["weights"] == "my weights/r18 (v2).pth"
+    assert settings["patches"]["strategy"] == "lesion"

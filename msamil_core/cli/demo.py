@@ -5,7 +5,7 @@ Writes, under --out:
                                    levels at downsample 1, 4, 16 (OpenSlide generic-tiff)
   annotations/<slide_id>.geojson   QuPath GeoJSON lesion polygons ("Tumor"), level-0 px
   slides.csv                       the sheet: slide_id, path, label, patient_id, annotation
-                                   (absolute paths; always the whole cohort)
+                                   (paths relative to it; always the whole cohort)
 
 Four classes, label = <cytology>_<architecture>: bland or atypical nuclei in the
 lesion nests (resolved at 20x) and an alternating (checkerboard) or zonal

@@ -25,7 +25,7 @@ there); without weights the encoder is randomly initialised (--seed) and a warni
 Examples:
   msamil extract --slide s1.svs --coords coords/20x/s1.h5 coords/10x/s1.h5 coords/5x/s1.h5 \
       --out features/msfem/s1.pt --encoder msfem --input-size 512 \
-      --encoder-arg backbone_weights=efficientnet_b3.safetensors
+      --encoder-options '{"backbone_weights": "efficientnet_b3.safetensors"}'
   msamil extract --slide s1.svs --bag lesion=lesion/s1.pt --bag-coords lesion=coords/20x/s1.h5 ... \
       --bag tissue=tissue/s1.pt --bag-coords tissue=coords/tissue/20x/s1.h5 ... --encoder resnet18
   msamil extract --slide s1.svs --coords coords/20x/s1.h5 --out s1.pt \

@@ -19,13 +19,18 @@ from __future__ import annotations
 
 import argparse
 
+from .options import add_settings, given
+
 HELP = "download an encoder's Hugging Face weights once (gated repos: HF_TOKEN)"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("name", nargs="?", help="a preset name (see `msamil list-models`); same as --encoder")
-    parser.add_argument("--encoder", help="encoder name (a preset, or a timm name with --weights)")
-    parser.add_argument("--weights", help="hf-hub:<org>/<repo>[@revision] (default: the preset's repo)")
+    from ..settings import EncoderSettings
+
+    # an `encoders` entry's name and weights (hf-hub:<org>/<repo>[@revision]; default: the preset's repo)
+    add_settings(parser, EncoderSettings, only=["name", "weights"], defaults=False,
+                 source="the positional name; weights: the preset's hub repo")
     parser.add_argument("--local-dir", help="copy the files into this folder instead of only the HF cache")
     parser.add_argument("--record", metavar="JSON",
                         help="write what was fetched (ref, file, sha256, bytes) to this file (the workflow's output)")
@@ -37,13 +42,16 @@ def run(args: argparse.Namespace) -> None:
     from ..errors import MsamilError
     from ..features.encoders import fetch_weights
     from ..fileio import write_json
+    from ..settings import EncoderSettings
 
-    name = args.encoder or args.name or ("" if args.weights else None)  # a bare repo: default file names
+    entry = given(args, EncoderSettings)
+    weights = entry.get("weights")
+    name = entry.get("name") or args.name or ("" if weights else None)  # a bare repo: default file names
     if name is None:
         raise MsamilError("name the encoder: msamil fetch-weights <preset> (or --encoder NAME --weights hf-hub:...)")
     for noisy in ("httpx", "httpx2", "httpcore"):  # one log line per HTTP request otherwise
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    fetched = fetch_weights(name, args.weights, args.local_dir)
+    fetched = fetch_weights(name, weights, args.local_dir)
     if args.record:
         write_json(args.record, {"encoder": name, **fetched})
     print(f"{name}: {fetched['ref']} -> {fetched['file']} ({fetched['bytes']} bytes, sha256 {fetched['sha256'][:12]})")

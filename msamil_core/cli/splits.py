@@ -12,7 +12,7 @@ slides to the sheet does not move existing patients. A --previous file that does
 yet is ignored. In Snakemake, mark the output `update(...)` so it is kept for the next run.
 
 Example:
-  msamil splits --sheet slides.csv --out results/splits/folds.csv --folds 5 --seed 0 \\
+  msamil splits --sheet slides.csv --out results/splits/folds.csv --n-folds 5 --split-seed 0 \\
       --previous results/splits/folds.csv
 """
 
