@@ -153,17 +153,22 @@ class Manifest:
     def get(self, key, default=None):
         return self.data.get(key, default)
 
+    def _section(self, cls, values: dict):
+        """A section of the manifest as its settings class (a setting this version does not know
+        is an error naming the file: the manifest comes from a newer msamil)."""
+        return cls.from_dict(values, f"{self.path} ({cls.KEY or cls.__name__})")
+
     @property
     def thumbnail(self) -> ThumbnailSettings:
-        return ThumbnailSettings(**self.data["thumbnail"])
+        return self._section(ThumbnailSettings, self.data["thumbnail"])
 
     @property
     def tissue(self) -> TissueSettings:
-        return TissueSettings(**self.data["tissue"])
+        return self._section(TissueSettings, self.data["tissue"])
 
     @property
     def patches(self) -> PatchSettings:
-        return PatchSettings(**self.data["patches"])
+        return self._section(PatchSettings, self.data["patches"])
 
     @property
     def is_e2e(self) -> bool:
@@ -180,7 +185,7 @@ class Manifest:
         weights = values.get("weights")
         if weights and not os.path.isabs(weights) and not weights.startswith("hf-hub:"):
             values["weights"] = os.path.normpath(self.root / self.data.get("project", ".") / weights)
-        return EncoderSettings(**values)
+        return self._section(EncoderSettings, values)
 
     @property
     def encoder_id(self) -> str:
@@ -194,7 +199,7 @@ class Manifest:
     @property
     def postprocess(self) -> PostProcessSettings | None:
         seg = self.data.get("segmentation")
-        return PostProcessSettings(**{k: seg[k] for k in PostProcessSettings.names()}) if seg else None
+        return self._section(PostProcessSettings, {k: seg[k] for k in PostProcessSettings.names()}) if seg else None
 
     def checked_segmentation(self, given: str | None = None) -> str | None:
         """The lesion model's file: the manifest's, checked against its SHA-256 (``given``, a file

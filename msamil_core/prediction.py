@@ -403,7 +403,7 @@ def draw_slide(att: SlideAttention, row, meta_path, thumbnail_path, out_dir, mpp
 
 def draw_fold_heatmaps(models: str | os.PathLike, fold: int, features: str | os.PathLike, sheet_path,
                        out_dir: str | os.PathLike, device, folds_path=None, slide_ids: list[str] | None = None,
-                       slides_dir: str | os.PathLike = "results/slides", top_k: int = 8) -> list[dict]:
+                       slides_dir: str | os.PathLike = layout.slides_root(), top_k: int = 8) -> list[dict]:
     """``msamil heatmap``: fold ``fold``'s model on its test slides (from ``folds_path``) or on
     ``slide_ids``: ``out_dir/<slide>/`` per slide, then ``out_dir/summary.csv``."""
     from .cohort.tasks import select_slides, task_classes
@@ -428,8 +428,9 @@ def draw_fold_heatmaps(models: str | os.PathLike, fold: int, features: str | os.
         row = sheet.loc[sid]
         try:
             att, _ = slide_attention([model], find_bag(features, sid), sid, device)
-            info = draw_slide(att, row, Path(slides_dir) / sid / "meta.json", Path(slides_dir) / sid / "thumbnail.png",
-                              out / sid, slide_mpp(row), top_k, f"{name} fold {fold}")
+            folder = Path(slides_dir) / sid  # a slide's folder of the results layout
+            info = draw_slide(att, row, folder / layout.META, folder / layout.THUMBNAIL, out / sid, slide_mpp(row), top_k,
+                              f"{name} fold {fold}")
         except MsamilError as exc:
             raise MsamilError(f"slide {sid!r} with {model.path}: {exc}") from None
         infos.append(info)

@@ -838,6 +838,60 @@ def with_demo(config: dict, demo: dict) -> dict:
     return fill_nulls(config, demo)
 
 
+# ----------------------------------------------------------------------------- JSON schema
+
+
+def _schema_of(tp, meta: dict) -> dict:
+    tp, optional = unwrap_optional(tp)
+    origin = typing.get_origin(tp)
+    if is_section(tp):
+        out = section_schema(tp)
+    elif origin is list:
+        out = {"type": "array", "items": _schema_of(typing.get_args(tp)[0], meta)}
+        if meta.get("length") is not None:
+            out.update(minItems=meta["length"], maxItems=meta["length"])
+    elif origin is dict or tp is dict:
+        args = typing.get_args(tp)
+        out = {"type": "object", **({"additionalProperties": _schema_of(args[1], {})} if args else {})}
+    else:
+        out = {"type": {bool: "boolean", int: "integer", float: "number", str: "string"}[tp]}
+        for key, word in (("min", "minimum"), ("max", "maximum"), ("above", "exclusiveMinimum"),
+                          ("below", "exclusiveMaximum")):
+            if meta.get(key) is not None and tp is not str:
+                out[word] = meta[key]
+        if meta.get("choices"):
+            out["enum"] = list(meta["choices"])
+        if meta.get("pattern"):
+            out["pattern"] = meta["pattern"]
+    if optional:
+        out = {"anyOf": [out, {"type": "null"}]}
+    return out
+
+
+def section_schema(cls) -> dict:
+    """The JSON schema (draft 2020-12) of a section: its keys, types, bounds, defaults and help."""
+    properties, required = {}, []
+    for f, tp in fields_of(cls):
+        prop = {**_schema_of(tp, f.metadata), "description": " ".join(f.metadata.get("help", "").split())}
+        default = default_of(f)
+        if default is MISSING:
+            required.append(f.name)
+        elif not is_section(unwrap_optional(tp)[0]):
+            prop["default"] = json.loads(json.dumps(default))
+        properties[f.name] = prop
+    out = {"type": "object", "additionalProperties": False, "properties": properties}
+    if cls.__doc__:
+        out["description"] = " ".join(cls.__doc__.split())
+    return {**out, **({"required": required} if required else {})}
+
+
+def json_schema() -> dict:
+    """The config's JSON schema, for editors and other tools (``msamil config --schema``); the
+    workflow checks the config with :func:`load_config`, which says more in its messages."""
+    return {"$schema": "https://json-schema.org/draft/2020-12/schema", "title": "msamil configuration",
+            **section_schema(Config)}
+
+
 # ----------------------------------------------------------------------------- config.yaml
 
 

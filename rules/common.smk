@@ -387,18 +387,22 @@ def coords_settings():
     return CFG.coords_settings()
 
 
-# What `rule all` asks of every kept slide (patterns with {slide}): the .smk file that defines a
-# per-slide rule adds its final outputs here, beside the rule.
+# The files the target asks of every kept slide (patterns with {slide}): the .smk file that
+# defines a per-slide step adds its final outputs here, beside it.
 PER_SLIDE_TARGETS = []
 
 
 def final_outputs(wildcards):
-    """Every kept slide's per-slide targets, and the report when experiments are configured."""
+    """Every kept slide's per-slide targets, and with experiments each one's manifest and
+    heatmaps and the report. Each experiment is asked for by its own file: Snakemake runs no job
+    for an input that is missing while the job's output exists (the report of a finished run), so
+    an experiment added to results that carry no Snakemake metadata (copied into a new clone)
+    would never be trained if only the report asked for it."""
     outputs = [LEFT_OUT]
     for slide in kept_slides():
         outputs += [target.replace("{slide}", slide) for target in PER_SLIDE_TARGETS]
     if EXPERIMENTS:
-        outputs.append(layout.report_file("index.html"))
+        outputs += [*manifests(), *heatmap_summaries(), layout.report_file("index.html")]
     for run, entry in E2E_RUNS.items():  # e2e runs whose tuned encoders no experiment uses yet
         outputs += [layout.e2e_checkpoint(run, k) for k in CFG.e2e_folds(run)]
         if entry.k_study:

@@ -182,11 +182,13 @@ def test_another_file_under_a_cohort_slide_id_gets_its_own_features(tiny_experim
     assert theirs.shape != own["features"].shape or not torch.allclose(theirs, own["features"])
 
 
-def test_flags_that_agree_with_the_manifest_change_nothing_and_others_are_refused(tiny_experiment, tmp_path, capsys):
-    """The manifest decides every setting: the same flags as it states give the same prediction
-    as none; a flag that contradicts it stops the run in one line naming both values."""
+def test_flags_that_agree_with_the_manifest_change_nothing_and_others_are_refused(tiny_experiment, cmu_slide,
+                                                                                 tmp_path, capsys):
+    """The manifest decides every setting: on CMU-1-Small-Region, the same flags as it states give
+    the same prediction as none; a flag that contradicts it (the input size the encoder id does not
+    cover, the patch size, the strategy, ...) stops the run in one line naming both values."""
     exp = tiny_experiment
-    tiff = exp["rows"][2]["path"]
+    tiff = str(cmu_slide)
     assert _predict(exp, tmp_path / "bare", "--slide", tiff, results=tmp_path / "none") == 0
     assert _predict(exp, tmp_path / "flags", "--slide", tiff, *PREPROCESS, *ENCODER, "--strategy", "tissue",
                     results=tmp_path / "none") == 0

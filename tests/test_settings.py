@@ -137,6 +137,23 @@ def _make(cls):
     return cls(**required)
 
 
+def test_the_json_schema_takes_the_default_config_and_refuses_what_load_config_refuses():
+    import jsonschema
+
+    schema = S.json_schema()
+    jsonschema.Draft202012Validator.check_schema(schema)
+    validator = jsonschema.Draft202012Validator(schema)
+    defaults = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    assert list(validator.iter_errors(defaults)) == []
+    demo = yaml.safe_load((REPO / "config" / "demo.yaml").read_text())
+    assert list(validator.iter_errors(S.with_demo(defaults, demo))) == []
+    for bad in ({"patches": {"patch_sise": 3}}, {"tissue": {"min_saturation": 2}}, {"patches": {"strategy": "x"}},
+                {"e2e": [{"name": "r"}]}, {"encoders": {"e": {"mean": [1]}}}):
+        assert list(validator.iter_errors(bad)), bad
+        with pytest.raises(MsamilError):
+            S.load_config(bad)
+
+
 def test_yaml_1_1_numbers_and_typos_in_the_config_are_handled():
     config = S.load_config({"training": {"min_lr": "1e-6"}, "segmentation": {"lr": "2e-3"}})
     assert config.training.min_lr == 1e-6 and config.segmentation.lr == 0.002

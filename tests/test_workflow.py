@@ -144,6 +144,18 @@ def test_config_with_an_unknown_key_fails_before_any_job(tmp_path):
     assert not (tmp_path / "results").exists()
 
 
+def test_a_users_sheet_without_annotations_runs_its_own_labels_on_tissue_patches(tmp_path):
+    """The default config on a sheet of one's own: no demo experiment or task, the sheet's labels,
+    tissue patches (auto: no annotations), and the run says so."""
+    sheet = write_sheet(tmp_path / "s.csv", GOOD)
+    out = snakemake(tmp_path, "--cores", "1", "-n", "--config", f"slides={sheet}")
+    assert out.returncode == 0, out.stderr[-3000:]
+    text = out.stdout + out.stderr
+    assert "patches.strategy auto: tissue patches" in text and "on the sheet's own labels (a, b)" in text
+    jobs = planned_jobs(out.stdout)
+    assert jobs["screen_slides"] == 1 and "architecture" not in text and "segment_lesions" not in jobs
+
+
 def test_bad_sheet_fails_before_any_job(tmp_path):
     sheet = write_sheet(tmp_path / "s.csv", GOOD + [("cmu", shared_slide("small.svs"), "a", "p3", "")])
     out = snakemake(tmp_path, "--cores", "1", "-n", "--config", f"slides={sheet}")
@@ -153,7 +165,8 @@ def test_bad_sheet_fails_before_any_job(tmp_path):
 
 def test_lesion_strategy_without_annotations_fails_before_any_job(tmp_path):
     sheet = write_sheet(tmp_path / "s.csv", GOOD)
-    out = snakemake(tmp_path, "--cores", "1", "-n", "--config", f"slides={sheet}", "experiments=[]")
+    (tmp_path / "lesion.yaml").write_text("patches: {strategy: lesion}\nexperiments: []\n")
+    out = snakemake(tmp_path, "--cores", "1", "-n", "--configfile", "lesion.yaml", "--config", f"slides={sheet}")
     assert out.returncode != 0
     assert "lesion patch strategy needs lesion annotations" in out.stderr + out.stdout
     assert "patches.strategy: tissue" in out.stderr + out.stdout

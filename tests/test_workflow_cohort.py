@@ -195,6 +195,7 @@ def test_a_moved_project_or_copied_results_plan_nothing_and_an_added_experiment_
     moved = tmp_path / "moved project"
     shutil.copytree(wd, moved, symlinks=True)  # what `mv` leaves: the same files and times elsewhere
     clone = tmp_path / "clone"
+    clone.mkdir()
     for part in ("Snakefile", "rules", "config", "workflow", "envs"):  # another checkout of the workflow
         copy = shutil.copytree if (REPO / part).is_dir() else shutil.copy2
         copy(REPO / part, clone / part)

@@ -10,6 +10,7 @@ or value stops with one line naming it and the closest valid one.
 Examples:
   msamil config                                   # the defaults, documented
   msamil config --check config/config.yaml my.yaml
+  msamil config --schema > msamil.schema.json     # the JSON schema, for editors
 """
 
 from __future__ import annotations
@@ -20,12 +21,19 @@ HELP = "print every setting with its default and help (config/config.yaml), or -
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--check", nargs="+", metavar="YAML", help="config files to check, merged in this order")
+    what = parser.add_mutually_exclusive_group()
+    what.add_argument("--check", nargs="+", metavar="YAML", help="config files to check, merged in this order")
+    what.add_argument("--schema", action="store_true", help="print the config's JSON schema (draft 2020-12)")
 
 
 def run(args: argparse.Namespace) -> None:
-    from ..settings import load_config, merge, render_config
+    from ..settings import json_schema, load_config, merge, render_config
 
+    if args.schema:
+        import json
+
+        print(json.dumps(json_schema(), indent=2))
+        return
     if not args.check:
         print(render_config(), end="")
         return

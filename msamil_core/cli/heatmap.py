@@ -36,8 +36,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="slide sheet: slide paths, labels and `annotation` files (for the lesion figures)")
     parser.add_argument("--folds", help="folds.csv: draw the fold's test slides (those of the experiment's task)")
     parser.add_argument("--slide-ids", nargs="+", help="draw these slides instead of the fold's test slides")
-    parser.add_argument("--slides-dir", default="results/slides",
-                        help="folder of <slide>/thumbnail.png and meta.json (default results/slides)")
+    from ..layout import slides_root
+
+    parser.add_argument("--slides-dir", default=slides_root(),
+                        help="folder of <slide>/thumbnail.png and meta.json (default %(default)s)")
     parser.add_argument("--out-dir", required=True, help="folder to write <slide>/ folders and summary.csv into")
     from ..settings import HeatmapSettings
 
