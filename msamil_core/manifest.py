@@ -22,7 +22,7 @@ from pathlib import Path
 
 from . import __version__, layout
 from .errors import MsamilError
-from .settings import EncoderSettings, PatchSettings, PostProcessSettings, ThumbnailSettings, TissueSettings
+from .settings import EncoderSettings, PatchSettings, ThumbnailSettings, TissueSettings
 
 FORMAT = 1
 
@@ -60,8 +60,7 @@ def encoder_record(settings: dict) -> dict:
 
 def settings_record(experiment: str, *, thumbnail: ThumbnailSettings, tissue: TissueSettings, patches: PatchSettings,
                     encoder_key: str, encoder: EncoderSettings, fp16: bool, feature_folder: str, splits,
-                    training, segmentation_checkpoint: str | None = None,
-                    postprocess: PostProcessSettings | None = None, task: str | None = None,
+                    training, segmentation_checkpoint: str | None = None, task: str | None = None,
                     task_classes: dict | None = None, relations: dict | None = None) -> dict:
     """The settings :func:`write_manifest` takes (``msamil manifest --settings``): ``patches``
     with the strategy the experiment used (lesion needs ``segmentation_checkpoint``), the
@@ -74,8 +73,7 @@ def settings_record(experiment: str, *, thumbnail: ThumbnailSettings, tissue: Ti
     return {
         "experiment": experiment, "thumbnail": thumbnail.to_dict(), "tissue": tissue.to_dict(),
         "patches": patches.to_dict(),
-        "segmentation": ({"checkpoint": segmentation_checkpoint, **(postprocess or PostProcessSettings()).to_dict()}
-                         if lesion else None),
+        "segmentation": {"checkpoint": segmentation_checkpoint} if lesion else None,
         "encoder": {"key": encoder_key, **encoder.to_dict()},
         "features": {"fp16": fp16, "folder": feature_folder},
         "splits": splits.to_dict(),
@@ -123,10 +121,11 @@ def write_manifest(settings: dict, checkpoints: list[str], out: str | os.PathLik
     if not runs:
         raise MsamilError(f"{out}: no checkpoint given; the manifest describes a trained experiment")
     segmentation = settings.get("segmentation")
-    if segmentation:
+    if segmentation:  # the lesion model: its file, digest and the post-processing its masks were made with
         path = segmentation["checkpoint"]
-        segmentation = {**segmentation, "checkpoint": Path(os.path.relpath(path, root)).as_posix(),
-                        "checkpoint_sha256": file_sha256(path)}
+        lesion_model = torch_load(path, "segmentation checkpoint", allow_numpy=True)
+        segmentation = {"checkpoint": Path(os.path.relpath(path, root)).as_posix(), "checkpoint_sha256": file_sha256(path),
+                        "postprocess": dict(lesion_model.get("postprocess") or {})}
     manifest = {
         "format": FORMAT, "msamil_version": __version__, "experiment": settings["experiment"],
         "project": Path(os.path.relpath(".", root)).as_posix(),
@@ -195,11 +194,6 @@ class Manifest:
     def segmentation_checkpoint(self) -> Path | None:
         seg = self.data.get("segmentation")
         return (self.root / seg["checkpoint"]) if seg else None
-
-    @property
-    def postprocess(self) -> PostProcessSettings | None:
-        seg = self.data.get("segmentation")
-        return self._section(PostProcessSettings, {k: seg[k] for k in PostProcessSettings.names()}) if seg else None
 
     def checked_segmentation(self, given: str | None = None) -> str | None:
         """The lesion model's file: the manifest's, checked against its SHA-256 (``given``, a file

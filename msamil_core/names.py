@@ -26,7 +26,6 @@ Example::
 from __future__ import annotations
 
 import ast
-import difflib
 import hashlib
 import json
 import logging
@@ -41,6 +40,7 @@ from . import __version__
 from .errors import MsamilError
 from .fileio import write_json
 from .hub import is_hub_ref
+from .settings import closest
 
 log = logging.getLogger(__name__)
 
@@ -54,19 +54,10 @@ ENCODER_LISTING = "`msamil list-models` lists the presets and msfem; any timm mo
 CUTOFF = 0.6
 
 
-def closest(value: str, choices: Iterable[str], cutoff: float = CUTOFF) -> str | None:
-    """The choice most similar to ``value`` (ignoring case), or None when none is close enough."""
-    by_lower: dict[str, str] = {}
-    for choice in choices:
-        by_lower.setdefault(choice.lower(), choice)
-    match = difflib.get_close_matches(value.lower(), list(by_lower), n=1, cutoff=cutoff)
-    return by_lower[match[0]] if match else None
-
-
 def did_you_mean(value: str, choices: Iterable[str], listing: str = MIL_LISTING) -> str:
     """The tail of a one-line error: ``"; did you mean 'abmil.base'? (<listing>)"``, or only
     ``" (<listing>)"`` when nothing is close; ``listing`` says where the valid names are listed."""
-    match = closest(value, choices)
+    match = closest(value, choices, CUTOFF)
     return f"; did you mean {match!r}? ({listing})" if match else f" ({listing})"
 
 

@@ -209,14 +209,23 @@ def check_value(value, tp, meta: dict, label: str):
             return dict(value)
         return {str(k): check_value(v, args[1], {}, f"{label}.{k}") for k, v in value.items()}
     if is_section(tp):
-        return value if isinstance(value, tp) else tp.from_config(value, label)
+        return value if isinstance(value, tp) else tp.from_config(value, label.removeprefix("config: "))
     return _check_scalar(value, tp, meta, label)
+
+
+def closest(value: str, choices, cutoff: float = 0.6) -> str | None:
+    """The choice most similar to ``value`` (ignoring case), or None when none is close enough."""
+    by_lower: dict[str, str] = {}
+    for choice in choices:
+        by_lower.setdefault(str(choice).lower(), str(choice))
+    match = difflib.get_close_matches(str(value).lower(), list(by_lower), n=1, cutoff=cutoff)
+    return by_lower[match[0]] if match else None
 
 
 def did_you_mean(value: str, choices) -> str:
     """``; did you mean 'x'?`` for the closest of ``choices`` (empty when none is close)."""
-    close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1, cutoff=0.6)
-    return f"; did you mean {close[0]!r}?" if close else ""
+    match = closest(value, choices)
+    return f"; did you mean {match!r}?" if match else ""
 
 
 def unknown_key(path: str, key: str, known) -> MsamilError:
@@ -268,7 +277,7 @@ class Section:
             if key not in known:
                 raise unknown_key(path, str(key), known)
         types_ = dict((f.name, (f, tp)) for f, tp in fields_of(cls))
-        checked = {k: check_value(v, types_[k][1], types_[k][0].metadata, f"config: {path}.{k}" if path else k)
+        checked = {k: check_value(v, types_[k][1], types_[k][0].metadata, f"config: {path + '.' if path else ''}{k}")
                    for k, v in values.items()}
         missing = [n for n, (f, _) in types_.items() if n not in checked and default_of(f) is MISSING]
         if missing:
@@ -949,8 +958,7 @@ def _render_fields(cls, values: dict, indent: str) -> list[str]:
                 lines += [f"{indent}#   {line}" for line in textwrap.wrap(text, 94 - len(indent), subsequent_indent="  ")]
             if item is ExperimentSettings:
                 lines += [f"{indent}#   and any key of `training`."]
-            body = [] if value is None else [_yaml_scalar(value)]
-            lines.append(f"{indent}{f.name}: {body[0] if body else 'null'}")
+            lines.append(f"{indent}{f.name}: {_yaml_scalar(value)}")
             continue
         args = typing.get_args(kind)
         if typing.get_origin(kind) is dict and args and is_section(args[1]):  # encoders: a mapping of sections
@@ -966,12 +974,10 @@ def _render_fields(cls, values: dict, indent: str) -> list[str]:
     return lines
 
 
-def render_config(config: Config | None = None) -> str:
-    """config/config.yaml: every setting at its value in ``config`` (default: the defaults), each
-    with its help as a comment, sections with their description."""
-    values = (config or Config()).to_dict()
-    if config is not None and config.experiments is not None:
-        values["experiments"] = [e.to_dict() for e in config.experiments]
+def render_config() -> str:
+    """config/config.yaml: every setting at its default, each with its help as a comment,
+    sections with their description."""
+    values = Config().to_dict()
     head = [
         "# msamil configuration: every setting, at its default, with what it does.",
         "# Generated from msamil_core/settings.py (`msamil config > config/config.yaml`); change a setting's",

@@ -536,7 +536,7 @@ class WorkflowConfig:
             experiment, thumbnail=s.thumbnail, tissue=s.tissue, patches=s.patches.replace(strategy=entry.strategy),
             encoder_key=entry.encoder, encoder=s.encoders[entry.encoder], fp16=s.features.fp16,
             feature_folder=self.experiment_feature_set(experiment), splits=s.splits, training=entry.train_config(),
-            segmentation_checkpoint=segmentation_checkpoint, postprocess=s.segmentation.postprocess(),
+            segmentation_checkpoint=segmentation_checkpoint,
             task=entry.task, task_classes=self.task_mapping(entry.task),
             relations={
                 "ablation_of": entry.ablation_of,

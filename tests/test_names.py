@@ -57,7 +57,7 @@ def test_listing_has_every_kind(warm):
     ("banana", ["abmil.base", "msamil.base", "resnet50_trunc"], None),
 ])
 def test_closest(value, choices, expected):
-    assert names.closest(value, choices) == expected
+    assert names.closest(value, choices, names.CUTOFF) == expected
 
 
 def test_did_you_mean_tail():
