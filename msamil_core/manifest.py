@@ -93,6 +93,11 @@ def write_manifest(settings: dict, checkpoints: list[str], out: str | os.PathLik
 
     out = Path(out)
     root = out.parent
+    missing = [k for k in ("experiment", "thumbnail", "tissue", "patches", "encoder", "features", "splits", "task",
+                           "training", "relations") if k not in settings]
+    if missing:
+        raise MsamilError(f"{out}: the experiment's settings lack {', '.join(missing)}; give what "
+                          "msamil_core.manifest.settings_record makes (the workflow's write_manifest passes it)")
     training = settings["training"]
     e2e = (settings.get("relations") or {}).get("e2e")
     encoder = encoder_record(settings["encoder"])

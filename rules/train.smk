@@ -54,7 +54,8 @@ rule train_fold:
 
 # The experiment's manifest: everything its models' inputs depend on (SPEC "Outputs"), checked
 # against every fold's checkpoint; predict and the report read it. A changed relation (ablation_of,
-# ...) rewrites it without retraining.
+# ...) rewrites it without retraining. A few seconds on the machine that runs Snakemake (a local
+# rule: no cluster job for it).
 rule write_manifest:
     input:
         checkpoints=experiment_checkpoints,
@@ -65,6 +66,7 @@ rule write_manifest:
         settings=manifest_settings,
     log:
         "logs/write_manifest/{experiment}.log",
+    localrule: True
     threads: 1
     resources:
         mem_mb=2000,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -69,6 +70,7 @@ def test_conda_env_pip_installs_this_checkout(tmp_path):
 # ----------------------------------------------------------------------------- package structure
 
 
+@functools.lru_cache(maxsize=1)
 def _imports() -> dict[str, list[tuple[str, str]]]:
     """Module -> (imported msamil_core module, name or "") of every import in msamil_core, at
     module level and inside functions alike."""

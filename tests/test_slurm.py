@@ -29,7 +29,7 @@ SLURM_PROGRAMS = ("munged", "slurmctld", "slurmd", "sbatch", "srun", "squeue", "
 GPU_RULES = {"extract_features", "train_fold"}
 # the per-slide rules of the tiny config: one SLURM job per slide (group `slide`)
 SLIDE_RULES = {"preprocess_slide", "extract_features"}
-LOCAL_RULES = {"index_bags", "index_thumbnails"}  # run in the Snakemake process
+LOCAL_RULES = {"index_bags", "index_thumbnails", "write_manifest"}  # run where Snakemake runs, not through sbatch
 FAKE_GPUS = ["/dev/null", "/dev/zero"]  # gres "gpu" devices: SLURM counts them, torch sees no CUDA
 
 

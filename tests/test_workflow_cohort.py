@@ -215,7 +215,7 @@ def test_a_moved_project_or_copied_results_plan_nothing_and_an_added_experiment_
             (workdir, dry.stdout[-3000:])
 
 
-def test_predict_needs_only_the_experiments_folder_and_checks_its_lesion_model(cohort, tmp_path):
+def test_predict_needs_only_the_experiments_folder_and_checks_its_lesion_model(cohort, tmp_path, capsys):
     """`msamil predict --models DIR --slide S` on the workflow's lesion experiment: the manifest
     gives every setting, the lesion model included (the slide gets a lesion mask), and a lesion
     model other than the manifest's is refused."""
@@ -224,20 +224,20 @@ def test_predict_needs_only_the_experiments_folder_and_checks_its_lesion_model(c
     manifest = json.loads((models / "manifest.json").read_text())
     assert manifest["patches"]["strategy"] == "lesion" and manifest["segmentation"]["checkpoint_sha256"]
     assert [(r["repeat"], r["fold"]) for r in manifest["runs"]] == [(0, 0), (0, 1)]
+    from msamil_core.cli import main
+
     new = wd / full.path.iloc[-1]  # the slide the first run has not seen
     out = tmp_path / "out"
-    done = subprocess.run([sys.executable, "-m", "msamil_core", "predict", "--models", str(models), "--slide", str(new),
-                           "--out", str(out), "--threads", "1", "--no-progress"], capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert main(["predict", "--models", str(models), "--slide", str(new), "--out", str(out), "--threads", "1",
+                 "--no-progress"]) == 0
     assert (out / "slides" / new.stem / "lesion_mask.png").is_file()
     record = json.loads((out / "predictions.json").read_text())
     assert record["classes"] == manifest["classes"] and len(record["slides"][0]["folds"]) == 2
     other = tmp_path / "other.pt"
     other.write_bytes((wd / "results" / "segmentation" / "checkpoint.pt").read_bytes() + b"\0")
-    refused = subprocess.run([sys.executable, "-m", "msamil_core", "predict", "--models", str(models), "--slide",
-                              str(new), "--out", str(tmp_path / "refused"), "--segmentation-checkpoint", str(other)],
-                             capture_output=True, text=True)
-    assert refused.returncode == 1 and "is not the one the experiment was trained with" in refused.stderr
+    assert main(["predict", "--models", str(models), "--slide", str(new), "--out", str(tmp_path / "refused"),
+                 "--segmentation-checkpoint", str(other)]) == 1
+    assert "is not the one the experiment was trained with" in capsys.readouterr().err
     assert not (tmp_path / "refused").exists()
 
 
