@@ -41,6 +41,11 @@ def run_of(path: str | os.PathLike, root: str | os.PathLike) -> tuple[int, int]:
     raise MsamilError(f"{path}: not an experiment's [repeat<r>/]fold<k>/checkpoint.pt under {root}")
 
 
+def _relative(path: str | os.PathLike, root: Path) -> str:
+    """A path as the manifest holds it: relative to the manifest's folder."""
+    return Path(os.path.relpath(path, root)).as_posix()
+
+
 def _differs(what: str, found, stated, where: str, out) -> MsamilError:
     return MsamilError(f"{where}: its {what} {found!r} differs from the experiment's settings ({stated!r}) that "
                        f"{out} would state; rerun the experiment's training with the current config")
@@ -104,11 +109,10 @@ def write_manifest(settings: dict, checkpoints: list[str], out: str | os.PathLik
     if e2e:  # each fold's features come from its own tuned encoder
         encoder = {"e2e": e2e, "initial": encoder}
     runs, classes, model_args = [], None, None
-    for path in sorted(checkpoints, key=lambda p: run_of(p, root)):
+    for (repeat, fold), path in sorted((run_of(p, root), p) for p in checkpoints):
         ckpt = torch_load(path, "checkpoint", allow_numpy=True)
         if not isinstance(ckpt, dict) or "classes" not in ckpt:
             raise MsamilError(f"{path}: not an msamil checkpoint; rerun the experiment's training")
-        repeat, fold = run_of(path, root)
         if ckpt.get("model_name") != training["model"]:
             raise _differs("model", ckpt.get("model_name"), training["model"], path, out)
         scales = (ckpt.get("config") or {}).get("scales")
@@ -121,7 +125,7 @@ def write_manifest(settings: dict, checkpoints: list[str], out: str | os.PathLik
         elif list(ckpt["classes"]) != classes:
             raise MsamilError(f"{path}: its classes {list(ckpt['classes'])} differ from {classes} of the "
                               f"experiment's other folds; rerun the experiment's training")
-        runs.append({"repeat": repeat, "fold": fold, "checkpoint": Path(os.path.relpath(path, root)).as_posix(),
+        runs.append({"repeat": repeat, "fold": fold, "checkpoint": _relative(path, root),
                      "encoder": ckpt.get("encoder", ""), "epoch": ckpt.get("epoch")})
     if not runs:
         raise MsamilError(f"{out}: no checkpoint given; the manifest describes a trained experiment")
@@ -129,11 +133,11 @@ def write_manifest(settings: dict, checkpoints: list[str], out: str | os.PathLik
     if segmentation:  # the lesion model: its file, digest and the post-processing its masks were made with
         path = segmentation["checkpoint"]
         lesion_model = torch_load(path, "segmentation checkpoint", allow_numpy=True)
-        segmentation = {"checkpoint": Path(os.path.relpath(path, root)).as_posix(), "checkpoint_sha256": file_sha256(path),
+        segmentation = {"checkpoint": _relative(path, root), "checkpoint_sha256": file_sha256(path),
                         "postprocess": dict(lesion_model.get("postprocess") or {})}
     manifest = {
         "format": FORMAT, "msamil_version": __version__, "experiment": settings["experiment"],
-        "project": Path(os.path.relpath(".", root)).as_posix(),
+        "project": _relative(".", root),
         **{k: settings[k] for k in ("thumbnail", "tissue", "patches", "features", "splits", "task")},
         "segmentation": segmentation, "encoder": encoder, "scales": list(training["scales"]), "classes": classes,
         "model": training["model"], "model_args": model_args, "training": training,
@@ -235,10 +239,6 @@ class Manifest:
         if rel.get("train_fraction") is not None:
             config["train_fraction"] = rel["train_fraction"]
         return config
-
-    def settings_of(self, name: str):
-        """The manifest's settings object of a section (``thumbnail``, ``tissue``, ``patches``, ``encoder``)."""
-        return getattr(self, name)
 
 
 def read_manifest(models: str | os.PathLike) -> Manifest | None:

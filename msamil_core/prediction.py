@@ -166,16 +166,15 @@ def _show(value) -> str:
     return " ".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
 
 
-def _checked(manifest: Manifest, cls: type, section: str, flags: dict):
-    """The manifest's settings of one section, after checking that no flag contradicts them."""
-    stated = manifest.settings_of(section)
-    for f, _ in fields_of(cls):
+def _checked(manifest: Manifest, stated, flags: dict):
+    """``stated`` (a section of the manifest's settings), after checking that no flag contradicts it."""
+    for f, _ in fields_of(type(stated)):
         if f.name in flags and flags[f.name] != getattr(stated, f.name):
-            if cls is PatchSettings and f.name == "strategy" and stated.resolved_strategy(
+            if isinstance(stated, PatchSettings) and f.name == "strategy" and stated.resolved_strategy(
                     manifest.get("segmentation") is not None) == flags[f.name]:
                 continue
             raise _contradiction(flag_of(f), flags[f.name], getattr(stated, f.name), manifest,
-                                 f"{cls.KEY or section}.{f.name}")
+                                 f"{stated.KEY}.{f.name}")
     return stated
 
 
@@ -228,9 +227,9 @@ def slide_settings(models: str | os.PathLike, flags: dict[type, dict], segmentat
     extract = ExtractOptions(extract.features.replace(fp16=stated_fp16), extract.device, extract.progress)
     return SlideSettings(
         encoder=_checked_encoder(manifest, flags.get(EncoderSettings, {})),
-        thumbnail=_checked(manifest, ThumbnailSettings, "thumbnail", flags.get(ThumbnailSettings, {})),
-        tissue=_checked(manifest, TissueSettings, "tissue", flags.get(TissueSettings, {})),
-        patches=_checked(manifest, PatchSettings, "patches", flags.get(PatchSettings, {})),
+        thumbnail=_checked(manifest, manifest.thumbnail, flags.get(ThumbnailSettings, {})),
+        tissue=_checked(manifest, manifest.tissue, flags.get(TissueSettings, {})),
+        patches=_checked(manifest, manifest.patches, flags.get(PatchSettings, {})),
         segmentation_checkpoint=manifest.checked_segmentation(segmentation_checkpoint), extract=extract)
 
 
@@ -347,13 +346,14 @@ def predict_slides(models: str | os.PathLike, sheet, out: str | os.PathLike, set
     out = Path(out)
     checkpoints = ", ".join(str(f.path) for f in fold_models)
     records, drawn = [], []
+    # the workflow keeps patches.strategy's coordinates in coords/, another strategy's in coords/<strategy>/;
+    # a file is reused only when its attributes are this strategy's and settings'
+    coords_dirs = ([layout.coords_dir(settings.strategy, main, str(results)) for main in (settings.strategy, None)]
+                   if results else [])
     for sid, row in sheet.iterrows():
         mpp = slide_mpp(row)
         own = SlideFiles.under(out, sid)
-        # the workflow keeps patches.strategy's coordinates in coords/, another strategy's in coords/<strategy>/;
-        # a file is reused only when its attributes are this strategy's and settings'
-        places = [layout.coords_dir(settings.strategy, main, str(results)) for main in (settings.strategy, None)]
-        reuse = [SlideFiles.under(results, sid, feature_dir=features, coords_dir=d) for d in places] if results else []
+        reuse = [SlideFiles.under(results, sid, feature_dir=features, coords_dir=d) for d in coords_dirs]
         try:
             bag_path = prepare_slide(row["path"], sid, mpp, settings, own, reuse, expected or given)
             if heatmaps:

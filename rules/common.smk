@@ -261,11 +261,6 @@ def _kept():
 # names gets results/coords/{strategy}/{scale}/{slide}.h5 (msamil_core.layout).
 
 
-def slide_dir(slide):
-    """Thumbnail, meta.json, masks and QuPath export of a slide."""
-    return layout.slide_dir(slide)
-
-
 def coords_paths(slide, strategy):
     """A slide's coordinates files of a strategy: {scale: H5}."""
     return {scale: layout.coords_file(slide, scale, strategy, CFG.strategy) for scale in SCALES}
@@ -285,12 +280,6 @@ def feature_dir(experiment, fold=0):
     """An experiment's bags for a fold: its encoder's folder, or for an e2e twin the features of
     the encoder tuned on that fold's training slides (never another fold's)."""
     return layout.feature_dir(CFG.experiment_feature_set(experiment, fold))
-
-
-def repeat_prefix(repeat):
-    """The `{repeat}` wildcard's value of a repeat: "" for the first, so one repeat keeps the
-    plain layout (results/models/<experiment>/fold<k>/), else "repeat<r>/"."""
-    return layout.repeat_prefix(repeat)
 
 
 def wildcard_repeat(wildcards):
@@ -628,9 +617,8 @@ def predict_sheet():
 def predict_inputs(wildcards):
     """The experiment's manifest (every setting predict uses) and fold checkpoints, and the lesion
     model when the experiment selects lesion patches (the manifest names it)."""
-    inputs = {"manifest": layout.manifest_file(wildcards.experiment), "checkpoints": fold_checkpoints(wildcards)}
-    inputs.update(segmentation=manifest_segmentation(wildcards))
-    return inputs
+    return {"manifest": layout.manifest_file(wildcards.experiment), "checkpoints": fold_checkpoints(wildcards),
+            "segmentation": manifest_segmentation(wildcards)}
 
 
 def predictions_dir(wildcards):

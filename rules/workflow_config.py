@@ -248,10 +248,6 @@ class WorkflowConfig:
 
     # ------------------------------------------------------------------ derived facts
 
-    @property
-    def config(self) -> Config:
-        return self.settings
-
     def feature_set(self, encoder: str, strategy: str) -> str:
         """Feature folder name of an encoder key and a patch-selection strategy."""
         return feature_set_name(self.encoder_dirs[encoder], strategy)

@@ -59,11 +59,10 @@ def add_settings(parser, cls: type, only=None, exclude=(), defaults: bool = True
 
     for f, tp in _selected(cls, only, exclude):
         kind, _ = unwrap_optional(tp)
-        default = default_of(f) if defaults else None
         text = f.metadata.get("help", "")
         meta = f.metadata
-        kwargs = {"dest": dest(cls, f.name), "default": default}
         value = default_of(f)
+        kwargs = {"dest": dest(cls, f.name), "default": value if defaults else None}
         shown = ("none" if value is None else " ".join(map(str, value)) if isinstance(value, list)
                  else json.dumps(value) if isinstance(value, dict) else str(value).lower() if isinstance(value, bool)
                  else value)
