@@ -10,7 +10,7 @@ checkout's Snakefile) with the same config:
 * clean: one uninterrupted run;
 * chaos: runs in which, at random moments (seeded), randomly chosen running jobs are killed
   (spread over the workflow's steps, see :func:`chaos_run`):
-  SIGKILL for any `msamil` command, SIGTERM or SIGKILL for the training commands (`train`,
+  SIGKILL for any `msamil` command and for the feature servers that extraction jobs talk to, SIGTERM or SIGKILL for the training commands (`train`,
   `e2e`, `segment-train`, which save `resume.pt` on SIGTERM), and now and then the whole run
   (Snakemake and every job, as when a node or a login session dies). Each run that ends with
   kills still to make, or with failed jobs, is followed by another (`--rerun-incomplete
@@ -37,6 +37,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections import Counter
 from pathlib import Path
@@ -100,9 +101,15 @@ def snakemake_argv(workdir: Path, sheet: Path, cores: int, *extra: str) -> list[
             "--config", f"slides={sheet}", *extra]
 
 
+# The feature servers of the bench's runs live here (XDG_RUNTIME_DIR of the runs, made by main),
+# apart from the user's own: the bench kills them too, and stops those left at the end.
+SERVERS = Path(tempfile.gettempdir())
+
+
 def environment() -> dict[str, str]:
     # the jobs' `msamil` is this interpreter's
-    return dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    return dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+                XDG_RUNTIME_DIR=str(SERVERS))
 
 
 def nothing_to_do(workdir: Path, sheet: Path) -> bool:
@@ -124,6 +131,19 @@ def msamil_command(proc) -> str | None:
         if arg == "msamil_core" and i > 0 and argv[i - 1] == "-m" and i + 1 < len(argv):
             return argv[i + 1]
     return None
+
+
+def feature_servers() -> list[tuple[object, str]]:
+    """(process, "feature-server") of each feature server the runs started (they outlive their
+    jobs, outside the run's process tree)."""
+    import psutil
+
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        argv = proc.info["cmdline"] or []
+        if "msamil_core.features.server" in argv and any(a.startswith(str(SERVERS)) for a in argv):
+            found.append((proc, "feature-server"))
+    return found
 
 
 def running_jobs(run_pid: int) -> list[tuple[object, str]]:
@@ -170,7 +190,7 @@ def chaos_run(workdir: Path, sheet: Path, cores: int, rng: random.Random, kills_
         time.sleep(0.1)
         if made >= kills_left:
             continue
-        for proc, command in running_jobs(run.pid):
+        for proc, command in running_jobs(run.pid) + feature_servers():
             try:
                 age = time.time() - proc.create_time()
             except Exception:  # it ended in between
@@ -337,10 +357,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="one experiment instead of two (the test's run)")
     args = parser.parse_args(argv)
 
-    import tempfile
-
+    global SERVERS
     root = args.workdir or Path(tempfile.mkdtemp(prefix="msamil-chaos-"))
     root.mkdir(parents=True, exist_ok=True)
+    SERVERS = Path(tempfile.mkdtemp(prefix="msamil-chaos-servers-"))
     try:
         sheet = make_cohort(root, args.slides, args.quick)
         clean, chaos = root / "clean", root / "chaos"
@@ -390,6 +410,9 @@ def main(argv: list[str] | None = None) -> int:
             log(f"  {rel}")
         return 1 if diffs or leftovers else 0
     finally:
+        for proc, _ in feature_servers():
+            proc.kill()
+        shutil.rmtree(SERVERS, ignore_errors=True)
         if not args.keep and args.workdir is None:
             shutil.rmtree(root, ignore_errors=True)
 

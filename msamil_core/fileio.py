@@ -150,16 +150,10 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     a temporary left by a killed writer is removed by the next writer in that folder.
     """
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    _sweep_once(target.parent)
-    fd, tmp_name = tempfile.mkstemp(prefix=temp_name(target), suffix=TEMP_SUFFIX, dir=target.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
+    tmp = temporary_beside(target)
     try:
         yield tmp
-        # mkstemp creates 0600; give the file the mode a plain open() would (umask applied)
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, target)
+        commit(tmp, target)
     except BaseException as exc:
         full = _disk_full(target, exc)
         tmp.unlink(missing_ok=True)
@@ -168,19 +162,50 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
+def temporary_beside(path: str | os.PathLike) -> Path:
+    """A new empty temporary file for ``path``, in its folder (whose stale temporaries are removed
+    first, once per process); :func:`commit` moves it onto ``path``."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    _sweep_once(target.parent)
+    fd, tmp_name = tempfile.mkstemp(prefix=temp_name(target), suffix=TEMP_SUFFIX, dir=target.parent)
+    os.close(fd)
+    return Path(tmp_name)
+
+
+def commit(tmp: str | os.PathLike, path: str | os.PathLike) -> None:
+    """Move the finished temporary ``tmp`` onto ``path`` (one rename: readers see the old file or
+    the new one), with the mode a plain ``open()`` would give it."""
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600
+    os.replace(tmp, path)
+
+
 def write_json(path: str | os.PathLike, data: Any) -> None:
     """Write ``data`` as indented JSON, atomically."""
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
 
 
-def save_torch(path: str | os.PathLike, obj: Any) -> None:
+def save_torch(path: str | os.PathLike, obj: Any, move: bool = True) -> Path:
     """``torch.save`` atomically (the object must hold only tensors and plain types,
-    so that ``torch.load(path, weights_only=True)`` reads it back)."""
+    so that ``torch.load(path, weights_only=True)`` reads it back). With ``move=False`` the
+    finished temporary is left for the caller to :func:`commit` (or remove); returns it."""
     import torch
 
+    if not move:
+        tmp = temporary_beside(path)
+        try:
+            torch.save(obj, tmp)
+        except BaseException as exc:
+            full = _disk_full(Path(path), exc)
+            tmp.unlink(missing_ok=True)
+            if full:
+                raise full from exc
+            raise
+        return tmp
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)
+    return Path(path)
 
 
 @contextmanager

@@ -49,7 +49,7 @@ class ExtractOptions:
         """The keyword arguments of :func:`~msamil_core.features.extraction.extract_bags`."""
         f = self.features
         return {"batch_size": f.batch_size, "workers": f.workers, "fp16": f.fp16, "device": self.device,
-                "progress": self.progress}
+                "progress": self.progress, "gpu_decode": f.gpu_decode}
 
 
 # ----------------------------------------------------------------------------- the steps
@@ -215,8 +215,6 @@ def make_bags(slide_path: str | os.PathLike, bags: dict[str, tuple[list[str], st
 
     options = options or ExtractOptions()
     outs = [out for _, out in bags.values()]
-    if len(set(map(str, outs))) != len(outs):
-        raise MsamilError(f"a bag file is named twice ({', '.join(map(str, outs))}); each bag needs its own file")
     made = extract_bags(slide_path, [list(coords) for coords, _ in bags.values()], spec, slide_id=slide_id, mpp=mpp,
                         **options.kwargs())
     for out, bag in zip(outs, made):

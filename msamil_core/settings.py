@@ -56,15 +56,17 @@ NAME_PATTERN = r"^[A-Za-z0-9_.-]+$"
 
 def setting(default: Any = MISSING, help: str = "", *, min: float | None = None, max: float | None = None,
             above: float | None = None, below: float | None = None, choices: tuple | None = None,
-            pattern: str | None = None, length: int | None = None, flag: str | None = None, cli: bool = True) -> Any:
+            pattern: str | None = None, length: int | None = None, flag: str | None = None, cli: bool = True,
+            auto: bool = False) -> Any:
     """One setting: its default (none: required), a one-line help (config.yaml's comment and the
     command's ``--help``), and what a value must be: ``min``/``max`` (inclusive) and
     ``above``/``below`` (exclusive) for numbers and each number of a list, ``choices`` and
     ``pattern`` for strings (each string of a list), ``length`` for lists. ``flag`` names the
     command-line option when ``--<name>`` would clash; ``cli=False`` keeps a setting out of the
-    commands (the workflow alone uses it)."""
+    commands (the workflow alone uses it). ``auto=True``: the value may also be the word ``auto``
+    (the code that uses the setting decides then, e.g. from the job's threads)."""
     meta = {"help": help, "min": min, "max": max, "above": above, "below": below, "choices": choices,
-            "pattern": pattern, "length": length, "flag": flag, "cli": cli}
+            "pattern": pattern, "length": length, "flag": flag, "cli": cli, "auto": auto}
     if default is MISSING:
         return field(metadata=meta)
     if isinstance(default, (list, dict, tuple)):
@@ -191,6 +193,13 @@ def check_value(value, tp, meta: dict, label: str):
         if optional:
             return None
         raise MsamilError(f"{label} must be {describe(tp)}, got null")
+    if meta.get("auto") and isinstance(value, str):
+        if value == "auto":
+            return value
+        try:  # a number given on the command line or as a YAML string
+            value = tp(value)
+        except ValueError:
+            raise MsamilError(f"{label} must be {describe(tp)} or auto, got {value!r}") from None
     origin = typing.get_origin(tp)
     if origin is list:
         if isinstance(value, tuple):
@@ -546,9 +555,22 @@ class FeatureSettings(Section):
     default_encoder: str = setting("resnet18_64", "the `encoders` key of experiments that name no encoder",
                                    cli=False)
     batch_size: int = setting(64, "patches per forward pass", min=1)
-    workers: int = setting(0, "reader processes decoding patches while the model runs (0 = the job's own "
-                           "process: best on a CPU; with a GPU 4-8, and threads to match)", min=0)
+    workers: int = setting("auto", "reader processes decoding patches while the model runs; auto: on a GPU one "
+                           "per thread of the job but the model's own, on the CPU none (patches are read between the "
+                           "model's batches, which use every thread)", min=0, auto=True)
     fp16: bool = setting(False, "store features as float16 (computation unchanged)")
+    server: bool = setting(True, "keep the encoder loaded between slides: each extraction job hands its slide to a "
+                           "feature server on its machine that holds the model (one per user, encoder, settings, "
+                           "device and concurrent job); false: every job loads the encoder itself")
+    server_idle: float = setting(60.0, "seconds a feature server waits for the next slide before it exits", above=0)
+    gpu_decode: bool = setting(False, "on a GPU, decode the slide's JPEG tiles there (nvJPEG) where the file allows; "
+                               "patches differ from the CPU decoder's by about a grey level")
+
+    def reader_processes(self, device_type: str, threads: int) -> int:
+        """``workers`` as a number: ``auto`` is ``threads - 1`` (at least 1) on a GPU, 0 on the CPU."""
+        if self.workers != "auto":
+            return int(self.workers)
+        return max(1, threads - 1) if device_type == "cuda" else 0
 
 
 @dataclass(kw_only=True)
@@ -872,6 +894,8 @@ def _schema_of(tp, meta: dict) -> dict:
             out["enum"] = list(meta["choices"])
         if meta.get("pattern"):
             out["pattern"] = meta["pattern"]
+        if meta.get("auto"):
+            out = {"anyOf": [out, {"const": "auto"}]}
     if optional:
         out = {"anyOf": [out, {"type": "null"}]}
     return out

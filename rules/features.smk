@@ -46,7 +46,8 @@ rule extract_features:
         "benchmarks/extract_features/{encoder}/{slide}.tsv"
     group:
         slide_group()
-    # one thread per job: two jobs side by side keep both cores busy while one starts up
+    # one thread per job: on a workstation's CPU two jobs side by side keep two cores busy, each
+    # with its own feature server (features.server), which keeps the encoder loaded between slides
     threads: 1
     resources:
         mem_mb=8000,

@@ -369,15 +369,18 @@ class WorkflowConfig:
         spec = self.settings.encoders[key]
         return _args("--encoder", spec.name, "--weights", spec.weights)
 
-    def extract_runtime_options(self, precision: bool = True) -> str:
-        """Batch size and readers (they do not change the features) and, with ``precision``,
-        :meth:`precision_options`."""
-        return _joined(shell_args(self.settings.features, only=["batch_size", "workers"]),
+    def extract_runtime_options(self, precision: bool = True, server: bool = True) -> str:
+        """Batch size and readers (they do not change the features), with ``server`` the feature
+        server's settings, and with ``precision`` :meth:`precision_options`."""
+        runtime = ["batch_size", "workers"] + (["server", "server_idle"] if server else [])
+        return _joined(shell_args(self.settings.features, only=runtime),
                        self.precision_options() if precision else "")
 
     def precision_options(self) -> str:
-        """``--fp16`` or ``--no-fp16``: the stored precision (it changes the bags)."""
-        return shell_args(self.settings.features, only=["fp16"])
+        """``--fp16`` or ``--no-fp16``: the stored precision, and ``--gpu-decode`` when set (both
+        change the bags)."""
+        return _joined(shell_args(self.settings.features, only=["fp16"]),
+                       "--gpu-decode" if self.settings.features.gpu_decode else "")
 
     def screen_options(self) -> str:
         """``msamil screen`` (screen_slides): the policy, and the thumbnail and tissue settings the
@@ -495,7 +498,7 @@ class WorkflowConfig:
     def predict_options(self) -> str:
         """``msamil predict`` (predict_slides): heatmaps and how to compute. Everything the models'
         inputs depend on comes from the experiment's manifest, not from here."""
-        opts = [self.extract_runtime_options(precision=False)]
+        opts = [self.extract_runtime_options(precision=False, server=False)]
         if self.settings.predict.heatmaps:
             opts.append(_joined("--heatmaps", self.heatmap_options()))
         return _joined(*opts)

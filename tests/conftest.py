@@ -23,6 +23,36 @@ def names_cache(tmp_path_factory):
     os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("xdg-cache"))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def feature_servers():
+    """The feature servers this test run starts (msamil_core.features.client) live in a folder of
+    their own, never beside the user's, and are stopped at the end: the folder's path (short: a
+    Unix socket path has at most 107 bytes)."""
+    import shutil
+    import signal
+    import tempfile
+
+    folder = tempfile.mkdtemp(prefix="msamil-test-")
+    os.environ["XDG_RUNTIME_DIR"] = folder
+    yield Path(folder)
+    for pid in server_pids(Path(folder)):
+        os.kill(pid, signal.SIGKILL)
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def server_pids(folder: Path) -> list[int]:
+    """Process ids of the feature servers whose sockets are under ``folder``."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+        except (OSError, ValueError):
+            continue
+        if b"msamil_core.features.server" in argv and any(a.startswith(str(folder).encode()) for a in argv):
+            pids.append(int(proc.name))
+    return pids
+
+
 def workflow_failure(run, workdir: Path) -> str:
     """What a failed Snakemake run said: the end of its stderr, then the end of each log file of a
     failed job it names (a job's traceback is in its log, not in Snakemake's stderr)."""

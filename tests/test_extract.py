@@ -13,7 +13,7 @@ from msamil_core.features.encoders import EncoderSpec, build_encoder, encoder_id
 from msamil_core.wsi.geometry import SCALES
 from msamil_core.wsi.slide import open_slide
 
-ENCODER = ["--encoder", "resnet18", "--input-size", "64"]
+ENCODER = ["--encoder", "resnet18", "--input-size", "64", "--no-server"]  # test_server.py tests the server
 
 
 @pytest.fixture

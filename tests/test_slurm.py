@@ -27,8 +27,9 @@ pytestmark = pytest.mark.slow
 
 SLURM_PROGRAMS = ("munged", "slurmctld", "slurmd", "sbatch", "srun", "squeue", "sinfo", "scontrol")
 GPU_RULES = {"extract_features", "train_fold"}
-# the per-slide rules of the tiny config: one SLURM job per slide (group `slide`)
+# the per-slide rules of the tiny config: one SLURM job per SLIDES_PER_JOB slides (group `slide`)
 SLIDE_RULES = {"preprocess_slide", "extract_features"}
+SLIDES_PER_JOB = 2  # the test profile's (the shipped profile's 8 would put the 4 slides in one job)
 LOCAL_RULES = {"index_bags", "index_thumbnails", "write_manifest"}  # run where Snakemake runs, not through sbatch
 FAKE_GPUS = ["/dev/null", "/dev/zero"]  # gres "gpu" devices: SLURM counts them, torch sees no CUDA
 
@@ -220,6 +221,9 @@ def _test_profile(path: Path, memory_mb: int) -> Path:
     for resources in [profile["default-resources"], *profile["set-resources"].values()]:
         if "mem_mb" in resources:
             resources["mem_mb"] = f"min({resources['mem_mb']}, {memory_mb})"
+    assert "slide=8" in profile["group-components"]
+    profile["group-components"] = [f"slide={SLIDES_PER_JOB}" if c.startswith("slide=") else c
+                                   for c in profile["group-components"]]
     path.mkdir()
     (path / "config.yaml").write_text(yaml.safe_dump(profile))
     return path
@@ -283,28 +287,33 @@ def _rule_counts(output: str) -> dict[str, int]:
     return counts
 
 
-def test_every_job_goes_through_sbatch_and_each_slide_is_one_job(cluster, runs):
+def test_every_job_goes_through_sbatch_and_slides_are_batched_per_job(cluster, runs):
     wd, status, output = runs["slurm"]
     assert status == 0, output[-4000:]
     submitted = _submissions(output)
     planned = _rule_counts(output)
     slides = planned["preprocess_slide"]
     assert set(planned) >= SLIDE_RULES | {"index_bags"} and all(planned[r] == slides for r in SLIDE_RULES)
-    # one sbatch per slide for its per-slide steps, one per job of every other rule, none for local rules
+    # one sbatch per SLIDES_PER_JOB slides for their per-slide steps, one per job of every other
+    # rule, none for local rules
     groups = {job: name for job, name in submitted.items() if name.startswith("group_")}
-    assert len(groups) == slides == 4
+    assert slides == 4 and len(groups) == slides // SLIDES_PER_JOB
     cohort = {r: n for r, n in planned.items() if r not in SLIDE_RULES | LOCAL_RULES}
-    assert len(submitted) == slides + sum(cohort.values()) and cohort.keys() >= {"make_splits", "train_fold"}
+    assert len(submitted) == len(groups) + sum(cohort.values()) and cohort.keys() >= {"make_splits", "train_fold"}
     assert {r: list(submitted.values()).count(r) for r in cohort} == cohort
-    # each slide job ran every per-slide step of one slide, and no other slide's
+    # each slide job ran every per-slide step of its slides, and no other slide's; its extractions
+    # shared one feature server (the first started it, the others found it)
     per_job = {}
     for job, name in groups.items():
         (log,) = (wd / "logs" / "slurm" / name).rglob(f"{job}.log")
         text = log.read_text()
         steps = set(re.findall(r"^(?:local)?rule (\w+):", text, re.M))
         ids = set(re.findall(r"slide=([^,\s]+)", text))
-        assert steps == SLIDE_RULES and len(ids) == 1, (job, steps, ids)
-        per_job[ids.pop()] = job
+        assert steps == SLIDE_RULES and len(ids) == SLIDES_PER_JOB, (job, steps, ids)
+        starts = [slide for slide in ids if "started feature server" in
+                  next((wd / "logs" / "extract_features").glob(f"*/{slide}.log")).read_text()]
+        assert len(starts) == 1, (job, starts)
+        per_job.update(dict.fromkeys(ids, job))
     assert len(per_job) == slides
     # and SLURM itself ran each one to completion, under this run's job name
     records = cluster.finished_jobs()

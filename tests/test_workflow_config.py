@@ -307,7 +307,7 @@ def test_predict_options_leave_the_models_inputs_to_the_manifest(demo):
     from msamil_core.settings import HeatmapSettings
 
     assert args.heatmaps and from_args(args, HeatmapSettings).top_k == 8
-    assert (from_args(args, FeatureSettings).batch_size, from_args(args, FeatureSettings).workers) == (64, 0)
+    assert (from_args(args, FeatureSettings).batch_size, from_args(args, FeatureSettings).workers) == (64, "auto")
     assert wc.predict_experiments == ["msamil_multiscale"]
 
 

@@ -36,7 +36,8 @@ from __future__ import annotations
 
 import argparse
 
-from .options import add_encoder_arguments, add_extract_arguments, add_slide_arguments, encoder_spec, extract_options, named
+from .options import (add_encoder_arguments, add_extract_arguments, add_slide_arguments, encoder_spec, extract_options,
+                      from_args, named)
 
 HELP = "coords/{20x,10x,5x}/<slide>.h5 -> features/<encoder>/<slide>.pt"
 
@@ -82,6 +83,24 @@ def bags(args: argparse.Namespace) -> dict[str, tuple[list[str], str]]:
 
 
 def run(args: argparse.Namespace) -> None:
-    from ..pipeline import make_bags
+    from ..errors import MsamilError
+    from ..settings import EncoderSettings, FeatureSettings
 
-    make_bags(args.slide, bags(args), encoder_spec(args), args.slide_id, args.mpp, extract_options(args))
+    todo = bags(args)
+    outs = [str(out) for _, out in todo.values()]
+    if len(set(outs)) != len(outs):
+        raise MsamilError(f"a bag file is named twice ({', '.join(outs)}); each bag needs its own file")
+    features = from_args(args, FeatureSettings)
+    if not features.server:
+        from ..pipeline import make_bags
+
+        make_bags(args.slide, todo, encoder_spec(args), args.slide_id, args.mpp, extract_options(args))
+        return
+    # a thin client: no torch here; the server holds the encoder (msamil_core.features.client)
+    from ..features.client import extract_via_server, server_config
+
+    config = server_config(from_args(args, EncoderSettings).to_dict(), args.encoder_checkpoint, features.to_dict(),
+                           args.device, args.threads)
+    request = {"slide": args.slide, "slide_id": args.slide_id, "mpp": args.mpp, "progress": not args.no_progress,
+               "bags": {name: [coords, out] for name, (coords, out) in todo.items()}}
+    extract_via_server(request, config, features.server_idle)

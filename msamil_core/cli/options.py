@@ -80,6 +80,8 @@ def add_settings(parser, cls: type, only=None, exclude=(), defaults: bool = True
                     kwargs["choices"] = meta["choices"]
             elif kind is dict or typing.get_origin(kind) is dict:
                 kwargs.update(type=_json_mapping, metavar="JSON")
+            elif meta.get("auto"):  # a number or `auto`, checked by the settings class
+                kwargs.update(type=str, metavar=f"{f.name.upper()}|auto")
             else:
                 kwargs["type"] = kind
                 if meta.get("choices"):

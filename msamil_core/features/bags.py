@@ -93,12 +93,14 @@ class Bag:
             {} if self.slide_digest is None else {"slide_digest": self.slide_digest})
 
 
-def save_bag(path: str | os.PathLike, bag: Bag) -> None:
-    """Write ``bag`` as our ``.pt`` dict, atomically."""
+def save_bag(path: str | os.PathLike, bag: Bag, move: bool = True) -> Path:
+    """Write ``bag`` as our ``.pt`` dict, atomically; with ``move=False`` into a temporary beside
+    ``path`` that the caller moves into place (:func:`~msamil_core.fileio.commit`). Returns the
+    file written."""
     if not bag.has_coords:
         raise MsamilError(f"{path}: a bag without coordinates cannot be written as an msamil bag")
     _check(bag, path)
-    save_torch(path, bag.to_dict())
+    return save_torch(path, bag.to_dict(), move)
 
 
 def load_bag(path: str | os.PathLike, require_coords: bool = True) -> Bag:

@@ -6,9 +6,18 @@ The patches of every scale come from their coordinates files (the scale of a fil
 encoder's input size and encoded; the bag lists 20x patches first, then 10x, then 5x, each in
 its file's order.
 
-Reading overlaps encoding: DataLoader workers decode and resize patches while the main process
-runs the model. Each worker opens its own OpenSlide handle on first use (handles are not
-fork-safe to share). Batches travel as uint8 and are normalised on the model's device.
+An :class:`Extractor` holds one encoder on its device and encodes the patches of any number of
+slides: the encoder is built once, not per slide (a feature server keeps one alive between the
+workflow's per-slide jobs, :mod:`.server`). Reading overlaps encoding: reader processes
+(DataLoader workers) decode patches while the model runs, and the next slide's first batches are
+read while one slide ends. Each reader takes a contiguous band of the slide's batches, so that
+the tiles neighbouring patches share are decoded once (the slide reader caches decoded tiles).
+
+On the CPU, readers resize patches to the input size and batches are uint8; on a GPU they travel
+at the size they were read in pinned memory, are copied ``non_blocking`` and resized and
+normalised on the device, in bf16 autocast; with ``gpu_decode`` the JPEG tiles themselves are
+decoded there. Every batch holds the same patches whatever the number of readers, so a CPU rerun
+gives bit-identical features.
 """
 
 from __future__ import annotations
@@ -17,6 +26,8 @@ import logging
 import os
 import sys
 import time
+from dataclasses import dataclass
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -24,38 +35,89 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..errors import MsamilError
 from ..runtime import autocast, resolve_device
+from ..settings import FeatureSettings
 from ..wsi.coords import PatchTable, read_patch_table, union_table
 from ..wsi.slide import Slide, open_slide
 from ..wsi.thumbnail import file_identity
 from .bags import Bag
-from .encoders import EncoderSpec, PatchEncoder, build_encoder, encoder_id
+from .encoders import EncoderSpec, PatchEncoder, build_encoder, encoder_id, weights_file
 
 log = logging.getLogger(__name__)
 
 
-class PatchDataset(Dataset):
-    """Patches of a :class:`PatchTable` as uint8 tensors [S, S, 3] (RGB, S = ``out_size``).
+class Cancelled(Exception):
+    """Extraction stopped because whoever asked for it is gone."""
 
-    The slide opens lazily in whichever process reads first, so each DataLoader worker gets
-    its own OpenSlide handle; pickling the dataset never carries a handle.
+
+def batch_order(n_batches: int, readers: int) -> list[int]:
+    """The order in which ``readers`` round-robin readers are handed ``n_batches`` batches so that
+    each reads one contiguous band of them (position ``i`` goes to reader ``i % readers``, as a
+    DataLoader deals them): neighbouring patches, and the tiles they share, stay with one reader."""
+    if readers <= 1:
+        return list(range(n_batches))
+    base, extra = divmod(n_batches, readers)
+    sizes = [base + (w < extra) for w in range(readers)]
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    return [int(starts[w]) + k for k in range(max(sizes, default=0)) for w in range(readers) if k < sizes[w]]
+
+
+class PatchDataset(Dataset):
+    """Batches of the patches of a :class:`PatchTable`: item ``i`` is batch ``order[i]``, as
+    ``(batch index, patches)``.
+
+    Patches are uint8 RGB: resized to ``out_size`` ([B, S, S, 3]) by default; with
+    ``device_resize``, as read ([n, s, s, 3] per read size s, with each group's rows in the batch),
+    for the device to resize. The slide opens lazily in whichever process reads first, so each
+    DataLoader worker gets its own OpenSlide handle; pickling the dataset never carries a handle.
     """
 
-    def __init__(self, slide_path: str | os.PathLike, table: PatchTable, out_size: int, slide_id: str, mpp: float):
+    def __init__(self, slide_path: str | os.PathLike, table: PatchTable, out_size: int, slide_id: str, mpp: float,
+                 batch_size: int = 64, readers: int = 0, device_resize: bool = False):
         self.slide_path = str(slide_path)
         self.table = table
         self.out_size = int(out_size)
         self.slide_id = slide_id
         self.mpp = float(mpp)
+        self.batch_size = int(batch_size)
+        self.device_resize = device_resize
+        self.n_batches = -(-len(table) // self.batch_size)
+        self.order = batch_order(self.n_batches, readers)
         self._slide: Slide | None = None
 
     def __len__(self) -> int:
-        return len(self.table)
+        return self.n_batches
 
-    def __getitem__(self, index: int) -> torch.Tensor:
+    @property
+    def slide(self) -> Slide:
         if self._slide is None:
             self._slide = open_slide(self.slide_path, self.slide_id, self.mpp)
-        x, y = self.table.coords[index]
-        patch = self._slide.read_patch(int(x), int(y), int(self.table.patch_size_level0[index]), self.out_size)
+        return self._slide
+
+    def rows(self, batch: int) -> range:
+        return range(batch * self.batch_size, min(len(self.table), (batch + 1) * self.batch_size))
+
+    def __getitem__(self, index: int):
+        batch = self.order[index]
+        rows = self.rows(batch)
+        if not self.device_resize:
+            return batch, torch.stack([self.read(i) for i in rows])
+        groups: dict[int, list] = {}
+        for j, i in enumerate(rows):
+            region = self.read(i, resize=False)
+            groups.setdefault(region.shape[0], []).append((j, region))
+        return batch, [(torch.tensor([j for j, _ in items]), torch.stack([r for _, r in items]))
+                       for items in groups.values()]
+
+    def read(self, row: int, resize: bool = True) -> torch.Tensor:
+        """Patch ``row`` as uint8 [S, S, 3]: at ``out_size``, or with ``resize=False`` as read
+        from its pyramid level."""
+        x, y = self.table.coords[row]
+        size = int(self.table.patch_size_level0[row])
+        if resize:
+            patch = self.slide.read_patch(int(x), int(y), size, self.out_size)
+        else:
+            choice = self.slide.best_level(size, self.out_size)
+            patch = self.slide.read_region(int(x), int(y), choice.level, (choice.size, choice.size))
         # PIL hands back read-only arrays; torch wants a writable, contiguous buffer.
         return torch.from_numpy(np.require(patch, np.uint8, ["C_CONTIGUOUS", "WRITEABLE"]))
 
@@ -84,11 +146,14 @@ def _one_line(exc: MsamilError) -> str:
     return last.split("MsamilError: ", 1)[-1]
 
 
-def make_loader(dataset: PatchDataset, batch_size: int, workers: int, device: torch.device) -> DataLoader:
-    """Ordered batches of uint8 [B, S, S, 3], read by ``workers`` processes (0 = in this process)."""
-    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
-                      pin_memory=device.type == "cuda", persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None,
-                      worker_init_fn=_worker_init if workers > 0 else None)
+def _items(dataset: PatchDataset, readers: int, device: torch.device) -> Iterator:
+    """The dataset's items in order: read by ``readers`` processes (started now, so that they
+    read ahead while the caller is busy), or by this process when it reaches each item."""
+    if readers == 0:
+        return (dataset[i] for i in range(len(dataset)))
+    loader = DataLoader(dataset, batch_size=None, shuffle=False, num_workers=min(readers, len(dataset)),
+                        pin_memory=device.type == "cuda", prefetch_factor=4, worker_init_fn=_worker_init)
+    return iter(loader)
 
 
 def prepare_encoder(encoder: PatchEncoder, device: torch.device) -> PatchEncoder:
@@ -105,48 +170,234 @@ def to_model_input(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
     return batch.to(device, non_blocking=True).permute(0, 3, 1, 2)
 
 
-@torch.inference_mode()
-def encode_patches(
-    encoder: PatchEncoder,
-    loader: DataLoader,
-    device: torch.device,
-    store_dtype: torch.dtype = torch.float32,
-    progress: bool = True,
-    desc: str = "extract",
-) -> torch.Tensor:
-    """Run ``encoder`` over ``loader``'s batches in order: features [N, D] on the CPU in ``store_dtype``."""
-    n = len(loader.dataset)
-    out = torch.empty(n, encoder.out_dim, dtype=store_dtype)
-    from tqdm import tqdm
-
-    interactive = sys.stderr.isatty()
-    bar = tqdm(
-        total=n,
-        unit="patch",
-        desc=desc,
-        disable=not progress,
-        mininterval=0.5 if interactive else 30.0,  # log files get a line every 30 s, not a flood
-        dynamic_ncols=interactive,
-    )
-    start = 0
-    try:
-        with bar, autocast(device, bf16=True):
-            for batch in loader:
-                features = encoder(to_model_input(batch, device))
-                out[start : start + len(features)] = features.float().to("cpu", store_dtype)
-                start += len(features)
-                bar.update(len(features))
-    except MsamilError as exc:  # raised in a worker: strip the worker's traceback
-        raise MsamilError(_one_line(exc)) from None
-    if start != n:
-        raise RuntimeError(f"encoded {start} of {n} patches")
+def resize_on_device(groups: list[tuple[torch.Tensor, torch.Tensor]], n: int, size: int,
+                     device: torch.device) -> torch.Tensor:
+    """Patches read at their level's size -> float [n, 3, size, size] in [0, 1] on ``device``,
+    channels_last. An integer shrink averages k x k blocks (the box filter the CPU path's
+    ``reduce`` applies); other sizes use antialiased bilinear resampling (PIL's, as torch
+    implements it)."""
+    out = torch.empty(n, 3, size, size, device=device).contiguous(memory_format=torch.channels_last)
+    for rows, patches in groups:
+        x = patches.to(device, non_blocking=True).permute(0, 3, 1, 2).float()
+        side = x.shape[-1]
+        if side != size:
+            if side % size == 0:
+                x = torch.nn.functional.avg_pool2d(x, side // size)
+            else:
+                x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", antialias=True,
+                                                    align_corners=False)
+        out[rows.to(device)] = x.div_(255.0)
     return out
 
 
+@dataclass
+class PatchJob:
+    """The patches of one slide to encode."""
+
+    slide_path: str
+    table: PatchTable
+    slide_id: str
+    mpp: float
+
+
+class Extractor:
+    """One encoder on its device, built once, encoding the patches of any number of slides.
+
+    Args:
+        spec: the encoder.
+        features: batch size, readers (``workers``: a number or ``auto``), stored precision,
+            ``gpu_decode``.
+        device: ``auto`` (a free GPU, else the CPU), ``cpu``, ``cuda`` or ``cuda:N``.
+        threads: the job's threads (``auto`` readers follow them); default torch's.
+    """
+
+    def __init__(self, spec: EncoderSpec, features: FeatureSettings | None = None, device: str = "auto",
+                 threads: int | None = None):
+        self.spec = spec
+        self.features = features or FeatureSettings()
+        self.device = resolve_device(device)
+        self.threads = int(threads or torch.get_num_threads())
+        self.readers = self.features.reader_processes(self.device.type, self.threads)
+        # build_encoder seeds the random initialisation and inference draws no random numbers, so
+        # a CPU rerun gives identical features (same batch size and threads); on CUDA, bf16
+        # autocast makes them equal to bf16 precision.
+        encoder, self.dim = build_encoder(spec)
+        self.encoder = prepare_encoder(encoder, self.device)
+        self.encoder_id = encoder_id(spec)  # hashes the weights file: once
+        self.store_dtype = torch.float16 if self.features.fp16 else torch.float32
+        self.device_resize = self.device.type == "cuda"
+        log.info("encoder %s on %s: %d-d features, %d reader process(es), batches of %d", self.encoder_id,
+                 self.device, self.dim, self.readers, self.features.batch_size)
+
+    def dataset(self, job: PatchJob) -> PatchDataset:
+        return PatchDataset(job.slide_path, job.table, self.spec.input_size, job.slide_id, job.mpp,
+                            self.features.batch_size, self.readers, self.device_resize)
+
+    def encode(self, jobs: Iterable[PatchJob], progress: bool = True,
+               stop: Callable[[], bool] | None = None) -> Iterator[torch.Tensor]:
+        """Features [N, D] (on the CPU, in the stored precision) of each job, in order.
+
+        The next job's readers start when a job starts, so its first batches are read while this
+        one ends. ``jobs`` may be any iterable; one with a ``poll()`` method (a queue of jobs that
+        are still arriving) is asked without waiting whether a next job is there yet. ``stop`` is
+        asked before each batch; when it says True, :class:`Cancelled` is raised.
+        """
+        jobs = iter(jobs)
+        upcoming = self._start(_next_job(jobs, wait=True))
+        while upcoming is not None:
+            job, dataset, items = upcoming
+            upcoming = self._start(_next_job(jobs, wait=False))
+            try:
+                features = self._encode_one(job, dataset, items, progress, stop)
+            finally:
+                dataset.close()
+                del items  # stops this job's readers now rather than at interpreter exit
+            yield features
+            if upcoming is None:
+                upcoming = self._start(_next_job(jobs, wait=True))
+
+    def _start(self, job: PatchJob | None):
+        if job is None:
+            return None
+        dataset = self.dataset(job)
+        if self.features.gpu_decode and self.device.type == "cuda":
+            from ..wsi.device_decode import supports_device_decode
+
+            if supports_device_decode(dataset.slide):
+                return job, dataset, self._device_decoded(dataset)
+            log.info("slide %r: its tiles cannot be decoded on the GPU; decoding them on the CPU", job.slide_id)
+        return job, dataset, _items(dataset, self.readers, self.device) if len(job.table) else iter(())
+
+    def _device_decoded(self, dataset: PatchDataset) -> Iterator:
+        from ..wsi.device_decode import decode_patches
+
+        for batch in range(len(dataset)):
+            rows = dataset.rows(batch)
+            table = dataset.table
+            yield batch, decode_patches(dataset.slide, table.coords[rows.start:rows.stop],
+                                        table.patch_size_level0[rows.start:rows.stop], dataset.out_size, self.device)
+
+    @torch.inference_mode()
+    def _encode_one(self, job: PatchJob, dataset: PatchDataset, items: Iterator, progress: bool,
+                    stop: Callable[[], bool] | None) -> torch.Tensor:
+        from tqdm import tqdm
+
+        n = len(job.table)
+        out = torch.empty(n, self.dim, dtype=self.store_dtype)
+        interactive = sys.stderr.isatty()
+        bar = tqdm(total=n, unit="patch", desc=job.slide_id, disable=not progress,
+                   mininterval=0.5 if interactive else 30.0,  # log files get a line every 30 s, not a flood
+                   dynamic_ncols=interactive)
+        done = 0
+        try:
+            with bar, autocast(self.device, bf16=True):
+                for batch, patches in items:
+                    if stop is not None and stop():
+                        raise Cancelled(f"slide {job.slide_id!r}: extraction cancelled")
+                    rows = dataset.rows(batch)
+                    features = self.encoder(self._model_input(patches, len(rows)))
+                    out[rows.start:rows.stop] = features.float().to("cpu", self.store_dtype)
+                    done += len(rows)
+                    bar.update(len(rows))
+        except MsamilError as exc:  # raised in a reader: strip the reader's traceback
+            raise MsamilError(_one_line(exc)) from None
+        if done != n:
+            raise RuntimeError(f"encoded {done} of {n} patches")
+        return out
+
+    def _model_input(self, patches, n: int) -> torch.Tensor:
+        if isinstance(patches, list):  # groups at their read size
+            return resize_on_device(patches, n, self.spec.input_size, self.device)
+        if patches.device.type != "cpu":  # decoded on the device
+            return patches.permute(0, 3, 1, 2)
+        return to_model_input(patches, self.device)
+
+    def close(self) -> None:
+        """Free the model's memory (a GPU's too)."""
+        self.encoder = None
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def _next_job(jobs: Iterator[PatchJob], wait: bool) -> PatchJob | None:
+    poll = getattr(jobs, "poll", None)
+    if poll is not None and not wait:
+        return poll()
+    return next(jobs, None)
+
+
+def patch_job(slide_path: str | os.PathLike, coords_sets: list[list[str | os.PathLike]], slide_id: str | None = None,
+              mpp: float | None = None, digest: str | None = None) -> tuple[PatchJob, list[PatchTable], list[np.ndarray], str]:
+    """The union of a slide's patch sets, checked against the slide: (job, each set's table, each
+    set's rows in the union, the slide file's digest)."""
+    with open_slide(slide_path, slide_id, mpp) as slide:  # validates the slide before any work
+        digest = digest or file_identity(slide_path)["digest"]
+        tables = [read_patch_table(paths, slide, digest) for paths in coords_sets]
+        slide_id, slide_mpp = slide.slide_id, slide.mpp
+    union, positions = union_table(tables)
+    return PatchJob(str(slide_path), union, slide_id, slide_mpp), tables, positions, digest
+
+
+def make_bag_objects(extractor: Extractor, job: PatchJob, features: torch.Tensor, tables: list[PatchTable],
+                     positions: list[np.ndarray], coords_sets: list, digest: str) -> list[Bag]:
+    """One bag per patch set from the union's features."""
+    bags = []
+    for table, rows, paths in zip(tables, positions, coords_sets):
+        if len(tables) > 1:
+            log.info("slide %r: %d of the %d patches -> bag of %s", job.slide_id, len(table), len(job.table),
+                     ", ".join(map(str, paths)))  # fmt: skip
+        bags.append(Bag(
+            features=features[torch.from_numpy(rows)],
+            coords=torch.from_numpy(table.coords),
+            scales=torch.from_numpy(table.scales),
+            patch_size_level0=torch.from_numpy(table.patch_size_level0),
+            slide_id=job.slide_id,
+            encoder=extractor.encoder_id,
+            patches_encoded=len(job.table) if len(tables) > 1 else None,
+            slide_digest=digest,
+        ))  # fmt: skip
+    return bags
+
+
+def bags_of(extractor: Extractor, slide_path: str | os.PathLike, coords_sets: list[list[str | os.PathLike]],
+            slide_id: str | None = None, mpp: float | None = None, digest: str | None = None,
+            progress: bool = True, stop: Callable[[], bool] | None = None) -> list[Bag]:
+    """One slide's patch sets encoded by ``extractor``: one bag each (see :func:`extract_bags`)."""
+    started = time.perf_counter()
+    job, tables, positions, digest = patch_job(slide_path, coords_sets, slide_id, mpp, digest)
+    if len(job.table) == 0:
+        log.warning("slide %r: no patches in %s; writing empty [0, %d] bags", job.slide_id, coords_sets, extractor.dim)
+    features = next(extractor.encode([job], progress, stop))
+    elapsed = time.perf_counter() - started
+    counts = ", ".join(f"{name}: {n}" for name, n in job.table.counts().items())
+    log.info("slide %r: %d patches (%s) -> [%d, %d] features in %.1f s (%.1f patches/s)", job.slide_id,
+             len(job.table), counts, len(job.table), extractor.dim, elapsed, len(job.table) / max(elapsed, 1e-9))
+    return make_bag_objects(extractor, job, features, tables, positions, coords_sets, digest)
+
+
+_extractors: dict[tuple, Extractor] = {}
+
+
+def extractor_for(spec: EncoderSpec, features: FeatureSettings, device: str = "auto",
+                  threads: int | None = None) -> Extractor:
+    """The extractor of these settings, built once per process: a process that extracts many
+    slides (``msamil predict``, a feature server) loads the encoder once. One is kept at a time."""
+    weights = weights_file(spec)
+    stat = os.stat(weights) if weights is not None else None
+    key = (repr(spec), repr(features), device, threads or torch.get_num_threads(),
+           stat and (str(weights), stat.st_size, stat.st_mtime_ns))  # new weights in the same file: a new model
+    if key not in _extractors:
+        for old in _extractors.values():
+            old.close()
+        _extractors.clear()
+        _extractors[key] = Extractor(spec, features, device, threads)
+    return _extractors[key]
+
+
 def extract_bags(slide_path: str | os.PathLike, coords_sets: list[list[str | os.PathLike]], spec: EncoderSpec,
-                 slide_id: str | None = None, mpp: float | None = None, batch_size: int = 32, workers: int = 2,
-                 device: str = "auto", fp16: bool = False, progress: bool = True,
-                 digest: str | None = None) -> list[Bag]:
+                 slide_id: str | None = None, mpp: float | None = None, batch_size: int = 64,
+                 workers: int | str = "auto", device: str = "auto", fp16: bool = False, progress: bool = True,
+                 digest: str | None = None, gpu_decode: bool = False) -> list[Bag]:
     """Encode one slide's patch sets (e.g. the lesion, tissue and random patches) into one bag
     each, reading and encoding every patch they share once.
 
@@ -158,11 +409,13 @@ def extract_bags(slide_path: str | os.PathLike, coords_sets: list[list[str | os.
         slide_id: the bags' slide id (default: the slide file's stem).
         mpp: level-0 µm/px overriding the file's (the sheet's ``mpp`` column).
         batch_size: patches per forward pass.
-        workers: DataLoader processes reading patches (0 reads in this process).
+        workers: reader processes (0 reads in this process; ``auto``: see
+            :meth:`~msamil_core.settings.FeatureSettings.reader_processes`).
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
         fp16: store features as float16 (half the disk; compute precision is unchanged).
         progress: show a tqdm bar on stderr.
         digest: the slide file's digest when the caller has it (else it is read here).
+        gpu_decode: decode JPEG tiles on the GPU where the file allows.
 
     Returns:
         One bag per patch set: features [N, D] (float32, or float16 with ``fp16``), coords int64
@@ -170,50 +423,5 @@ def extract_bags(slide_path: str | os.PathLike, coords_sets: list[list[str | os.
         then 10x, then 5x); N = 0 gives features [0, D]. With several sets each bag records the
         union's size as ``patches_encoded``.
     """
-    started = time.perf_counter()
-    torch_device = resolve_device(device)
-    with open_slide(slide_path, slide_id, mpp) as slide:  # validates the slide before any work
-        digest = digest or file_identity(slide_path)["digest"]
-        tables = [read_patch_table(paths, slide, digest) for paths in coords_sets]
-        slide_id, slide_mpp = slide.slide_id, slide.mpp
-    union, positions = union_table(tables)
-    # build_encoder seeds the random initialisation and inference draws no random numbers, so a
-    # CPU rerun gives identical features (same batch size and threads); on CUDA, bf16 autocast
-    # makes them equal to bf16 precision.
-    encoder, dim = build_encoder(spec)
-    store_dtype = torch.float16 if fp16 else torch.float32
-    if len(union) == 0:
-        log.warning("slide %r: no patches in %s; writing empty [0, %d] bags", slide_id, coords_sets, dim)
-        features = torch.zeros(0, dim, dtype=store_dtype)
-    else:
-        dataset = PatchDataset(slide_path, union, spec.input_size, slide_id, slide_mpp)
-        loader = make_loader(dataset, batch_size, workers, torch_device)
-        features = encode_patches(
-            prepare_encoder(encoder, torch_device), loader, torch_device, store_dtype, progress, desc=slide_id
-        )
-        dataset.close()
-        del loader  # stops persistent workers now rather than at interpreter exit
-    elapsed = time.perf_counter() - started
-    counts = ", ".join(f"{name}: {n}" for name, n in union.counts().items())
-    log.info(
-        "slide %r: %d patches (%s) -> [%d, %d] features in %.1f s (%.1f patches/s)",
-        slide_id, len(union), counts, len(union), dim, elapsed, len(union) / max(elapsed, 1e-9),
-    )  # fmt: skip
-    encoder = encoder_id(spec)  # hashes the weights file: once, not per bag
-    bags = []
-    for table, rows, paths in zip(tables, positions, coords_sets):
-        if len(tables) > 1:
-            log.info("slide %r: %d of the %d patches -> bag of %s", slide_id, len(table), len(union),
-                     ", ".join(map(str, paths)))  # fmt: skip
-        index = torch.from_numpy(rows)
-        bags.append(Bag(
-            features=features[index],
-            coords=torch.from_numpy(table.coords),
-            scales=torch.from_numpy(table.scales),
-            patch_size_level0=torch.from_numpy(table.patch_size_level0),
-            slide_id=slide_id,
-            encoder=encoder,
-            patches_encoded=len(union) if len(tables) > 1 else None,
-            slide_digest=digest,
-        ))  # fmt: skip
-    return bags
+    features = FeatureSettings(batch_size=batch_size, workers=workers, fp16=fp16, gpu_decode=gpu_decode)
+    return bags_of(extractor_for(spec, features, device), slide_path, coords_sets, slide_id, mpp, digest, progress)
