@@ -100,3 +100,24 @@ def local_weights(path: str | os.PathLike, names: tuple[str, ...] | list[str] = 
     if path.is_dir():
         return next((path / n for n in names if (path / n).is_file()), None)
     return path
+
+
+def put_in_cache(cache: str | os.PathLike, repo_id: str, files: dict[str, bytes],
+                 revision: str = "0123456789abcdef0123456789abcdef01234567") -> None:
+    """Lay ``files`` (name -> bytes) out as huggingface_hub's cache ``cache`` does: blobs named by
+    their content hash, a snapshot folder of relative symlinks to them, and refs/main naming the
+    snapshot's commit. For tests and benches (random weights in a model's published layout), and
+    for weights copied from a machine with internet access."""
+    import hashlib
+
+    repo = Path(cache) / f"models--{repo_id.replace('/', '--')}"
+    (repo / "blobs").mkdir(parents=True, exist_ok=True)
+    (repo / "snapshots" / revision).mkdir(parents=True, exist_ok=True)
+    (repo / "refs").mkdir(exist_ok=True)
+    for name, data in files.items():
+        blob = hashlib.sha256(data).hexdigest()
+        (repo / "blobs" / blob).write_bytes(data)
+        link = repo / "snapshots" / revision / name
+        link.unlink(missing_ok=True)
+        link.symlink_to(Path("..", "..", "blobs", blob))
+    (repo / "refs" / "main").write_text(revision)

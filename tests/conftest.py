@@ -104,21 +104,10 @@ HUB_REVISION = "0123456789abcdef0123456789abcdef01234567"
 
 
 def write_hub_cache(cache: Path, repo_id: str, files: dict[str, bytes], revision: str = HUB_REVISION) -> None:
-    """Lay ``files`` out as huggingface_hub's cache does: blobs named by content hash, a snapshot
-    folder of relative symlinks to them, and refs/main naming the snapshot's commit."""
-    import hashlib
+    """Lay ``files`` out as huggingface_hub's cache does (msamil_core.hub.put_in_cache)."""
+    from msamil_core.hub import put_in_cache
 
-    repo = cache / f"models--{repo_id.replace('/', '--')}"
-    (repo / "blobs").mkdir(parents=True, exist_ok=True)
-    (repo / "snapshots" / revision).mkdir(parents=True, exist_ok=True)
-    (repo / "refs").mkdir(exist_ok=True)
-    for name, data in files.items():
-        blob = hashlib.sha256(data).hexdigest()
-        (repo / "blobs" / blob).write_bytes(data)
-        link = repo / "snapshots" / revision / name
-        link.unlink(missing_ok=True)
-        link.symlink_to(Path("..", "..", "blobs", blob))
-    (repo / "refs" / "main").write_text(revision)
+    put_in_cache(cache, repo_id, files, revision)
 
 
 @pytest.fixture

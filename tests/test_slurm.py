@@ -302,7 +302,8 @@ def test_every_job_goes_through_sbatch_and_slides_are_batched_per_job(cluster, r
     assert len(submitted) == len(groups) + sum(cohort.values()) and cohort.keys() >= {"make_splits", "train_fold"}
     assert {r: list(submitted.values()).count(r) for r in cohort} == cohort
     # each slide job ran every per-slide step of its slides, and no other slide's; its extractions
-    # shared one feature server (the first started it, the others found it)
+    # shared one feature server (the first started it, the others found it: this cluster's
+    # proctrack/linuxproc lets it outlive the srun step of its slide, see README: Throughput)
     per_job = {}
     for job, name in groups.items():
         (log,) = (wd / "logs" / "slurm" / name).rglob(f"{job}.log")

@@ -51,8 +51,7 @@ ATTEMPTS = 3  # a server that dies mid-slide is replaced this many times minus o
 START_TIMEOUT_S = 900.0  # building a large encoder from a slow file system takes minutes
 SLOTS = 256
 # Environment that decides which devices, weights and jobs a server serves.
-KEY_ENVIRONMENT = ("CUDA_VISIBLE_DEVICES", "SLURM_JOB_ID", "SLURM_STEP_ID", "HF_HOME", "HF_HUB_CACHE",
-                   "HF_HUB_OFFLINE")
+KEY_ENVIRONMENT = ("CUDA_VISIBLE_DEVICES", "SLURM_JOB_ID", "HF_HOME", "HF_HUB_CACHE", "HF_HUB_OFFLINE")
 
 
 class ServerGone(Exception):
