@@ -93,6 +93,25 @@ def _open_lock(path: str) -> int:
     return fd
 
 
+def release_gpus() -> list[str]:
+    """Let go of every GPU this process claimed (a feature server between slides, so that a job
+    starting meanwhile may claim it); returns their lock keys for :func:`reclaim_gpus`."""
+    keys = []
+    for path, fd in list(_claimed.items()):
+        os.close(fd)
+        del _claimed[path]
+        keys.append(os.path.basename(path).removeprefix("msamil-").removesuffix(".lock"))
+    return keys
+
+
+def reclaim_gpus(keys: list[str]) -> None:
+    """Claim again the GPUs :func:`release_gpus` let go; one another job holds now is shared, with
+    a warning (this process's model lives there)."""
+    for key in keys:
+        if claim_free([key], gpu_lock_dir()) is None:
+            log.warning("GPU %s was claimed by another job while this one was idle; sharing it", key)
+
+
 def gpu_lock_dir(base: str | os.PathLike | None = None) -> str:
     """The folder of the GPU lock files: ``msamil-gpu-locks`` in the system's temporary folder (or
     ``base``), shared by all users (sticky and world-writable, like /tmp itself)."""

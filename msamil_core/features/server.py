@@ -158,6 +158,8 @@ def _serve_one(extractor, conn: Connection, config: dict, loaded, to_client: _To
 def serve(socket_path: str, config_path: str, idle: float) -> int:
     import json
 
+    from ..runtime import reclaim_gpus, release_gpus
+
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
     config = json.loads(Path(config_path).read_text())
@@ -178,6 +180,7 @@ def serve(socket_path: str, config_path: str, idle: float) -> int:
     logging.getLogger().addHandler(to_client)
     log.info("feature server %s (pid %d) ready: %s", Path(socket_path).stem, os.getpid(), extractor.encoder_id)
     served = 0
+    claimed = release_gpus()  # between slides the GPU is free for other jobs to claim, as after a job
     try:
         while True:
             try:
@@ -186,10 +189,12 @@ def serve(socket_path: str, config_path: str, idle: float) -> int:
                 break
             sock.settimeout(None)
             conn = Connection(sock.detach())
+            reclaim_gpus(claimed)
             try:
                 keep = _serve_one(extractor, conn, config, loaded, to_client)
             finally:
                 conn.close()
+                claimed = release_gpus()
             served += 1
             if not keep:
                 log.info("encoder weights changed on disk; exiting")
