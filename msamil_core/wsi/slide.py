@@ -48,6 +48,42 @@ class LevelChoice:
     size: int  # pixels at that level
 
 
+#: Decoded tiles kept per open slide, in MB (:class:`TiffTileReader`). A pass over patches in
+#: raster order decodes each tile once when the budget holds a row of tiles of the level read
+#: plus the tiles of one patch: 256 MB holds three rows of a 100,000 px wide level (about 400
+#: tiles of 240 x 240 px, 70 MB a row), so the level 0 of slides up to about 300,000 px wide.
+DEFAULT_TILE_CACHE_MB = 256
+
+
+def tile_cache_bytes(cache_mb: float) -> int:
+    """Bytes of a tile cache budget given in MB; refuses a negative or unset one."""
+    if not (isinstance(cache_mb, (int, float)) and 0 <= cache_mb < math.inf):
+        raise MsamilError(f"tile_cache_mb (MB of decoded tiles kept per open slide) must be a number >= 0, got {cache_mb!r}")
+    return int(cache_mb * 2**20)
+
+
+@dataclass(frozen=True)
+class TileCounts:
+    """What a slide's direct tile reader has done since it opened (:attr:`Slide.tile_counts`)."""
+
+    decoded: int  # JPEG tiles decoded
+    reused: int  # tile reads served from the cache of decoded tiles
+    cached_bytes: int  # bytes of decoded tiles held now
+    budget_bytes: int  # most bytes the cache may hold (0: no cache)
+
+
+@dataclass(frozen=True)
+class TileSpan:
+    """The part of one tile that a region covers: ``tile[tile_rows, tile_cols]`` is
+    ``region[rows, cols]``; ``index`` is the tile's index in its TIFF page."""
+
+    index: int
+    tile_rows: slice
+    tile_cols: slice
+    rows: slice
+    cols: slice
+
+
 class TiffTileReader:
     """Reads regions of tiled JPEG TIFF levels by decoding the tiles straight from the file.
 
@@ -57,17 +93,33 @@ class TiffTileReader:
     Levels are matched to TIFF pages by their size. Anything else (JPEG 2000, NDPI, MRXS, DICOM,
     ...) stays with OpenSlide; :func:`open_slide` also checks one region against OpenSlide and
     drops this reader for a file whose pixels differ.
+
+    Decoded tiles are kept in a least-recently-used cache of at most ``cache_mb`` MB, keyed by
+    (level, tile index), so that neighbouring patches do not decode the tiles they share again.
+    Tiles a region covers that are above its last tile row and left of its last tile column
+    are the first to go: a pass in raster order (rows of patches top to bottom, each left to
+    right, as coordinates files list them) never comes back to them, while the last row waits
+    for the next row of patches. Such a pass decodes each tile once when the budget holds one
+    row of tiles of the level plus a patch's tiles (:data:`DEFAULT_TILE_CACHE_MB`). The cache
+    belongs to this reader, in the process that opened the slide: it starts empty, and a
+    process that opens the slide again (a DataLoader worker) has its own. ``cache_mb=0`` keeps
+    no tile and decodes into one reused buffer.
     """
 
     # Formats whose pyramid levels are ordinary tiled TIFF pages.
     VENDORS = ("generic-tiff", "aperio", "philips", "ventana", "leica")
 
-    def __init__(self, path: Path, level_dimensions):
+    def __init__(self, path: Path, level_dimensions, cache_mb: float = DEFAULT_TILE_CACHE_MB):
         import tifffile
 
+        self.budget_bytes = tile_cache_bytes(cache_mb)
         self._tif = tifffile.TiffFile(path)
         self._fd = os.open(path, os.O_RDONLY)
         self._scratch: dict[tuple[int, int], np.ndarray] = {}
+        self._cache: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
+        self._cached_bytes = 0
+        self.tiles_decoded = 0
+        self.tiles_reused = 0
         self.pages = {}
         by_size = {}
         for page in self._tif.pages:
@@ -87,42 +139,125 @@ class TiffTileReader:
             if page is not None:
                 self.pages[level] = page
 
-    def read(self, level: int, x: int, y: int, w: int, h: int, background) -> np.ndarray:
-        """RGB uint8 [h, w, 3] at ``level``, top-left (x, y) in that level's pixels."""
-        import imagecodecs
+    @property
+    def counts(self) -> TileCounts:
+        return TileCounts(self.tiles_decoded, self.tiles_reused, self._cached_bytes, self.budget_bytes)
 
+    def tile_spans(self, level: int, x: int, y: int, w: int, h: int) -> list[TileSpan]:
+        """The tiles of ``level`` under the region (x, y, w, h) in that level's pixels, row by row;
+        the part of the region outside the image is covered by none."""
         page = self.pages[level]
         tw, th = page.tilewidth, page.tilelength
-        width, height = page.imagewidth, page.imagelength
-        across = (width + tw - 1) // tw
-        out = np.empty((h, w, 3), dtype=np.uint8)
-        x0, y0, x1, y1 = max(x, 0), max(y, 0), min(x + w, width), min(y + h, height)
-        if (x0, y0, x1, y1) != (x, y, x + w, y + h):
-            out[...] = background  # the region reaches past the image
-        # Decoding into one reused buffer avoids a fresh allocation (and its page faults) per
-        # tile, which costs about as much as decoding a well-compressed tile.
-        scratch = self._scratch.get((th, tw))
-        if scratch is None:
-            scratch = self._scratch[(th, tw)] = np.empty((th, tw, 3), dtype=np.uint8)
+        across = (page.imagewidth + tw - 1) // tw
+        x0, y0 = max(x, 0), max(y, 0)
+        x1, y1 = min(x + w, page.imagewidth), min(y + h, page.imagelength)
+        if x1 <= x0 or y1 <= y0:
+            return []
+        spans = []
+        for ty in range(y0 // th, (y1 - 1) // th + 1):
+            ay0, ay1 = max(y0, ty * th), min(y1, (ty + 1) * th)
+            for tx in range(x0 // tw, (x1 - 1) // tw + 1):
+                ax0, ax1 = max(x0, tx * tw), min(x1, (tx + 1) * tw)
+                spans.append(TileSpan(
+                    ty * across + tx,
+                    slice(ay0 - ty * th, ay1 - ty * th), slice(ax0 - tx * tw, ax1 - tx * tw),
+                    slice(ay0 - y, ay1 - y), slice(ax0 - x, ax1 - x),
+                ))
+        return spans
+
+    def tile_data(self, level: int, index: int) -> bytes:
+        """The bytes stored for one tile: a JPEG stream, abbreviated (without the tables in the
+        page's JPEGTables) in most TIFFs; empty for a tile never written (sparse TIFF)."""
+        page = self.pages[level]
+        count = page.databytecounts[index]
+        return os.pread(self._fd, count, page.dataoffsets[index]) if count else b""
+
+    def decode(self, level: int, index: int, out: np.ndarray | None = None) -> np.ndarray | None:
+        """One tile as RGB uint8 [tilelength, tilewidth, 3], decoded now (into ``out`` if given);
+        None for a tile never written."""
+        import imagecodecs
+
+        data = self.tile_data(level, index)
+        if not data:
+            return None
+        page = self.pages[level]
         # Aperio writes untransformed RGB into JPEG tiles; YCbCr tiles convert as usual.
         options = {"colorspace": "RGB", "outcolorspace": "RGB"} if page.photometric == 2 else {}
-        for ty in range(y0 // th, (y1 - 1) // th + 1) if y1 > y0 else ():
-            for tx in range(x0 // tw, (x1 - 1) // tw + 1) if x1 > x0 else ():
-                # intersection of this tile with the region, in level pixels
-                ax0, ay0 = max(x0, tx * tw), max(y0, ty * th)
-                ax1, ay1 = min(x1, (tx + 1) * tw), min(y1, (ty + 1) * th)
-                target = out[ay0 - y : ay1 - y, ax0 - x : ax1 - x]
-                i = ty * across + tx
-                count = page.databytecounts[i]
-                if count == 0:  # sparse TIFF: tile never written
-                    target[...] = background
-                    continue
-                data = os.pread(self._fd, count, page.dataoffsets[i])
-                tile = imagecodecs.jpeg8_decode(data, tables=page.jpegtables, out=scratch, **options)
-                target[...] = tile[ay0 - ty * th : ay1 - ty * th, ax0 - tx * tw : ax1 - tx * tw, :3]
+        self.tiles_decoded += 1
+        return imagecodecs.jpeg8_decode(data, tables=page.jpegtables, out=out, **options)
+
+    def tile(self, level: int, index: int, reused_later: bool = True) -> np.ndarray | None:
+        """One tile as read-only RGB uint8 [tilelength, tilewidth, 3] from the cache, decoded and
+        cached when missing; None for a tile never written. A tile not ``reused_later`` is the
+        first the cache lets go."""
+        key = (level, index)
+        tile = self._cache.get(key)
+        if tile is not None:
+            self.tiles_reused += 1
+            self._cache.move_to_end(key, last=reused_later)
+            return tile
+        tile = self.decode(level, index)
+        if tile is None or tile.nbytes > self.budget_bytes:
+            return tile
+        while self._cache and self._cached_bytes + tile.nbytes > self.budget_bytes:
+            self._cached_bytes -= self._cache.popitem(last=False)[1].nbytes
+        tile.flags.writeable = False  # callers may get views of it
+        self._cache[key] = tile
+        self._cached_bytes += tile.nbytes
+        if not reused_later:
+            self._cache.move_to_end(key, last=False)
+        return tile
+
+    def read(self, level: int, x: int, y: int, w: int, h: int, background) -> np.ndarray:
+        """RGB uint8 [h, w, 3] at ``level``, top-left (x, y) in that level's pixels.
+
+        With a cache, a region inside one tile is a read-only view of the cached tile.
+        """
+        page = self.pages[level]
+        spans = self.tile_spans(level, x, y, w, h)
+        inside = 0 <= x and 0 <= y and x + w <= page.imagewidth and y + h <= page.imagelength
+        if self.budget_bytes and inside and len(spans) == 1:
+            tile = self.tile(level, spans[0].index)
+            if tile is not None:
+                return tile[spans[0].tile_rows, spans[0].tile_cols]
+        out = np.empty((h, w, 3), dtype=np.uint8)
+        if not inside:
+            out[...] = background  # the region reaches past the image
+        if not spans:
+            return out
+        if self.budget_bytes:
+            last, across = spans[-1].index, -(-page.imagewidth // page.tilewidth)
+            for span in spans:
+                # tiles above the region's last tile row and left of its last column: a raster
+                # pass is done with them
+                reused_later = span.index // across == last // across or span.index % across == last % across
+                tile = self.tile(level, span.index, reused_later)
+                if tile is None:  # sparse TIFF: tile never written
+                    out[span.rows, span.cols] = background
+                else:
+                    out[span.rows, span.cols] = tile[span.tile_rows, span.tile_cols]
+            return out
+        # Decoding into one reused buffer avoids a fresh allocation (and its page faults) per
+        # tile, which costs about as much as decoding a well-compressed tile.
+        scratch = self._scratch.get((page.tilelength, page.tilewidth))
+        if scratch is None:
+            scratch = self._scratch[(page.tilelength, page.tilewidth)] = np.empty(
+                (page.tilelength, page.tilewidth, 3), dtype=np.uint8)
+        for span in spans:
+            tile = self.decode(level, span.index, out=scratch)
+            if tile is None:
+                out[span.rows, span.cols] = background
+            else:
+                out[span.rows, span.cols] = tile[span.tile_rows, span.tile_cols]
         return out
 
+    def clear(self) -> None:
+        """Drop the cached tiles and zero the counts."""
+        self._cache.clear()
+        self._cached_bytes = self.tiles_decoded = self.tiles_reused = 0
+
     def close(self) -> None:
+        self.clear()
         os.close(self._fd)
         self._tif.close()
 
@@ -152,6 +287,17 @@ class Slide:
             self.background = (255, 255, 255)
 
     # -- metadata ---------------------------------------------------------------------------
+    @property
+    def tile_reader(self) -> TiffTileReader | None:
+        """The direct tile reader in use (:meth:`use_direct_tiles`), or None: OpenSlide reads."""
+        return self._tiles
+
+    @property
+    def tile_counts(self) -> TileCounts:
+        """Tiles decoded and served from the cache since the slide opened, by the direct tile
+        reader (reads through OpenSlide are not counted)."""
+        return self._tiles.counts if self._tiles is not None else TileCounts(0, 0, 0, 0)
+
     @property
     def vendor(self) -> str | None:
         return self.properties.get("openslide.vendor")
@@ -289,8 +435,9 @@ class Slide:
         return out
 
     # -- lifecycle --------------------------------------------------------------------------
-    def use_direct_tiles(self) -> bool:
-        """Read tiled JPEG TIFF levels without OpenSlide when that gives OpenSlide's pixels.
+    def use_direct_tiles(self, tile_cache_mb: float = DEFAULT_TILE_CACHE_MB) -> bool:
+        """Read tiled JPEG TIFF levels without OpenSlide when that gives OpenSlide's pixels,
+        keeping up to ``tile_cache_mb`` MB of decoded tiles (:class:`TiffTileReader`).
 
         Returns whether the direct reader is in use. The check decodes one tile-sized region
         of the finest direct level both ways; JPEG decoders may differ by a grey level or so.
@@ -298,7 +445,7 @@ class Slide:
         if self.vendor not in TiffTileReader.VENDORS:
             return False
         try:
-            reader = TiffTileReader(self.path, self.level_dimensions)
+            reader = TiffTileReader(self.path, self.level_dimensions, tile_cache_mb)
         except Exception:  # not a TIFF tifffile understands
             return False
         if not reader.pages:
@@ -321,6 +468,7 @@ class Slide:
             log.debug("%s: direct tile reads differ from OpenSlide; using OpenSlide", self.slide_id)
             reader.close()
             return False
+        reader.clear()  # a slide opens with an empty cache and zero counts
         self._tiles = reader
         return True
 
@@ -380,7 +528,11 @@ def _file_mpp(properties: dict) -> tuple[float | None, str]:
 
 
 def open_slide(
-    path: str | os.PathLike, slide_id: str | None = None, mpp: float | None = None, direct_tiles: bool = True
+    path: str | os.PathLike,
+    slide_id: str | None = None,
+    mpp: float | None = None,
+    direct_tiles: bool = True,
+    tile_cache_mb: float = DEFAULT_TILE_CACHE_MB,
 ) -> Slide:
     """Open a whole-slide image.
 
@@ -390,6 +542,8 @@ def open_slide(
         mpp: level-0 µm/px; overrides the file's value (the sheet's ``mpp`` column).
         direct_tiles: decode tiled JPEG TIFF levels without OpenSlide where that gives the
             same pixels (:class:`TiffTileReader`); False always reads through OpenSlide.
+        tile_cache_mb: MB of decoded tiles the direct reader keeps for this slide, in this
+            process (:data:`DEFAULT_TILE_CACHE_MB`); 0 keeps none. Pixels are the same either way.
 
     Raises:
         MsamilError: the file is missing or unopenable, or neither the file nor ``mpp`` gives µm/px.
@@ -398,6 +552,7 @@ def open_slide(
 
     path = Path(path)
     slide_id = slide_id or path.stem
+    tile_cache_bytes(tile_cache_mb)  # a bad budget fails before any work
     if not path.exists():
         raise MsamilError(f"slide {slide_id!r}: file not found: {path}; fix its `path` in the slide sheet")
     try:
@@ -425,7 +580,7 @@ def open_slide(
         )
     slide = Slide(osr, path, slide_id, mpp, source)
     if direct_tiles:
-        slide.use_direct_tiles()
+        slide.use_direct_tiles(tile_cache_mb)
     return slide
 
 
@@ -435,13 +590,16 @@ class OpenSlides:
     read, so file handles and OpenSlide's caches stay bounded whatever the cohort's size.
 
     A copy made by pickling (a DataLoader worker's) starts empty and opens its own handles: each
-    reading process holds at most ``capacity`` slides.
+    reading process holds at most ``capacity`` slides. Each open slide keeps up to
+    ``tile_cache_mb`` MB of decoded tiles (:func:`open_slide`), so a reading process holds at
+    most ``capacity * tile_cache_mb`` MB of them.
     """
 
-    def __init__(self, capacity: int = 8, direct_tiles: bool = True):
+    def __init__(self, capacity: int = 8, direct_tiles: bool = True, tile_cache_mb: float = DEFAULT_TILE_CACHE_MB):
         if int(capacity) < 1:
             raise MsamilError(f"open_slides (slides kept open at once) must be at least 1, got {capacity}")
-        self.capacity, self.direct_tiles = int(capacity), direct_tiles
+        tile_cache_bytes(tile_cache_mb)
+        self.capacity, self.direct_tiles, self.tile_cache_mb = int(capacity), direct_tiles, tile_cache_mb
         self._slides: OrderedDict[tuple, Slide] = OrderedDict()
 
     def get(self, path: str | os.PathLike, slide_id: str | None = None, mpp: float | None = None) -> Slide:
@@ -453,7 +611,7 @@ class OpenSlides:
             return slide
         while len(self._slides) >= self.capacity:
             self._slides.popitem(last=False)[1].close()
-        slide = self._slides[key] = open_slide(path, slide_id, mpp, self.direct_tiles)
+        slide = self._slides[key] = open_slide(path, slide_id, mpp, self.direct_tiles, self.tile_cache_mb)
         return slide
 
     def __len__(self) -> int:
