@@ -62,7 +62,8 @@ def test_counts_of_a_pass(cmu_slide):
             len(slide.tile_reader.tile_spans(0, x, y, size0, size0))
             for y in range(0, 2967 - size0 + 1, size0) for x in range(0, 2220 - size0 + 1, size0)
         )
-        assert counts.cached_bytes == 108 * 240 * 240 * 3 <= counts.budget_bytes == 256 * 2**20
+        # the pass keeps about the row of tiles the next row of patches reads again, not all it read
+        assert counts.cached_bytes <= 2 * 10 * 240 * 240 * 3 and counts.budget_bytes == 256 * 2**20
 
 
 def test_a_small_budget_gives_the_same_pixels(cmu_slide, tmp_path):
@@ -111,3 +112,4 @@ def test_a_bad_budget_fails_before_any_work(cmu_slide, budget):
         open_slide(cmu_slide, tile_cache_mb=budget)
     with pytest.raises(MsamilError, match="tile_cache_mb"):
         OpenSlides(tile_cache_mb=budget)
+

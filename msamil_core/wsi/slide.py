@@ -50,8 +50,9 @@ class LevelChoice:
 
 #: Decoded tiles kept per open slide, in MB (:class:`TiffTileReader`). A pass over patches in
 #: raster order decodes each tile once when the budget holds a row of tiles of the level read
-#: plus the tiles of one patch: 256 MB holds three rows of a 100,000 px wide level (about 400
-#: tiles of 240 x 240 px, 70 MB a row), so the level 0 of slides up to about 300,000 px wide.
+#: plus the tiles of two patches: 256 MB holds three rows of a 100,000 px wide level (about 400
+#: tiles of 240 x 240 px, 70 MB a row), so such a pass over level 0 of slides up to about
+#: 300,000 px wide. A pass keeps about one row; the rest of the budget serves other orders.
 DEFAULT_TILE_CACHE_MB = 256
 
 
@@ -75,13 +76,16 @@ class TileCounts:
 @dataclass(frozen=True)
 class TileSpan:
     """The part of one tile that a region covers: ``tile[tile_rows, tile_cols]`` is
-    ``region[rows, cols]``; ``index`` is the tile's index in its TIFF page."""
+    ``region[rows, cols]``; ``index`` is the tile's index in its TIFF page. ``beyond`` says
+    whether the tile holds image pixels right of or below the region, which a later patch of
+    a pass in raster order may read; a pass is done with the others."""
 
     index: int
     tile_rows: slice
     tile_cols: slice
     rows: slice
     cols: slice
+    beyond: bool
 
 
 class TiffTileReader:
@@ -96,14 +100,16 @@ class TiffTileReader:
 
     Decoded tiles are kept in a least-recently-used cache of at most ``cache_mb`` MB, keyed by
     (level, tile index), so that neighbouring patches do not decode the tiles they share again.
-    Tiles a region covers that are above its last tile row and left of its last tile column
-    are the first to go: a pass in raster order (rows of patches top to bottom, each left to
-    right, as coordinates files list them) never comes back to them, while the last row waits
-    for the next row of patches. Such a pass decodes each tile once when the budget holds one
-    row of tiles of the level plus a patch's tiles (:data:`DEFAULT_TILE_CACHE_MB`). The cache
-    belongs to this reader, in the process that opened the slide: it starts empty, and a
-    process that opens the slide again (a DataLoader worker) has its own. ``cache_mb=0`` keeps
-    no tile and decodes into one reused buffer.
+    A pass in raster order (rows of patches top to bottom, each left to right, as coordinates
+    files list them) is done with a tile once a region covers its right and bottom image
+    pixels: such tiles go first, and one goes whenever a tile is added, so a pass keeps about
+    one row of tiles (those the next row of patches reads again) however large the budget,
+    and the cache does not grow into fresh memory, whose page faults would cost about half a
+    decode. A raster pass decodes each tile once when the budget holds that row plus two
+    patches' tiles (:data:`DEFAULT_TILE_CACHE_MB`); other orders reuse what the budget holds.
+    The cache belongs to this reader, in the process that opened the slide: it starts empty,
+    and a process that opens the slide again (a DataLoader worker) has its own. ``cache_mb=0``
+    keeps no tile and decodes into one reused buffer.
     """
 
     # Formats whose pyramid levels are ordinary tiled TIFF pages.
@@ -116,7 +122,8 @@ class TiffTileReader:
         self._tif = tifffile.TiffFile(path)
         self._fd = os.open(path, os.O_RDONLY)
         self._scratch: dict[tuple[int, int], np.ndarray] = {}
-        self._cache: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
+        self._cache: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()  # least recent first
+        self._done: set[tuple[int, int]] = set()  # cached tiles a raster pass is done with, at the front
         self._cached_bytes = 0
         self.tiles_decoded = 0
         self.tiles_reused = 0
@@ -156,12 +163,14 @@ class TiffTileReader:
         spans = []
         for ty in range(y0 // th, (y1 - 1) // th + 1):
             ay0, ay1 = max(y0, ty * th), min(y1, (ty + 1) * th)
+            below = min((ty + 1) * th, page.imagelength) > y1
             for tx in range(x0 // tw, (x1 - 1) // tw + 1):
                 ax0, ax1 = max(x0, tx * tw), min(x1, (tx + 1) * tw)
                 spans.append(TileSpan(
                     ty * across + tx,
                     slice(ay0 - ty * th, ay1 - ty * th), slice(ax0 - tx * tw, ax1 - tx * tw),
                     slice(ay0 - y, ay1 - y), slice(ax0 - x, ax1 - x),
+                    below or min((tx + 1) * tw, page.imagewidth) > x1,
                 ))
         return spans
 
@@ -186,27 +195,37 @@ class TiffTileReader:
         self.tiles_decoded += 1
         return imagecodecs.jpeg8_decode(data, tables=page.jpegtables, out=out, **options)
 
-    def tile(self, level: int, index: int, reused_later: bool = True) -> np.ndarray | None:
+    def tile(self, level: int, index: int, done: bool = False) -> np.ndarray | None:
         """One tile as read-only RGB uint8 [tilelength, tilewidth, 3] from the cache, decoded and
-        cached when missing; None for a tile never written. A tile not ``reused_later`` is the
-        first the cache lets go."""
+        cached when missing; None for a tile never written. A tile the caller is ``done`` with
+        (:attr:`TileSpan.beyond` false) is the first the cache lets go."""
         key = (level, index)
         tile = self._cache.get(key)
         if tile is not None:
             self.tiles_reused += 1
-            self._cache.move_to_end(key, last=reused_later)
-            return tile
-        tile = self.decode(level, index)
-        if tile is None or tile.nbytes > self.budget_bytes:
-            return tile
-        while self._cache and self._cached_bytes + tile.nbytes > self.budget_bytes:
-            self._cached_bytes -= self._cache.popitem(last=False)[1].nbytes
-        tile.flags.writeable = False  # callers may get views of it
-        self._cache[key] = tile
-        self._cached_bytes += tile.nbytes
-        if not reused_later:
+        else:
+            tile = self.decode(level, index)
+            if tile is None or tile.nbytes > self.budget_bytes:
+                return tile
+            if self._cache and next(iter(self._cache)) in self._done:
+                self._pop_oldest()  # reuse the memory of a tile a pass is done with
+            while self._cache and self._cached_bytes + tile.nbytes > self.budget_bytes:
+                self._pop_oldest()
+            tile.flags.writeable = False  # callers may get views of it
+            self._cache[key] = tile
+            self._cached_bytes += tile.nbytes
+        if done:
+            self._done.add(key)
             self._cache.move_to_end(key, last=False)
+        else:
+            self._done.discard(key)
+            self._cache.move_to_end(key)
         return tile
+
+    def _pop_oldest(self) -> None:
+        key, tile = self._cache.popitem(last=False)
+        self._done.discard(key)
+        self._cached_bytes -= tile.nbytes
 
     def read(self, level: int, x: int, y: int, w: int, h: int, background) -> np.ndarray:
         """RGB uint8 [h, w, 3] at ``level``, top-left (x, y) in that level's pixels.
@@ -217,7 +236,7 @@ class TiffTileReader:
         spans = self.tile_spans(level, x, y, w, h)
         inside = 0 <= x and 0 <= y and x + w <= page.imagewidth and y + h <= page.imagelength
         if self.budget_bytes and inside and len(spans) == 1:
-            tile = self.tile(level, spans[0].index)
+            tile = self.tile(level, spans[0].index, done=not spans[0].beyond)
             if tile is not None:
                 return tile[spans[0].tile_rows, spans[0].tile_cols]
         out = np.empty((h, w, 3), dtype=np.uint8)
@@ -226,12 +245,8 @@ class TiffTileReader:
         if not spans:
             return out
         if self.budget_bytes:
-            last, across = spans[-1].index, -(-page.imagewidth // page.tilewidth)
             for span in spans:
-                # tiles above the region's last tile row and left of its last column: a raster
-                # pass is done with them
-                reused_later = span.index // across == last // across or span.index % across == last % across
-                tile = self.tile(level, span.index, reused_later)
+                tile = self.tile(level, span.index, done=not span.beyond)
                 if tile is None:  # sparse TIFF: tile never written
                     out[span.rows, span.cols] = background
                 else:
@@ -254,6 +269,7 @@ class TiffTileReader:
     def clear(self) -> None:
         """Drop the cached tiles and zero the counts."""
         self._cache.clear()
+        self._done.clear()
         self._cached_bytes = self.tiles_decoded = self.tiles_reused = 0
 
     def close(self) -> None:
