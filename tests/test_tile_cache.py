@@ -113,3 +113,19 @@ def test_a_bad_budget_fails_before_any_work(cmu_slide, budget):
     with pytest.raises(MsamilError, match="tile_cache_mb"):
         OpenSlides(tile_cache_mb=budget)
 
+
+@pytest.mark.parametrize("size, out", [(257, 256), (258, 256), (513, 512), (255, 256), (253, 256), (225, 224), (514, 256)])
+def test_resizes_without_pillow_give_pillows_pixels(size, out):
+    from PIL import Image
+
+    from msamil_core.wsi.slide import resample_exactly
+
+    region = np.random.default_rng(size).integers(0, 256, (size, size, 3), dtype=np.uint8)
+    bilinear = size < out
+    filt = Image.Resampling.BILINEAR if bilinear else Image.Resampling.BOX
+    expected = np.asarray(Image.fromarray(region).resize((out, out), filt))
+    got = resample_exactly(region, out, bilinear)
+    if size == 514 or bilinear:  # every output pixel weighs several input pixels: left to Pillow
+        assert got is None
+    else:
+        np.testing.assert_array_equal(got, expected)
