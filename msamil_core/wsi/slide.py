@@ -124,6 +124,7 @@ class TiffTileReader:
         import tifffile
 
         self.budget_bytes = tile_cache_bytes(cache_mb)
+        self.path = Path(path)
         self._tif = tifffile.TiffFile(path)
         self._fd = os.open(path, os.O_RDONLY)
         self._scratch: dict[tuple[int, int], np.ndarray] = {}
@@ -368,17 +369,27 @@ class Slide:
         ds = self.level_downsamples[level]
         return LevelChoice(level=level, downsample=ds, size=max(1, round(size_level0 / ds)))
 
+    def direct_position(self, x: int, y: int, level: int) -> tuple[int, int] | None:
+        """Where the direct tile reader reads ``level`` at level-0 (x, y), in that level's pixels;
+        None where OpenSlide reads it (no direct reader or level, or a position off the level's
+        pixel grid, where OpenSlide resamples by a sub-pixel shift whose pixels only it gives)."""
+        if self._tiles is None or level not in self._tiles.pages:
+            return None
+        ds = self.level_downsamples[level]
+        if not ((x / ds).is_integer() and (y / ds).is_integer()):
+            return None
+        return int(x / ds), int(y / ds)
+
     def read_region(self, x: int, y: int, level: int, size: tuple[int, int]) -> np.ndarray:
         """RGB uint8 [h, w, 3] of a region at ``level`` with level-0 top-left (x, y).
 
-        Transparent pixels (outside the scanned area) are filled with the slide's background colour.
+        Transparent pixels (outside the scanned area) are filled with the slide's background
+        colour. May be read-only: a view of the tile cache.
         """
-        ds = self.level_downsamples[level]
-        # Off-grid level-0 positions fall between a coarse level's pixels, where OpenSlide
-        # resamples by a sub-pixel shift: leave those to OpenSlide to keep its exact pixels.
-        if self._tiles is not None and level in self._tiles.pages and (x / ds).is_integer() and (y / ds).is_integer():
+        position = self.direct_position(x, y, level)
+        if position is not None:
             try:
-                return self._tiles.read(level, int(x / ds), int(y / ds), int(size[0]), int(size[1]), self.background)
+                return self._tiles.read(level, *position, int(size[0]), int(size[1]), self.background)
             except Exception as exc:  # imagecodecs.JpegError, OSError
                 raise MsamilError(
                     f"slide {self.slide_id!r} ({self.path}): tiles fail to decode ({exc}); "
