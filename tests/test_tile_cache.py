@@ -94,6 +94,18 @@ def test_cached_tiles_cannot_be_written_through_a_region(cmu_slide):
             region[0, 0] = 0
 
 
+def test_a_region_a_caller_holds_keeps_its_pixels_when_its_tile_is_let_go(cmu_slide):
+    """The cache decodes new tiles into the memory of tiles it lets go, but never into one a
+    caller still holds a view of."""
+    with open_slide(cmu_slide, tile_cache_mb=0.4) as slide:  # two tiles
+        held = slide.read_region(0, 0, 0, (240, 240))
+        expected = held.copy()
+        for x in range(240, 2160, 240):  # whole tiles the cache lets go at once
+            slide.read_region(x, 0, 0, (240, 240))
+        assert slide.tile_counts.decoded == 9
+        np.testing.assert_array_equal(held, expected)
+
+
 def test_each_process_has_its_own_cache(cmu_slide):
     slides = OpenSlides(capacity=2, tile_cache_mb=8)
     slide = slides.get(cmu_slide)
