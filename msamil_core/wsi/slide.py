@@ -110,7 +110,7 @@ class TiffTileReader:
     files list them) is done with a tile once a region covers its right and bottom image
     pixels: such tiles go first, and one goes whenever a tile is added, so a pass keeps about
     one row of tiles (those the next row of patches reads again) however large the budget,
-    and the cache does not grow into fresh memory, whose page faults would cost about half a
+    and the cache does not grow into fresh memory, whose page faults cost about a third of a
     decode. A raster pass decodes each tile once when the budget holds that row plus two
     patches' tiles (:data:`DEFAULT_TILE_CACHE_MB`); other orders reuse what the budget holds.
     The cache belongs to this reader, in the process that opened the slide: it starts empty,
@@ -569,6 +569,7 @@ def pil_resample_weights(in_size: int, out_size: int, bilinear: bool = False) ->
             k = v / total if total != 0.0 else v
             weights[j, x] = int(0.5 + k * (1 << PIL_PRECISION_BITS))  # weights are >= 0
         first[j] = xmin
+    first.flags.writeable = weights.flags.writeable = False  # shared by every caller (lru_cache)
     return first, weights
 
 
