@@ -12,9 +12,11 @@ output, then resized: a 5x patch is never decoded from level 0 when the file has
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
+import sys
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +39,10 @@ _DOWNSAMPLE_RTOL = 1e-3
 # 150,000 x 100,000 px slide is read block by block, never whole.
 _THUMBNAIL_BLOCK_PX = 1 << 24
 _COMPOSITE_ROWS_PX = 1 << 22  # pixels composited onto the background per step
+# Pillow's resampling works in fixed point with this many fractional bits (Resample.c).
+PIL_PRECISION_BITS = 22
+# Most output rows or columns that resample_exactly computes with arithmetic rather than copies.
+_ARITHMETIC_LINES = 8
 
 
 @dataclass(frozen=True)
@@ -48,6 +54,46 @@ class LevelChoice:
     size: int  # pixels at that level
 
 
+#: Decoded tiles kept per open slide, in MB (:class:`TiffTileReader`). A pass over patches in
+#: raster order decodes each tile once when the budget holds a row of tiles of the level read
+#: plus the tiles of two patches: 256 MB holds three rows of a 100,000 px wide level (about 400
+#: tiles of 240 x 240 px, 70 MB a row), so such a pass over level 0 of slides up to about
+#: 300,000 px wide. A pass keeps about one row; the rest of the budget serves other orders.
+DEFAULT_TILE_CACHE_MB = 256
+
+
+def tile_cache_bytes(cache_mb: float) -> int:
+    """Bytes of a tile cache budget given in MB; refuses a negative or unset one."""
+    if not (isinstance(cache_mb, (int, float)) and 0 <= cache_mb < math.inf):
+        raise MsamilError(f"tile_cache_mb (MB of decoded tiles kept per open slide) must be a number >= 0, got {cache_mb!r}")
+    return int(cache_mb * 2**20)
+
+
+@dataclass(frozen=True)
+class TileCounts:
+    """What a slide's direct tile reader has done since it opened (:attr:`Slide.tile_counts`)."""
+
+    decoded: int  # JPEG tiles decoded
+    reused: int  # tile reads served from the cache of decoded tiles
+    cached_bytes: int  # bytes of decoded tiles held now
+    budget_bytes: int  # most bytes the cache may hold (0: no cache)
+
+
+@dataclass(frozen=True)
+class TileSpan:
+    """The part of one tile that a region covers: ``tile[tile_rows, tile_cols]`` is
+    ``region[rows, cols]``; ``index`` is the tile's index in its TIFF page. ``beyond`` says
+    whether the tile holds image pixels right of or below the region, which a later patch of
+    a pass in raster order may read; a pass is done with the others."""
+
+    index: int
+    tile_rows: slice
+    tile_cols: slice
+    rows: slice
+    cols: slice
+    beyond: bool
+
+
 class TiffTileReader:
     """Reads regions of tiled JPEG TIFF levels by decoding the tiles straight from the file.
 
@@ -57,17 +103,37 @@ class TiffTileReader:
     Levels are matched to TIFF pages by their size. Anything else (JPEG 2000, NDPI, MRXS, DICOM,
     ...) stays with OpenSlide; :func:`open_slide` also checks one region against OpenSlide and
     drops this reader for a file whose pixels differ.
+
+    Decoded tiles are kept in a least-recently-used cache of at most ``cache_mb`` MB, keyed by
+    (level, tile index), so that neighbouring patches do not decode the tiles they share again.
+    A pass in raster order (rows of patches top to bottom, each left to right, as coordinates
+    files list them) is done with a tile once a region covers its right and bottom image
+    pixels: such tiles go first, and one goes whenever a tile is added, so a pass keeps about
+    one row of tiles (those the next row of patches reads again) however large the budget,
+    and the cache does not grow into fresh memory, whose page faults cost about a third of a
+    decode. A raster pass decodes each tile once when the budget holds that row plus two
+    patches' tiles (:data:`DEFAULT_TILE_CACHE_MB`); other orders reuse what the budget holds.
+    The cache belongs to this reader, in the process that opened the slide: it starts empty,
+    and a process that opens the slide again (a DataLoader worker) has its own. ``cache_mb=0``
+    keeps no tile and decodes into one reused buffer.
     """
 
     # Formats whose pyramid levels are ordinary tiled TIFF pages.
     VENDORS = ("generic-tiff", "aperio", "philips", "ventana", "leica")
 
-    def __init__(self, path: Path, level_dimensions):
+    def __init__(self, path: Path, level_dimensions, cache_mb: float = DEFAULT_TILE_CACHE_MB):
         import tifffile
 
+        self.budget_bytes = tile_cache_bytes(cache_mb)
+        self.path = Path(path)
         self._tif = tifffile.TiffFile(path)
         self._fd = os.open(path, os.O_RDONLY)
         self._scratch: dict[tuple[int, int], np.ndarray] = {}
+        self._cache: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()  # least recent first
+        self._done: set[tuple[int, int]] = set()  # cached tiles a raster pass is done with, at the front
+        self._cached_bytes = 0
+        self.tiles_decoded = 0
+        self.tiles_reused = 0
         self.pages = {}
         by_size = {}
         for page in self._tif.pages:
@@ -87,42 +153,146 @@ class TiffTileReader:
             if page is not None:
                 self.pages[level] = page
 
-    def read(self, level: int, x: int, y: int, w: int, h: int, background) -> np.ndarray:
-        """RGB uint8 [h, w, 3] at ``level``, top-left (x, y) in that level's pixels."""
-        import imagecodecs
+    @property
+    def counts(self) -> TileCounts:
+        return TileCounts(self.tiles_decoded, self.tiles_reused, self._cached_bytes, self.budget_bytes)
 
+    def tile_spans(self, level: int, x: int, y: int, w: int, h: int) -> list[TileSpan]:
+        """The tiles of ``level`` under the region (x, y, w, h) in that level's pixels, row by row;
+        the part of the region outside the image is covered by none."""
         page = self.pages[level]
         tw, th = page.tilewidth, page.tilelength
-        width, height = page.imagewidth, page.imagelength
-        across = (width + tw - 1) // tw
-        out = np.empty((h, w, 3), dtype=np.uint8)
-        x0, y0, x1, y1 = max(x, 0), max(y, 0), min(x + w, width), min(y + h, height)
-        if (x0, y0, x1, y1) != (x, y, x + w, y + h):
-            out[...] = background  # the region reaches past the image
-        # Decoding into one reused buffer avoids a fresh allocation (and its page faults) per
-        # tile, which costs about as much as decoding a well-compressed tile.
-        scratch = self._scratch.get((th, tw))
-        if scratch is None:
-            scratch = self._scratch[(th, tw)] = np.empty((th, tw, 3), dtype=np.uint8)
+        across = (page.imagewidth + tw - 1) // tw
+        x0, y0 = max(x, 0), max(y, 0)
+        x1, y1 = min(x + w, page.imagewidth), min(y + h, page.imagelength)
+        if x1 <= x0 or y1 <= y0:
+            return []
+        spans = []
+        for ty in range(y0 // th, (y1 - 1) // th + 1):
+            ay0, ay1 = max(y0, ty * th), min(y1, (ty + 1) * th)
+            below = min((ty + 1) * th, page.imagelength) > y1
+            for tx in range(x0 // tw, (x1 - 1) // tw + 1):
+                ax0, ax1 = max(x0, tx * tw), min(x1, (tx + 1) * tw)
+                spans.append(TileSpan(
+                    ty * across + tx,
+                    slice(ay0 - ty * th, ay1 - ty * th), slice(ax0 - tx * tw, ax1 - tx * tw),
+                    slice(ay0 - y, ay1 - y), slice(ax0 - x, ax1 - x),
+                    below or min((tx + 1) * tw, page.imagewidth) > x1,
+                ))
+        return spans
+
+    def tile_data(self, level: int, index: int) -> bytes:
+        """The bytes stored for one tile: a JPEG stream, abbreviated (without the tables in the
+        page's JPEGTables) in most TIFFs; empty for a tile never written (sparse TIFF)."""
+        page = self.pages[level]
+        count = page.databytecounts[index]
+        return os.pread(self._fd, count, page.dataoffsets[index]) if count else b""
+
+    def decode(self, level: int, index: int, out: np.ndarray | None = None) -> np.ndarray | None:
+        """One tile as RGB uint8 [tilelength, tilewidth, 3], decoded now (into ``out`` if given);
+        None for a tile never written."""
+        import imagecodecs
+
+        data = self.tile_data(level, index)
+        if not data:
+            return None
+        page = self.pages[level]
         # Aperio writes untransformed RGB into JPEG tiles; YCbCr tiles convert as usual.
         options = {"colorspace": "RGB", "outcolorspace": "RGB"} if page.photometric == 2 else {}
-        for ty in range(y0 // th, (y1 - 1) // th + 1) if y1 > y0 else ():
-            for tx in range(x0 // tw, (x1 - 1) // tw + 1) if x1 > x0 else ():
-                # intersection of this tile with the region, in level pixels
-                ax0, ay0 = max(x0, tx * tw), max(y0, ty * th)
-                ax1, ay1 = min(x1, (tx + 1) * tw), min(y1, (ty + 1) * th)
-                target = out[ay0 - y : ay1 - y, ax0 - x : ax1 - x]
-                i = ty * across + tx
-                count = page.databytecounts[i]
-                if count == 0:  # sparse TIFF: tile never written
-                    target[...] = background
-                    continue
-                data = os.pread(self._fd, count, page.dataoffsets[i])
-                tile = imagecodecs.jpeg8_decode(data, tables=page.jpegtables, out=scratch, **options)
-                target[...] = tile[ay0 - ty * th : ay1 - ty * th, ax0 - tx * tw : ax1 - tx * tw, :3]
+        self.tiles_decoded += 1
+        return imagecodecs.jpeg8_decode(data, tables=page.jpegtables, out=out, **options)
+
+    def tile(self, level: int, index: int, done: bool = False) -> np.ndarray | None:
+        """One tile as read-only RGB uint8 [tilelength, tilewidth, 3] from the cache, decoded and
+        cached when missing; None for a tile never written. A tile the caller is ``done`` with
+        (:attr:`TileSpan.beyond` false) is the first the cache lets go."""
+        key = (level, index)
+        tile = self._cache.get(key)
+        if tile is not None:
+            self.tiles_reused += 1
+        else:
+            page = self.pages[level]
+            shape = (page.tilelength, page.tilewidth, 3)
+            nbytes, spare = math.prod(shape), None
+            if nbytes <= self.budget_bytes:
+                if self._cache and next(iter(self._cache)) in self._done:
+                    spare = self._pop_oldest()  # a tile a pass is done with
+                while self._cache and self._cached_bytes + nbytes > self.budget_bytes:
+                    spare = self._pop_oldest()
+            # Decoding into the memory of a tile let go saves the page faults of fresh memory
+            # (a third of a decode), when nothing else holds it: no view a caller still has.
+            if spare is not None and spare.shape == shape and sys.getrefcount(spare) == 2:
+                spare.flags.writeable = True
+            else:
+                spare = None
+            tile = self.decode(level, index, out=spare)
+            if tile is None or nbytes > self.budget_bytes:
+                return tile
+            tile.flags.writeable = False  # callers may get views of it
+            self._cache[key] = tile
+            self._cached_bytes += tile.nbytes
+        if done:
+            self._done.add(key)
+            self._cache.move_to_end(key, last=False)
+        else:
+            self._done.discard(key)
+            self._cache.move_to_end(key)
+        return tile
+
+    def _pop_oldest(self) -> np.ndarray:
+        key, tile = self._cache.popitem(last=False)
+        self._done.discard(key)
+        self._cached_bytes -= tile.nbytes
+        return tile
+
+    def read(self, level: int, x: int, y: int, w: int, h: int, background) -> np.ndarray:
+        """RGB uint8 [h, w, 3] at ``level``, top-left (x, y) in that level's pixels.
+
+        With a cache, a region inside one tile is a read-only view of the cached tile.
+        """
+        page = self.pages[level]
+        spans = self.tile_spans(level, x, y, w, h)
+        inside = 0 <= x and 0 <= y and x + w <= page.imagewidth and y + h <= page.imagelength
+        if self.budget_bytes and inside and len(spans) == 1:
+            tile = self.tile(level, spans[0].index, done=not spans[0].beyond)
+            if tile is not None:
+                return tile[spans[0].tile_rows, spans[0].tile_cols]
+        out = np.empty((h, w, 3), dtype=np.uint8)
+        if not inside:
+            out[...] = background  # the region reaches past the image
+        if not spans:
+            return out
+        if self.budget_bytes:
+            for span in spans:
+                tile = self.tile(level, span.index, done=not span.beyond)
+                if tile is None:  # sparse TIFF: tile never written
+                    out[span.rows, span.cols] = background
+                else:
+                    out[span.rows, span.cols] = tile[span.tile_rows, span.tile_cols]
+                del tile  # held over the next call, its memory could not take the next tile
+            return out
+        # Decoding into one reused buffer avoids a fresh allocation (and its page faults) per
+        # tile, which costs about as much as decoding a well-compressed tile.
+        scratch = self._scratch.get((page.tilelength, page.tilewidth))
+        if scratch is None:
+            scratch = self._scratch[(page.tilelength, page.tilewidth)] = np.empty(
+                (page.tilelength, page.tilewidth, 3), dtype=np.uint8)
+        for span in spans:
+            tile = self.decode(level, span.index, out=scratch)
+            if tile is None:
+                out[span.rows, span.cols] = background
+            else:
+                out[span.rows, span.cols] = tile[span.tile_rows, span.tile_cols]
         return out
 
+    def clear(self) -> None:
+        """Drop the cached tiles and zero the counts."""
+        self._cache.clear()
+        self._done.clear()
+        self._cached_bytes = self.tiles_decoded = self.tiles_reused = 0
+
     def close(self) -> None:
+        self.clear()
         os.close(self._fd)
         self._tif.close()
 
@@ -152,6 +322,17 @@ class Slide:
             self.background = (255, 255, 255)
 
     # -- metadata ---------------------------------------------------------------------------
+    @property
+    def tile_reader(self) -> TiffTileReader | None:
+        """The direct tile reader in use (:meth:`use_direct_tiles`), or None: OpenSlide reads."""
+        return self._tiles
+
+    @property
+    def tile_counts(self) -> TileCounts:
+        """Tiles decoded and served from the cache since the slide opened, by the direct tile
+        reader (reads through OpenSlide are not counted)."""
+        return self._tiles.counts if self._tiles is not None else TileCounts(0, 0, 0, 0)
+
     @property
     def vendor(self) -> str | None:
         return self.properties.get("openslide.vendor")
@@ -201,17 +382,27 @@ class Slide:
         ds = self.level_downsamples[level]
         return LevelChoice(level=level, downsample=ds, size=max(1, round(size_level0 / ds)))
 
+    def direct_position(self, x: int, y: int, level: int) -> tuple[int, int] | None:
+        """Where the direct tile reader reads ``level`` at level-0 (x, y), in that level's pixels;
+        None where OpenSlide reads it (no direct reader or level, or a position off the level's
+        pixel grid, where OpenSlide resamples by a sub-pixel shift whose pixels only it gives)."""
+        if self._tiles is None or level not in self._tiles.pages:
+            return None
+        ds = self.level_downsamples[level]
+        if not ((x / ds).is_integer() and (y / ds).is_integer()):
+            return None
+        return int(x / ds), int(y / ds)
+
     def read_region(self, x: int, y: int, level: int, size: tuple[int, int]) -> np.ndarray:
         """RGB uint8 [h, w, 3] of a region at ``level`` with level-0 top-left (x, y).
 
-        Transparent pixels (outside the scanned area) are filled with the slide's background colour.
+        Transparent pixels (outside the scanned area) are filled with the slide's background
+        colour. May be read-only: a view of the tile cache.
         """
-        ds = self.level_downsamples[level]
-        # Off-grid level-0 positions fall between a coarse level's pixels, where OpenSlide
-        # resamples by a sub-pixel shift: leave those to OpenSlide to keep its exact pixels.
-        if self._tiles is not None and level in self._tiles.pages and (x / ds).is_integer() and (y / ds).is_integer():
+        position = self.direct_position(x, y, level)
+        if position is not None:
             try:
-                return self._tiles.read(level, int(x / ds), int(y / ds), int(size[0]), int(size[1]), self.background)
+                return self._tiles.read(level, *position, int(size[0]), int(size[1]), self.background)
             except Exception as exc:  # imagecodecs.JpegError, OSError
                 raise MsamilError(
                     f"slide {self.slide_id!r} ({self.path}): tiles fail to decode ({exc}); "
@@ -239,11 +430,14 @@ class Slide:
         region = self.read_region(x, y, choice.level, (choice.size, choice.size))
         if choice.size == out_size:
             return region
-        img = Image.fromarray(region)
         if choice.size % out_size == 0:  # integer shrink: the same box filter, three times faster
-            return np.asarray(img.reduce(choice.size // out_size))
-        resample = Image.Resampling.BOX if choice.size > out_size else Image.Resampling.BILINEAR
-        return np.asarray(img.resize((out_size, out_size), resample))
+            return np.asarray(Image.fromarray(region).reduce(choice.size // out_size))
+        bilinear = choice.size < out_size
+        patch = resample_exactly(region, out_size, bilinear)
+        if patch is not None:
+            return patch
+        resample = Image.Resampling.BILINEAR if bilinear else Image.Resampling.BOX
+        return np.asarray(Image.fromarray(region).resize((out_size, out_size), resample))
 
     def read_thumbnail(self, long_side: int) -> np.ndarray:
         """The whole slide as RGB uint8 with its long side ``long_side`` px, aspect kept.
@@ -289,8 +483,9 @@ class Slide:
         return out
 
     # -- lifecycle --------------------------------------------------------------------------
-    def use_direct_tiles(self) -> bool:
-        """Read tiled JPEG TIFF levels without OpenSlide when that gives OpenSlide's pixels.
+    def use_direct_tiles(self, tile_cache_mb: float = DEFAULT_TILE_CACHE_MB) -> bool:
+        """Read tiled JPEG TIFF levels without OpenSlide when that gives OpenSlide's pixels,
+        keeping up to ``tile_cache_mb`` MB of decoded tiles (:class:`TiffTileReader`).
 
         Returns whether the direct reader is in use. The check decodes one tile-sized region
         of the finest direct level both ways; JPEG decoders may differ by a grey level or so.
@@ -298,7 +493,7 @@ class Slide:
         if self.vendor not in TiffTileReader.VENDORS:
             return False
         try:
-            reader = TiffTileReader(self.path, self.level_dimensions)
+            reader = TiffTileReader(self.path, self.level_dimensions, tile_cache_mb)
         except Exception:  # not a TIFF tifffile understands
             return False
         if not reader.pages:
@@ -321,6 +516,7 @@ class Slide:
             log.debug("%s: direct tile reads differ from OpenSlide; using OpenSlide", self.slide_id)
             reader.close()
             return False
+        reader.clear()  # a slide opens with an empty cache and zero counts
         self._tiles = reader
         return True
 
@@ -338,6 +534,99 @@ class Slide:
 
     def __repr__(self) -> str:
         return f"Slide({self.slide_id!r}, {self.dimensions[0]}x{self.dimensions[1]}, mpp={self.mpp:.4f}, levels={self.level_count})"
+
+
+@functools.lru_cache(maxsize=64)
+def pil_resample_weights(in_size: int, out_size: int, bilinear: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Pillow's fixed-point weights for resizing ``in_size`` px to ``out_size`` along one axis
+    with its BOX filter (BILINEAR if ``bilinear``), as ``Image.resize`` computes them.
+
+    Returns ``(first, weights)``: int64 [out_size] and int64 [out_size, taps]; output pixel j is
+    ``clip((sum_t weights[j, t] * in[first[j] + t] + 2**21) >> 22, 0, 255)``, weights past a
+    window's end being 0. Pillow resizes rows first, rounding to uint8, then columns.
+    """
+    # Resample.c's precompute_coeffs and normalize_coeffs_8bpc, the same floating-point steps
+    # in the same order, so that every weight is Pillow's to the bit.
+    scale = float(in_size) / out_size
+    filterscale = max(scale, 1.0)
+    support = (1.0 if bilinear else 0.5) * filterscale
+    taps = int(math.ceil(support)) * 2 + 1
+    ss = 1.0 / filterscale
+    first = np.zeros(out_size, np.int64)
+    weights = np.zeros((out_size, taps), np.int64)
+    for j in range(out_size):
+        center = (j + 0.5) * scale
+        xmin = max(int(center - support + 0.5), 0)
+        count = min(int(center + support + 0.5), in_size) - xmin
+        w = []
+        for x in range(count):
+            arg = (x + xmin - center + 0.5) * ss
+            w.append(max(0.0, 1.0 - abs(arg)) if bilinear else (1.0 if -0.5 < arg <= 0.5 else 0.0))
+        total = 0.0
+        for v in w:
+            total += v
+        for x, v in enumerate(w):
+            k = v / total if total != 0.0 else v
+            weights[j, x] = int(0.5 + k * (1 << PIL_PRECISION_BITS))  # weights are >= 0
+        first[j] = xmin
+    first.flags.writeable = weights.flags.writeable = False  # shared by every caller (lru_cache)
+    return first, weights
+
+
+def resample_exactly(region: np.ndarray, out_size: int, bilinear: bool = False) -> np.ndarray | None:
+    """``Image.resize`` of a square RGB uint8 region to ``out_size`` px (BOX, or BILINEAR), pixel
+    for pixel, when nearly every output row and column is one input row or column (257 px to
+    256, as a 20x patch of a 0.499 µm/px slide): those are copied, a few are weighted. None
+    otherwise, Pillow being faster then.
+
+    Pillow's resize costs about three JPEG tile decodes for a 257-px patch; this, a few copies.
+    """
+    plan = _resample_plan(region.shape[0], out_size, bilinear)
+    if plan is None:
+        return None
+    rows = _resample_axis(region, plan, out_size, axis=1)  # Pillow's order: rows first
+    return _resample_axis(rows, plan, out_size, axis=0)
+
+
+@functools.lru_cache(maxsize=64)
+def _resample_plan(in_size: int, out_size: int, bilinear: bool) -> list[tuple] | None:
+    """Runs of output lines that copy consecutive input lines, ``(j, k, first)``, and lines
+    that weigh input lines, ``(j, first, weights)``; None when too many weigh."""
+    first, weights = pil_resample_weights(in_size, out_size, bilinear)
+    copies = (weights[:, 0] == 1 << PIL_PRECISION_BITS) & (weights[:, 1:] == 0).all(1)
+    if out_size - copies.sum() > _ARITHMETIC_LINES:
+        return None
+    plan, j = [], 0
+    while j < out_size:
+        if copies[j]:
+            k = j + 1
+            while k < out_size and copies[k] and first[k] == first[k - 1] + 1:
+                k += 1
+            plan.append((j, k, int(first[j])))
+            j = k
+        else:
+            taps = int(np.flatnonzero(weights[j]).max()) + 1
+            plan.append((j, int(first[j]), weights[j, :taps].astype(np.int32).reshape(taps, 1, 1)))
+            j += 1
+    return plan
+
+
+def _resample_axis(src: np.ndarray, plan: list[tuple], out_size: int, axis: int) -> np.ndarray:
+    shape = list(src.shape)
+    shape[axis] = out_size
+    out = np.empty(shape, np.uint8)
+    s, o = np.swapaxes(src, 0, axis), np.swapaxes(out, 0, axis)
+    for step in plan:
+        if isinstance(step[2], int):
+            j, k, first = step
+            o[j:k] = s[first : first + k - j]
+        else:
+            j, first, weights = step
+            # int32 holds the sum, and no clipping is needed: the weights are >= 0 and sum to
+            # 2**22 give or take a few, so the result stays within 0..255
+            acc = (s[first : first + len(weights)] * weights).sum(0, dtype=np.int32)
+            o[j] = (acc + (1 << (PIL_PRECISION_BITS - 1))) >> PIL_PRECISION_BITS
+    return out
 
 
 def composite(rgba: np.ndarray, background) -> np.ndarray:
@@ -380,7 +669,11 @@ def _file_mpp(properties: dict) -> tuple[float | None, str]:
 
 
 def open_slide(
-    path: str | os.PathLike, slide_id: str | None = None, mpp: float | None = None, direct_tiles: bool = True
+    path: str | os.PathLike,
+    slide_id: str | None = None,
+    mpp: float | None = None,
+    direct_tiles: bool = True,
+    tile_cache_mb: float = DEFAULT_TILE_CACHE_MB,
 ) -> Slide:
     """Open a whole-slide image.
 
@@ -390,6 +683,8 @@ def open_slide(
         mpp: level-0 µm/px; overrides the file's value (the sheet's ``mpp`` column).
         direct_tiles: decode tiled JPEG TIFF levels without OpenSlide where that gives the
             same pixels (:class:`TiffTileReader`); False always reads through OpenSlide.
+        tile_cache_mb: MB of decoded tiles the direct reader keeps for this slide, in this
+            process (:data:`DEFAULT_TILE_CACHE_MB`); 0 keeps none. Pixels are the same either way.
 
     Raises:
         MsamilError: the file is missing or unopenable, or neither the file nor ``mpp`` gives µm/px.
@@ -398,6 +693,7 @@ def open_slide(
 
     path = Path(path)
     slide_id = slide_id or path.stem
+    tile_cache_bytes(tile_cache_mb)  # a bad budget fails before any work
     if not path.exists():
         raise MsamilError(f"slide {slide_id!r}: file not found: {path}; fix its `path` in the slide sheet")
     try:
@@ -425,7 +721,7 @@ def open_slide(
         )
     slide = Slide(osr, path, slide_id, mpp, source)
     if direct_tiles:
-        slide.use_direct_tiles()
+        slide.use_direct_tiles(tile_cache_mb)
     return slide
 
 
@@ -435,13 +731,16 @@ class OpenSlides:
     read, so file handles and OpenSlide's caches stay bounded whatever the cohort's size.
 
     A copy made by pickling (a DataLoader worker's) starts empty and opens its own handles: each
-    reading process holds at most ``capacity`` slides.
+    reading process holds at most ``capacity`` slides. Each open slide keeps up to
+    ``tile_cache_mb`` MB of decoded tiles (:func:`open_slide`), so a reading process holds at
+    most ``capacity * tile_cache_mb`` MB of them.
     """
 
-    def __init__(self, capacity: int = 8, direct_tiles: bool = True):
+    def __init__(self, capacity: int = 8, direct_tiles: bool = True, tile_cache_mb: float = DEFAULT_TILE_CACHE_MB):
         if int(capacity) < 1:
             raise MsamilError(f"open_slides (slides kept open at once) must be at least 1, got {capacity}")
-        self.capacity, self.direct_tiles = int(capacity), direct_tiles
+        tile_cache_bytes(tile_cache_mb)
+        self.capacity, self.direct_tiles, self.tile_cache_mb = int(capacity), direct_tiles, tile_cache_mb
         self._slides: OrderedDict[tuple, Slide] = OrderedDict()
 
     def get(self, path: str | os.PathLike, slide_id: str | None = None, mpp: float | None = None) -> Slide:
@@ -453,7 +752,7 @@ class OpenSlides:
             return slide
         while len(self._slides) >= self.capacity:
             self._slides.popitem(last=False)[1].close()
-        slide = self._slides[key] = open_slide(path, slide_id, mpp, self.direct_tiles)
+        slide = self._slides[key] = open_slide(path, slide_id, mpp, self.direct_tiles, self.tile_cache_mb)
         return slide
 
     def __len__(self) -> int:
