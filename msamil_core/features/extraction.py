@@ -172,21 +172,17 @@ def to_model_input(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 def resize_on_device(groups: list[tuple[torch.Tensor, torch.Tensor]], n: int, size: int,
                      device: torch.device) -> torch.Tensor:
-    """Patches read at their level's size -> float [n, 3, size, size] in [0, 1] on ``device``,
-    channels_last. An integer shrink averages k x k blocks (the box filter the CPU path's
-    ``reduce`` applies); other sizes use antialiased bilinear resampling (PIL's, as torch
-    implements it)."""
-    out = torch.empty(n, 3, size, size, device=device).contiguous(memory_format=torch.channels_last)
+    """Patches read at their level's size (groups of rows and uint8 [m, s, s, 3]) -> uint8
+    [n, 3, size, size] on ``device``, channels_last: resized there in Pillow's integer arithmetic
+    (:func:`~msamil_core.wsi.device_decode.resize_like_pillow`), so the pixels are those the
+    CPU path's readers make."""
+    from ..wsi.device_decode import resize_like_pillow
+
+    out = torch.empty(n, 3, size, size, dtype=torch.uint8, device=device).contiguous(
+        memory_format=torch.channels_last)
     for rows, patches in groups:
-        x = patches.to(device, non_blocking=True).permute(0, 3, 1, 2).float()
-        side = x.shape[-1]
-        if side != size:
-            if side % size == 0:
-                x = torch.nn.functional.avg_pool2d(x, side // size)
-            else:
-                x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", antialias=True,
-                                                    align_corners=False)
-        out[rows.to(device)] = x.div_(255.0)
+        x = patches.to(device, non_blocking=True).permute(0, 3, 1, 2)
+        out[rows.to(device)] = resize_like_pillow(x, size)
     return out
 
 
@@ -260,22 +256,23 @@ class Extractor:
         if job is None:
             return None
         dataset = self.dataset(job)
-        if self.features.gpu_decode and self.device.type == "cuda":
+        if self.features.gpu_decode and self.device.type == "cuda" and len(job.table):
             from ..wsi.device_decode import supports_device_decode
 
-            if supports_device_decode(dataset.slide):
+            if supports_device_decode(dataset.slide, self.device):
                 return job, dataset, self._device_decoded(dataset)
             log.info("slide %r: its tiles cannot be decoded on the GPU; decoding them on the CPU", job.slide_id)
         return job, dataset, _items(dataset, self.readers, self.device) if len(job.table) else iter(())
 
     def _device_decoded(self, dataset: PatchDataset) -> Iterator:
-        from ..wsi.device_decode import decode_patches
+        """Batches whose JPEG tiles are decoded on the device, each distinct tile once."""
+        from ..wsi.device_decode import read_patches
 
+        table = dataset.table
         for batch in range(len(dataset)):
             rows = dataset.rows(batch)
-            table = dataset.table
-            yield batch, decode_patches(dataset.slide, table.coords[rows.start:rows.stop],
-                                        table.patch_size_level0[rows.start:rows.stop], dataset.out_size, self.device)
+            yield batch, read_patches(dataset.slide, table.coords[rows.start:rows.stop],
+                                      table.patch_size_level0[rows.start:rows.stop], dataset.out_size, self.device)
 
     @torch.inference_mode()
     def _encode_one(self, job: PatchJob, dataset: PatchDataset, items: Iterator, progress: bool,
@@ -306,11 +303,10 @@ class Extractor:
         return out
 
     def _model_input(self, patches, n: int) -> torch.Tensor:
+        """uint8 [n, 3, S, S] on the device (the encoder normalises it there)."""
         if isinstance(patches, list):  # groups at their read size
             return resize_on_device(patches, n, self.spec.input_size, self.device)
-        if patches.device.type != "cpu":  # decoded on the device
-            return patches.permute(0, 3, 1, 2)
-        return to_model_input(patches, self.device)
+        return to_model_input(patches, self.device)  # already there when decoded on the device
 
     def close(self) -> None:
         """Free the model's memory (a GPU's too)."""

@@ -56,6 +56,8 @@ from .mil import SlideTask, validation_metrics
 
 log = logging.getLogger(__name__)
 
+E2E_TILE_CACHE_MB = 32  # decoded tiles kept per open slide while sampling patches
+
 # Encoder options that name a file only the initial weights need; the tuned state replaces it.
 _INIT_ONLY_KWARGS = ("backbone_weights",)
 
@@ -116,7 +118,9 @@ class SlidePatchDataset(torch.utils.data.Dataset):
                                   "drop the slide from the sheet or lower patches.min_fraction")
             self.tables.append((table.coords[rows], table.scales[rows], table.patch_size_level0[rows]))
         self.epoch = 0
-        self.slides = OpenSlides(open_slides)
+        # K random patches per slide and step rarely share a tile: a small cache per open slide
+        # (each reading process holds up to open_slides of them)
+        self.slides = OpenSlides(open_slides, tile_cache_mb=E2E_TILE_CACHE_MB)
 
     @property
     def slide_ids(self) -> list[str]:
