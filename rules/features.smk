@@ -1,6 +1,7 @@
 # Coordinates -> feature bags: one job per slide and encoder writes the bag of every patch-selection
 # strategy the experiments use (results/features/<key>-<hash>-<strategy>/<slide>.pt), reading and
-# encoding the patches the strategies share once. Hub weights (`weights: hf-hub:<org>/<repo>`) are
+# encoding the patches the strategies share once. With features.server (the default) the job hands
+# its slide to a feature server that keeps the encoder loaded between jobs (README: Throughput). Hub weights (`weights: hf-hub:<org>/<repo>`) are
 # fetched once, before any extraction, on the machine that runs Snakemake (HF_TOKEN for gated
 # repos); extraction jobs read only the Hugging Face cache. The weights file (or the fetch record)
 # is an input of extraction, so new weights re-extract.

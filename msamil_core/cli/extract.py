@@ -14,6 +14,13 @@ encoded once; each bag keeps its own rows and records the pass's patch count
 With --encoder-checkpoint (an `msamil e2e` checkpoint) the encoder is the tuned one, built as it
 was trained; the other encoder options are then ignored.
 
+The encoder stays loaded between calls (--server, the default): this command hands the slide to
+a feature server on this machine that holds the model (started on first use, one per user,
+encoder, settings, device and concurrent call; it exits after --server-idle seconds without
+work; its log is in $XDG_RUNTIME_DIR/msamil or <tmp>/msamil-<uid>). --no-server loads the encoder
+in this process; the bags are the same. --workers auto (the default) reads patches in this
+process on the CPU and in --threads minus one reader processes on a GPU.
+
 Encoders: a preset (`msamil list-models`: resnet50_trunc, uni_v1, uni_v2, virchow, virchow2,
 h_optimus_0, h_optimus_1, gigapath, phikon, phikon_v2; their input size, normalisation and output
 rule are the model card's), `msfem` (MsaMIL-Net: EfficientNet-B3 feature map + Transformer, 512-d)

@@ -82,15 +82,14 @@ def _code_signature() -> dict:
 
 
 def server_config(encoder: dict, checkpoint: str | None, features: dict, device: str, threads: int | None) -> dict:
-    """What a server is built from (JSON), and what its key hashes."""
-    if threads is None or threads <= 0:
-        threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    """What a server is built from (JSON), and what its key hashes. ``threads`` None or 0: torch's
+    default, as a job that loads the encoder itself would have."""
     return {
         "encoder": encoder,
         "checkpoint": str(Path(checkpoint).resolve()) if checkpoint else None,
         "features": features,
         "device": device,
-        "threads": int(threads),
+        "threads": threads or None,
         "environment": {k: os.environ[k] for k in KEY_ENVIRONMENT if k in os.environ},
         "code": _code_signature(),
     }
