@@ -141,7 +141,7 @@ def feature_servers() -> list[tuple[object, str]]:
     found = []
     for proc in psutil.process_iter(["cmdline"]):
         argv = proc.info["cmdline"] or []
-        if "msamil_core.features.server" in argv and any(a.startswith(str(SERVERS)) for a in argv):
+        if "msamil_core.feature_server" in argv and any(a.startswith(str(SERVERS)) for a in argv):
             found.append((proc, "feature-server"))
     return found
 

@@ -48,7 +48,7 @@ def server_pids(folder: Path) -> list[int]:
             argv = (proc / "cmdline").read_bytes().split(b"\0")
         except (OSError, ValueError):
             continue
-        if b"msamil_core.features.server" in argv and any(a.startswith(str(folder).encode()) for a in argv):
+        if b"msamil_core.feature_server" in argv and any(a.startswith(str(folder).encode()) for a in argv):
             pids.append(int(proc.name))
     return pids
 

@@ -4,7 +4,7 @@ The workflow runs one ``msamil extract`` job per slide (so that adding a slide e
 slide only); building the encoder is the fixed cost of each (~14 s for ViT-L ``uni_v1`` on a CPU,
 besides ~5 s importing torch and timm). With ``features.server`` (the default) the job is a thin
 client that never imports torch: it hands its slide to a server process
-(:mod:`msamil_core.features.server`) that holds the encoder, starting one if none is running, and
+(:mod:`msamil_core.feature_server`) that holds the encoder, starting one if none is running, and
 moves the bags the server wrote into place.
 
 Which server: one per
@@ -144,7 +144,7 @@ class Server:
         self.config_file.write_text(json.dumps(self.config))
         with open(self.log, "ab") as out:
             process = subprocess.Popen(
-                [sys.executable, "-m", "msamil_core.features.server", str(self.socket), str(self.config_file),
+                [sys.executable, "-m", "msamil_core.feature_server", str(self.socket), str(self.config_file),
                  str(idle)],
                 stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, cwd=self.socket.parent,
                 start_new_session=True)  # outlives this job; not in the job's process group

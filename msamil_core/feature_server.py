@@ -1,6 +1,6 @@
 """A feature server: one encoder loaded once, extracting the slides its clients hand it.
 
-Started by :mod:`msamil_core.features.client` as ``python -m msamil_core.features.server SOCKET
+Started by :mod:`msamil_core.features.client` as ``python -m msamil_core.feature_server SOCKET
 CONFIG IDLE``; it builds the encoder (:class:`~msamil_core.features.extraction.Extractor`, on the
 GPU it claims as a job would), listens on the Unix socket ``SOCKET`` and serves one client at a
 time (a client holds its slot's lock), until ``IDLE`` seconds pass without one.
@@ -23,7 +23,7 @@ import threading
 from multiprocessing.connection import Connection
 from pathlib import Path
 
-from ..errors import MsamilError
+from .errors import MsamilError
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +47,8 @@ class _ToClient(logging.Handler):
 
 def _weights_signature(config: dict) -> tuple | None:
     """(path, size, mtime) of the weights (or e2e checkpoint) the server's encoder comes from."""
-    from ..settings import EncoderSettings
-    from .encoders import EncoderSpec, weights_file
+    from .features.encoders import EncoderSpec, weights_file
+    from .settings import EncoderSettings
 
     path = config["checkpoint"] or weights_file(EncoderSpec.from_settings(EncoderSettings(**config["encoder"])))
     if path is None:
@@ -58,14 +58,14 @@ def _weights_signature(config: dict) -> tuple | None:
 
 
 def _build(config: dict):
-    from ..runtime import set_threads
-    from ..settings import EncoderSettings, FeatureSettings
-    from .encoders import EncoderSpec
-    from .extraction import Extractor
+    from .features.encoders import EncoderSpec
+    from .features.extraction import Extractor
+    from .runtime import set_threads
+    from .settings import EncoderSettings, FeatureSettings
 
     set_threads(config["threads"])
     if config["checkpoint"]:
-        from ..training.e2e import encoder_spec_from_checkpoint
+        from .training.e2e import encoder_spec_from_checkpoint
 
         spec = encoder_spec_from_checkpoint(config["checkpoint"])
     else:
@@ -101,8 +101,8 @@ class _Session:
 
 def _serve_one(extractor, conn: Connection, config: dict, loaded, to_client: _ToClient) -> bool:
     """Serve one client; False when the server must exit (its weights changed)."""
-    from ..features.bags import save_bag
-    from .extraction import Cancelled, bags_of
+    from .features.bags import save_bag
+    from .features.extraction import Cancelled, bags_of
 
     try:
         kind, request = conn.recv()
@@ -158,7 +158,7 @@ def _serve_one(extractor, conn: Connection, config: dict, loaded, to_client: _To
 def serve(socket_path: str, config_path: str, idle: float) -> int:
     import json
 
-    from ..runtime import reclaim_gpus, release_gpus
+    from .runtime import reclaim_gpus, release_gpus
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
