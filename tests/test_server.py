@@ -178,3 +178,14 @@ def test_the_server_folder_must_be_this_users_alone(tmp_path, monkeypatch):
         server_dir()
     os.chmod(tmp_path / "msamil", 0o700)
     assert server_dir() == tmp_path / "msamil"
+
+
+def test_a_folder_too_long_for_a_socket_is_passed_over(tmp_path, monkeypatch):
+    from msamil_core.features.client import MAX_FOLDER_BYTES, server_dir
+
+    deep = tmp_path / ("x" * MAX_FOLDER_BYTES)
+    deep.mkdir()
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(deep))
+    monkeypatch.setenv("TMPDIR", str(deep))
+    folder = server_dir()
+    assert folder == Path("/tmp") / f"msamil-{os.getuid()}" and len(str(folder / ("0" * 24 + "-0.sock"))) < 108

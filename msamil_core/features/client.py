@@ -58,13 +58,29 @@ class ServerGone(Exception):
     """The server died or went away before the slide was done."""
 
 
+# A Unix socket's path holds at most 107 bytes; the folder leaves room for the socket's name.
+MAX_FOLDER_BYTES = 70
+
+
 def server_dir() -> Path:
     """The folder of this user's feature servers (sockets, locks, logs): readable by this user
-    only, so no other user's job can reach a server."""
+    only, so no other user's job can reach a server. ``$XDG_RUNTIME_DIR/msamil``, else
+    ``<tmp>/msamil-<uid>``, else ``/tmp/msamil-<uid>`` (when the others are not writable or their
+    path is too long for a socket)."""
     runtime = os.environ.get("XDG_RUNTIME_DIR")
-    base = Path(runtime) / "msamil" if runtime and os.path.isdir(runtime) else \
-        Path(tempfile.gettempdir()) / f"msamil-{os.getuid()}"
-    base.mkdir(mode=0o700, exist_ok=True)
+    candidates = [Path(runtime) / "msamil"] if runtime and os.path.isdir(runtime) else []
+    candidates += [Path(tempfile.gettempdir()) / f"msamil-{os.getuid()}", Path("/tmp") / f"msamil-{os.getuid()}"]
+    for base in candidates:
+        if len(os.fsencode(base)) > MAX_FOLDER_BYTES:
+            continue
+        try:
+            base.mkdir(mode=0o700, exist_ok=True)
+            break
+        except OSError:
+            continue
+    else:
+        raise MsamilError(f"feature servers: none of {', '.join(map(str, candidates))} can hold their sockets; "
+                          "set XDG_RUNTIME_DIR to a short writable folder, or features.server: false")
     info = base.stat()
     if info.st_uid != os.getuid() or info.st_mode & 0o077:
         raise MsamilError(f"feature servers: {base} belongs to another user or is open to others; remove it, "
