@@ -49,6 +49,8 @@ def hub_file(ref: str, filenames: tuple[str, ...] | list[str], *, download: bool
 
     repo, revision = parse_hub_ref(ref)
     page = f"https://huggingface.co/{repo}"
+    if download and not offline():
+        check_reachable(ref)
     not_cached = []
     for name in filenames:
         try:
@@ -79,15 +81,49 @@ def hub_file(ref: str, filenames: tuple[str, ...] | list[str], *, download: bool
         return None
     where = f"the cache {cache_dir}" if cache_dir else "the Hugging Face cache (HF_HOME / HF_HUB_CACHE)"
     if not_cached and not download:
-        offline = " (HF_HUB_OFFLINE is set)" if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true") else ""
+        offline_ = " (HF_HUB_OFFLINE is set)" if offline() else ""
         raise MsamilError(
-            f"{ref}: {' / '.join(filenames)} not in {where}{offline}; fetch it once with "
+            f"{ref}: {' / '.join(filenames)} not in {where}{offline_}; fetch it once with "
             f"`msamil fetch-weights {ref}` (the workflow's fetch_weights rule does this)"
         )
-    if not_cached:
+    if not_cached and offline():
         raise MsamilError(f"{ref}: {' / '.join(filenames)} not in {where} and HF_HUB_OFFLINE forbids a download; "
                           "unset HF_HUB_OFFLINE where the network is reachable")
+    if not_cached:
+        raise MsamilError(f"{ref}: {' / '.join(filenames)} could not be downloaded from {endpoint()} (the hub "
+                          "stopped answering); rerun `msamil fetch-weights`, or fetch where the hub can be reached "
+                          "and copy the Hugging Face cache")
     raise MsamilError(f"{ref}: the repo has none of {', '.join(filenames)}; check the repo id or name the file")
+
+
+def offline() -> bool:
+    """Whether HF_HUB_OFFLINE forbids downloads."""
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def endpoint() -> str:
+    """The hub's address (HF_ENDPOINT, else huggingface.co)."""
+    return os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+
+
+def check_reachable(ref: str, timeout: float = 10.0) -> None:
+    """One connection to the hub before a download: a machine without a network fails at once in
+    one line, rather than after huggingface_hub's retries (about 50 s) with a message about the
+    cache."""
+    import socket
+    from urllib.parse import urlsplit
+
+    url = urlsplit(endpoint())
+    host, port = url.hostname or "", url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise MsamilError(
+            f"{ref}: the Hugging Face Hub ({endpoint()}) cannot be reached from this machine ({reason}); run "
+            "`msamil fetch-weights` where it can, then copy the Hugging Face cache (HF_HOME / HF_HUB_CACHE) here, "
+            "or name a local weights file"
+        ) from None
 
 
 def local_weights(path: str | os.PathLike, names: tuple[str, ...] | list[str] = WEIGHT_FILES) -> Path | None:

@@ -102,6 +102,23 @@ def test_gated_repo_without_access_fails_in_one_line(tmp_path, fake_hub):
     assert any("/MahmoodLab/UNI/resolve/main/pytorch_model.bin" in r for r in FakeHub.requests)
 
 
+def test_without_a_network_fetch_fails_at_once_in_one_line(tmp_path):
+    """No hub to reach (a port nothing listens on): one try, one line that says so, and no word of
+    HF_HUB_OFFLINE, which is not set."""
+    import socket
+    import time
+
+    with socket.socket() as s:  # a free port, closed again: connections are refused
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    start = time.monotonic()
+    run = msamil(["fetch-weights", "uni_v1"], {"HF_ENDPOINT": f"http://127.0.0.1:{port}"}, tmp_path / "cache")
+    assert run.returncode == 1 and time.monotonic() - start < 20
+    lines = [line for line in run.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, run.stderr
+    assert "cannot be reached" in lines[0] and f"127.0.0.1:{port}" in lines[0] and "HF_HUB_OFFLINE" not in lines[0]
+
+
 def test_fetch_fills_the_cache_once_then_extraction_reads_it_offline(tmp_path, fake_hub):
     from msamil_core.features.encoders import EncoderSpec, build_encoder, encoder_id
     import timm
