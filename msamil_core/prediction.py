@@ -303,17 +303,31 @@ def prediction_record(slide_id: str, per_fold: np.ndarray, folds: list[FoldModel
     }
 
 
+def failed_record(slide_id: str, reason: str, label: str = "") -> dict:
+    """The entry of a slide that has no prediction, with the reason."""
+    return {"slide_id": slide_id, "label": label or None, "predicted": None, "probabilities": {}, "votes": {},
+            "folds": [], "patches": None, "note": reason}
+
+
 def write_predictions(out_dir: str | os.PathLike, records: list[dict], folds: list[FoldModel], models: str) -> None:
     """predictions.json and predictions.csv (slide_id, label, predicted, prob_<class>,
-    votes_<class>, fold<k>), each atomically."""
+    votes_<class>, fold<k>, patches, note; a slide without a prediction has empty values and the
+    reason in ``note``), each atomically."""
     import pandas as pd
 
     out_dir = Path(out_dir)
     classes = list(folds[0].checkpoint["classes"])
-    table = pd.DataFrame([{"slide_id": r["slide_id"], "label": r["label"] or "", "predicted": r["predicted"],
-                           **{f"prob_{c}": f"{r['probabilities'][c]:.6f}" for c in classes},
-                           **{f"votes_{c}": r["votes"][c] for c in classes},
-                           **{f"fold{f['fold']}": f["vote"] for f in r["folds"]}} for r in records])
+    fold_ids = [f.fold for f in folds]
+
+    def row(r: dict) -> dict:
+        votes = {f["fold"]: f["vote"] for f in r["folds"]}
+        return {"slide_id": r["slide_id"], "label": r["label"] or "", "predicted": r["predicted"] or "",
+                **{f"prob_{c}": f"{r['probabilities'][c]:.6f}" if r["predicted"] else "" for c in classes},
+                **{f"votes_{c}": r["votes"][c] if r["predicted"] else "" for c in classes},
+                **{f"fold{k}": votes.get(k, "") for k in fold_ids},
+                "patches": "" if r.get("patches") is None else r["patches"], "note": r.get("note", "")}
+
+    table = pd.DataFrame([row(r) for r in records])
     with atomic_path(out_dir / "predictions.csv") as tmp:
         table.to_csv(tmp, index=False)
     write_json(out_dir / "predictions.json", {"models": str(models), "checkpoints": [str(f.path) for f in folds],
@@ -326,16 +340,23 @@ def write_predictions(out_dir: str | os.PathLike, records: list[dict], folds: li
 
 def predict_slides(models: str | os.PathLike, sheet, out: str | os.PathLike, settings: SlideSettings, device,
                    results: str | os.PathLike | None = None, features: str | os.PathLike | None = None,
-                   folds: list[int] | None = None, heatmaps: bool = False, top_k: int = 8) -> list[dict]:
+                   folds: list[int] | None = None, heatmaps: bool = False, top_k: int = 8,
+                   min_patches: int | None = None) -> list[dict]:
     """``msamil predict``: classify every slide of ``sheet`` (slide_id, path, [label, mpp,
     annotation]) with the fold models of the experiment folder ``models``; write
     ``out/predictions.{json,csv}`` and, with ``heatmaps``, ``out/heatmaps/<slide>/``.
 
     Per-slide files are reused from ``out`` and from the workflow's ``results`` folder (its
     ``slides/``, ``coords/``, and the bags in ``features``) when they were made from the same
-    slide file; the rest is computed into ``out``. A slide that fails stops the run with one line
-    naming the slide and the checkpoints, leaving no file of that slide and no predictions.
+    slide file; the rest is computed into ``out``. A slide that fails gets a record with the
+    reason (``note``) and leaves no file of its own; the others are classified. A bag of fewer than
+    ``min_patches`` patches is classified and flagged. Fails only when no slide could be classified
+    (after writing the tables).
     """
+    from .features.bags import load_bag
+    from .settings import PredictSettings
+
+    min_patches = min_patches or PredictSettings().min_patches
     from .features.encoders import encoder_id
 
     fold_models = load_fold_models(models, device, folds)
@@ -362,18 +383,36 @@ def predict_slides(models: str | os.PathLike, sheet, out: str | os.PathLike, set
                 drawn.append((att, row, slide_folder(row["path"], [own, *reuse]) or own, mpp))
             else:
                 per_fold = fold_probabilities(fold_models, bag_path, sid, device)
+            patches = len(load_bag(bag_path))
         except MsamilError as exc:
-            raise MsamilError(f"slide {sid!r} with {checkpoints}: {exc}") from None
-        records.append(prediction_record(sid, per_fold, fold_models, row.get("label", "")))
-        log.info("%s: %s (%s)", sid, records[-1]["predicted"],
-                 ", ".join(f"{c} {p:.3f}" for c, p in records[-1]["probabilities"].items()))
+            log.warning("slide %r with %s: %s; no prediction for it", sid, checkpoints, exc)
+            records.append(failed_record(sid, str(exc), row.get("label", "")))
+            continue
+        record = prediction_record(sid, per_fold, fold_models, row.get("label", ""))
+        record.update(patches=patches, note="")
+        if patches < min_patches:
+            record["note"] = f"only {patches} patch(es) (fewer than {min_patches}): weak evidence"
+            log.warning("slide %r: its bag has only %d patch(es), fewer than %d (predict.min_patches); the "
+                        "prediction is flagged", sid, patches, min_patches)  # fmt: skip
+        records.append(record)
+        log.info("%s: %s (%s)", sid, record["predicted"], ", ".join(f"{c} {p:.3f}" for c, p in record["probabilities"].items()))
+    by_id = {r["slide_id"]: r for r in records}
     for att, row, files, mpp in drawn:
         try:
             draw_slide(att, row, files.meta, files.thumbnail, out / "heatmaps" / att.slide_id, mpp, top_k,
                        Path(models).name, settings.thumbnail)
-        except MsamilError as exc:
-            raise MsamilError(f"slide {att.slide_id!r} with {checkpoints}: {exc}") from None
+        except MsamilError as exc:  # the prediction stands; the row says why it has no heatmap
+            log.warning("slide %r: no heatmap: %s", att.slide_id, exc)
+            note = by_id[att.slide_id]["note"]
+            by_id[att.slide_id]["note"] = f"{note}; " * bool(note) + f"no heatmap: {exc}"
     write_predictions(out, records, fold_models, models)
+    failed = [r for r in records if r["predicted"] is None]
+    if failed and len(failed) == len(records):
+        raise MsamilError(f"no slide could be classified with {checkpoints} (the reasons are in "
+                          f"{out / 'predictions.csv'}): first {failed[0]['slide_id']!r}: {failed[0]['note']}")
+    if failed:
+        log.warning("%d of %d slide(s) have no prediction (reasons in %s): %s", len(failed), len(records),
+                    out / "predictions.csv", ", ".join(r["slide_id"] for r in failed))  # fmt: skip
     return records
 
 

@@ -763,6 +763,8 @@ class PredictSettings(Section):
     experiment: str | None = setting(None, "whose fold models classify them; null = the first experiment",
                                      cli=False)
     heatmaps: bool = setting(True, "also write attention heatmaps of each new slide", cli=False)
+    min_patches: int = setting(16, "a bag with fewer patches is classified but flagged (the row's `note` and the "
+                               "log): a few patches are weak evidence for a slide's class", min=1)
 
 
 #: The demo's encoder: a randomly initialised ResNet-18 on 64-px patches (fast on a CPU).

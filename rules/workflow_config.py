@@ -498,7 +498,8 @@ class WorkflowConfig:
     def predict_options(self) -> str:
         """``msamil predict`` (predict_slides): heatmaps and how to compute. Everything the models'
         inputs depend on comes from the experiment's manifest, not from here."""
-        opts = [self.extract_runtime_options(precision=False, server=False)]
+        opts = [self.extract_runtime_options(precision=False, server=False),
+                shell_args(self.settings.predict, only=["min_patches"])]
         if self.settings.predict.heatmaps:
             opts.append(_joined("--heatmaps", self.heatmap_options()))
         return _joined(*opts)

@@ -237,20 +237,35 @@ def test_encoder_mismatch_names_both_and_writes_nothing(tiny_experiment, tmp_pat
                  "--slide-id", "s0", "--results", str(exp["results"]), "--features", str(foreign), *RUNTIME])
     err = capsys.readouterr().err
     assert code == 1 and "uni-0123456789" in err and exp["encoder"] in err and "checkpoint.pt" in err
-    assert not (tmp_path / "out").exists()
+    # its row says why; no file of the slide is written
+    (row,) = csv.DictReader(open(tmp_path / "out" / "predictions.csv"))
+    assert row["predicted"] == "" and "uni-0123456789" in row["note"]
+    assert sorted(p.name for p in (tmp_path / "out").rglob("*")) == ["predictions.csv", "predictions.json"]
 
 
-def test_a_slide_that_fails_names_slide_and_checkpoint_and_leaves_nothing(tiny_experiment, blank_slide, tmp_path, capsys):
+def test_a_slide_that_fails_gets_its_reason_and_the_others_their_predictions(tiny_experiment, blank_slide, tmp_path,
+                                                                              capsys, caplog):
     exp = tiny_experiment
     tiff, _ = demo_slide(tmp_path / "slides", 5, "bland_zonal")
-    sheet = write_sheet(tmp_path / "new.csv", [{"slide_id": "good", "path": str(tiff)},
-                                               {"slide_id": "glass", "path": str(blank_slide)}])
+    sheet = write_sheet(tmp_path / "new.csv", [{"slide_id": "glass", "path": str(blank_slide)},
+                                               {"slide_id": "good", "path": str(tiff)}])
     out = tmp_path / "out"
-    code = _predict(exp, out, "--sheet", str(sheet))
-    err = capsys.readouterr().err.strip().splitlines()
-    assert code == 1 and len(err) == 1
-    assert "'glass'" in err[0] and "no tissue" in err[0] and str(exp["models"] / "fold0" / "checkpoint.pt") in err[0]
-    assert not (out / "predictions.json").exists() and not (out / "predictions.csv").exists()
+    # every bag is "small" here: the good slide is classified and flagged
+    assert _predict(exp, out, "--sheet", str(sheet), "--min-patches", "100000") == 0
+    err = caplog.text
+    assert "'glass'" in err and "no tissue" in err and str(exp["models"] / "fold0" / "checkpoint.pt") in err
+    table = {row["slide_id"]: row for row in csv.DictReader(open(out / "predictions.csv"))}
+    assert list(table) == ["glass", "good"]
+    assert table["glass"]["predicted"] == "" and "no tissue" in table["glass"]["note"]
+    assert table["good"]["predicted"] in exp["classes"] and int(table["good"]["patches"]) > 0
+    assert "fewer than 100000" in table["good"]["note"] and "fewer than 100000" in err
+    report = json.loads((out / "predictions.json").read_text())
+    assert [s["predicted"] is None for s in report["slides"]] == [True, False]
     leftovers = [str(p.relative_to(out)) for p in out.rglob("*") if "glass" in p.name or p.name.startswith(".")]
     assert leftovers == []  # no file of the failed slide, no staging folder
-    assert (out / "features" / "good.pt").exists()  # the good slide before it is kept, not computed twice
+    # no slide classified at all: the tables are written and the command fails in one line
+    only = write_sheet(tmp_path / "glass.csv", [{"slide_id": "glass", "path": str(blank_slide)}])
+    assert _predict(exp, tmp_path / "none", "--sheet", str(only)) == 1
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("msamil predict: error: no slide could be classified") and "'glass'" in last
+    assert (tmp_path / "none" / "predictions.csv").exists()

@@ -5,7 +5,7 @@ thumbnail, tissue mask, [lesion mask with --segmentation-checkpoint], 20x/10x/5x
 coordinates, features with the experiment's encoder, and every fold's model. The slide's class
 probabilities are the mean over the fold models; each fold's vote (its most probable class) is
 listed too. Outputs in --out: predictions.json and predictions.csv (slide_id, label, predicted,
-prob_<class>, votes_<class>, fold<k>); with --heatmaps also heatmaps/<slide>/ (attention averaged
+prob_<class>, votes_<class>, fold<k>, patches, note); with --heatmaps also heatmaps/<slide>/ (attention averaged
 over the folds; see `msamil heatmap --help` for the files).
 
 Everything the models' inputs depend on (thumbnail, tissue and patch settings, the lesion model,
@@ -20,8 +20,12 @@ file's identity, coordinates and bags its digest) with the same settings: from -
 read-only from the workflow's --results (slides/<slide>/, coords/) and --features, so slides the
 workflow has processed cost one model pass; a different file under a cohort slide's id gets its
 own files. Whatever is missing is computed into --out (slides/, coords/, features/): predict never
-writes into the cohort's folders. A slide that fails stops the run with one line naming the slide
-and the checkpoint, and leaves no file of that slide and no predictions.
+writes into the cohort's folders.
+
+No slide is lost to another: a slide that fails (unreadable, no patch passing the mask, ...) gets
+a row whose `note` says why, leaves no file of its own, and the others are classified; a bag of
+fewer than --min-patches patches is classified and flagged in its `note` and the log. The command
+fails (status 1, after writing the tables) only when no slide at all could be classified.
 
 Examples:
   msamil predict --models results/models/msamil_multiscale --slide new.svs --out predictions/ --heatmaps
@@ -40,7 +44,7 @@ FROM_MANIFEST = "the manifest's; given, it must agree"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from ..settings import FeatureSettings, HeatmapSettings, PatchSettings, ThumbnailSettings, TissueSettings
+    from ..settings import FeatureSettings, HeatmapSettings, PatchSettings, PredictSettings, ThumbnailSettings, TissueSettings
 
     io = parser.add_argument_group("input and output")
     io.add_argument("--models", required=True, help="experiment folder holding manifest.json and fold<k>/checkpoint.pt")
@@ -56,6 +60,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     io.add_argument("--features", help="folder of existing bags to reuse (read only), e.g. the experiment's features")
     io.add_argument("--heatmaps", action="store_true", help="also write attention heatmaps of every slide")
     add_settings(io, HeatmapSettings)
+    add_settings(io, PredictSettings)
 
     pre = parser.add_argument_group("preprocessing and encoder (the experiment's manifest's: give one only to check it)")
     add_settings(pre, ThumbnailSettings, defaults=False, source=FROM_MANIFEST)
@@ -77,8 +82,8 @@ def run(args: argparse.Namespace) -> None:
     from ..pipeline import ExtractOptions
     from ..prediction import predict_slides, read_new_slides, single_slide, slide_settings
     from ..runtime import resolve_device, set_threads
-    from ..settings import (EncoderSettings, FeatureSettings, HeatmapSettings, PatchSettings, ThumbnailSettings,
-                            TissueSettings)
+    from ..settings import (EncoderSettings, FeatureSettings, HeatmapSettings, PatchSettings, PredictSettings,
+                            ThumbnailSettings, TissueSettings)
 
     set_threads(args.threads)
     sheet = read_new_slides(args.sheet) if args.sheet else single_slide(args.slide, args.slide_id, args.mpp)
@@ -88,4 +93,4 @@ def run(args: argparse.Namespace) -> None:
                               ExtractOptions(features, args.device, not args.no_progress))
     predict_slides(args.models, sheet, args.out, settings, resolve_device(args.device), results=args.results,
                    features=args.features, folds=args.fold, heatmaps=args.heatmaps,
-                   top_k=from_args(args, HeatmapSettings).top_k)
+                   top_k=from_args(args, HeatmapSettings).top_k, min_patches=from_args(args, PredictSettings).min_patches)
