@@ -190,13 +190,28 @@ SCREENING_INPUTS = _screening_inputs()  # one stat per file, at parse time
 
 
 def _screened(path):
-    """(kept slides in sheet order, kept slides with an annotation) of a screened sheet."""
+    """(kept slides in sheet order, kept slides with an annotation) of a screened sheet; the first
+    time, the console says how many slides the screening left out and where the list is."""
     stamp = os.stat(path).st_mtime_ns
     if _KEPT.get("stamp") != (path, stamp):
         table = load_sheet(path)
         annotated = set(table.index[table["annotation"] != ""]) if "annotation" in table.columns else set()
         _KEPT.update(stamp=(path, stamp), slides=list(table.index), annotated=annotated)
+        _say_left_out(len(table))
     return _KEPT["slides"], _KEPT["annotated"]
+
+
+def _say_left_out(kept):
+    """One console line: slides kept, left out, and the list's path."""
+    import pandas as pd
+
+    left = pd.read_csv(LEFT_OUT, dtype=str, keep_default_na=False) if os.path.exists(LEFT_OUT) else None
+    slides = 0 if left is None else int((left["what"] == "slide").sum())
+    others = 0 if left is None else len(left) - slides
+    if slides or others:
+        extra = f" and {others} annotation(s)" if others else ""
+        logger.warning(f"msamil: the screening left out {slides} of {kept + slides} slide(s){extra}; the reasons are "
+                       f"in {LEFT_OUT}")
 
 
 def _forecast():

@@ -113,6 +113,8 @@ def test_good_slides_complete_and_bad_ones_are_left_out_with_reasons(cohort_run)
         assert not (wd / "results" / "slides" / slide).exists()  # no per-slide job ran for it
     screened = pd.read_csv(wd / "results" / "cohort" / "slides.csv")
     assert list(screened.slide_id) == ["cmu", "dapi (387)"]
+    # the console says how many and where the list is
+    assert "the screening left out 5 of 7 slide(s); the reasons are in results/cohort/left_out.csv" in run.stderr
     leftovers = [p for p in (wd / "results").rglob(".*") if p.is_file()]
     assert leftovers == []  # no temporary files
 
