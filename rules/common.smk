@@ -206,7 +206,7 @@ def _say_left_out(kept):
     import pandas as pd
 
     left = pd.read_csv(LEFT_OUT, dtype=str, keep_default_na=False) if os.path.exists(LEFT_OUT) else None
-    slides = 0 if left is None else int((left["what"] == "slide").sum())
+    slides = 0 if left is None else int((left["what"] == "slide").sum()) if "what" in left.columns else len(left)
     others = 0 if left is None else len(left) - slides
     if slides or others:
         extra = f" and {others} annotation(s)" if others else ""
