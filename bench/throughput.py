@@ -60,18 +60,25 @@ def demo_slides(out: Path, n: int) -> list[Path]:
     return [Path(p) for p in table.loc[table["slide_id"].isin(ids), "path"]]
 
 
-def make_coords(slide: Path, out: Path, max_patches: int) -> tuple[list[Path], int]:
-    """The slide's tissue coordinates (first ``max_patches`` per scale; 0 = all): (files, patches)."""
+def tissue_grids(slide: Path, folder: Path, patch_size: int) -> dict:
+    """The slide's tissue grids at 20x, 10x and 5x (its thumbnail and tissue mask made in
+    ``folder`` the first time)."""
     from msamil_core.pipeline import make_thumbnail, make_tissue_mask, select_grids
-    from msamil_core.wsi.coords import write_coords
     from msamil_core.wsi.masks import load_mask
     from msamil_core.wsi.thumbnail import load_meta
 
-    folder = out / slide.stem
-    make_thumbnail(slide, folder / "thumbnail.png", folder / "meta.json")
-    make_tissue_mask(folder / "thumbnail.png", folder / "tissue.png", slide_id=slide.stem)
-    grids = select_grids(load_meta(folder / "meta.json"), load_mask(folder / "tissue.png"), None, "tissue",
-                         PatchSettings())
+    if not (folder / "tissue.png").exists():
+        make_thumbnail(slide, folder / "thumbnail.png", folder / "meta.json")
+        make_tissue_mask(folder / "thumbnail.png", folder / "tissue.png", slide_id=slide.stem)
+    return select_grids(load_meta(folder / "meta.json"), load_mask(folder / "tissue.png"), None, "tissue",
+                        PatchSettings(patch_size=patch_size))
+
+
+def make_coords(slide: Path, folder: Path, max_patches: int, patch_size: int) -> tuple[list[Path], int]:
+    """The slide's tissue coordinates (first ``max_patches`` per scale; 0 = all): (files, patches)."""
+    from msamil_core.wsi.coords import write_coords
+
+    grids = tissue_grids(slide, folder, patch_size)
     files, total = [], 0
     for scale, grid in grids.items():
         coords = grid.coords[:max_patches] if max_patches else grid.coords
@@ -185,23 +192,14 @@ def reading(jobs, input_size: int) -> float:
     return time.perf_counter() - start
 
 
-def read_shares(slide: Path, patch_size: int) -> list[str]:
+def read_shares(slide: Path, folder: Path, patch_size: int) -> list[str]:
     """Per scale: our read rate over all the slide's tissue patches of that scale, as a share of
     decoding each tile they touch once."""
     from read_patches import RawTiles
 
-    from msamil_core.pipeline import select_grids
-    from msamil_core.wsi.masks import load_mask
     from msamil_core.wsi.slide import open_slide
-    from msamil_core.wsi.thumbnail import load_meta
 
-    folder = Path(tempfile.mkdtemp(prefix="msamil-tput-")) / slide.stem
-    from msamil_core.pipeline import make_thumbnail, make_tissue_mask
-
-    make_thumbnail(slide, folder / "thumbnail.png", folder / "meta.json")
-    make_tissue_mask(folder / "thumbnail.png", folder / "tissue.png", slide_id=slide.stem)
-    grids = select_grids(load_meta(folder / "meta.json"), load_mask(folder / "tissue.png"), None, "tissue",
-                         PatchSettings(patch_size=patch_size))
+    grids = tissue_grids(slide, folder, patch_size)
     raw = RawTiles(slide)
     lines = []
     for scale in SCALES:
@@ -260,7 +258,7 @@ def main(argv=None) -> int:
     weights = hub_weights(args.encoder, cache)
     coords, counts = {}, []
     for slide in slides:
-        coords[slide], n = make_coords(slide, work / "coords", args.max_patches)
+        coords[slide], n = make_coords(slide, work / "coords" / slide.stem, args.max_patches, args.patch_size)
         counts.append(n)
     patches = sum(counts)
     print(f"{len(slides)} slides, {patches} patches ({args.max_patches or 'all'} per scale and slide), encoder "
@@ -309,7 +307,7 @@ def main(argv=None) -> int:
         print(f"GPU: {torch.cuda.get_device_name(extractor.device)}; peak memory {peak:.2f} GiB; mean "
               f"utilisation {monitor.mean()} during the in-process pipeline")
     print(f"read rate as a share of tile-once decoding, slide {slides[0].name}:")
-    for line in read_shares(slides[0], args.patch_size):
+    for line in read_shares(slides[0], work / "coords" / slides[0].stem, args.patch_size):
         print(line)
     return 0
 

@@ -48,13 +48,11 @@ class _ToClient(logging.Handler):
 def _weights_signature(config: dict) -> tuple | None:
     """(path, size, mtime) of the weights (or e2e checkpoint) the server's encoder comes from."""
     from .features.encoders import EncoderSpec, weights_file
+    from .features.extraction import file_signature
     from .settings import EncoderSettings
 
-    path = config["checkpoint"] or weights_file(EncoderSpec.from_settings(EncoderSettings(**config["encoder"])))
-    if path is None:
-        return None
-    stat = os.stat(path)
-    return str(path), stat.st_size, stat.st_mtime_ns
+    return file_signature(config["checkpoint"] or
+                          weights_file(EncoderSpec.from_settings(EncoderSettings(**config["encoder"]))))
 
 
 def _build(config: dict):
@@ -74,13 +72,13 @@ def _build(config: dict):
 
 
 class _Session:
-    """One client's slide: the request, the connection, and whether the client is still there."""
+    """One client's slide: the connection, and whether the client is still there. Only the
+    serving thread sends; the watcher only polls."""
 
     def __init__(self, conn: Connection):
         self.conn = conn
         self.gone = threading.Event()
         self.done = threading.Event()
-        self.reply_lock = threading.Lock()
 
     def watch(self) -> None:
         """Until the slide is done: notice a client that hangs up (its socket turns readable at
@@ -95,8 +93,14 @@ class _Session:
                 return
 
     def send(self, message) -> None:
-        with self.reply_lock:
+        self.conn.send(message)
+
+    def reply(self, message) -> None:
+        """Send, unless the client is gone (then there is nobody to tell)."""
+        try:
             self.conn.send(message)
+        except OSError:
+            pass
 
 
 def _serve_one(extractor, conn: Connection, config: dict, loaded, to_client: _ToClient) -> bool:
@@ -133,20 +137,14 @@ def _serve_one(extractor, conn: Connection, config: dict, loaded, to_client: _To
         log.info("slide %r: the client went away; stopped", request.get("slide_id"))
     except MsamilError as exc:
         to_client.conn = None
-        try:
-            session.send(("error", str(exc)))
-        except OSError:
-            pass
+        session.reply(("error", str(exc)))
     except (EOFError, OSError):
         pass
     except Exception as exc:  # a bug or a broken reader: this slide fails, the server serves on
         log.exception("slide %r failed", request.get("slide_id"))
         to_client.conn = None
-        try:
-            session.send(("error", f"slide {request.get('slide_id')!r}: {type(exc).__name__}: {exc} (traceback in "
-                                   f"{config['log']})"))
-        except OSError:
-            pass
+        session.reply(("error", f"slide {request.get('slide_id')!r}: {type(exc).__name__}: {exc} (traceback in "
+                                f"{config['log']})"))
     finally:
         to_client.conn = None
         session.done.set()

@@ -45,11 +45,14 @@ class ExtractOptions:
     device: str = "auto"
     progress: bool = True
 
-    def kwargs(self) -> dict:
-        """The keyword arguments of :func:`~msamil_core.features.extraction.extract_bags`."""
-        f = self.features
-        return {"batch_size": f.batch_size, "workers": f.workers, "fp16": f.fp16, "device": self.device,
-                "progress": self.progress, "gpu_decode": f.gpu_decode}
+    def bags(self, slide_path: str | os.PathLike, coords_sets: list[list], spec, slide_id: str | None = None,
+             mpp: float | None = None, digest: str | None = None) -> list:
+        """One slide's patch sets encoded into one bag each (:func:`~msamil_core.features.extraction.bags_of`)
+        by this process's extractor of these options (built once per process)."""
+        from .features.extraction import bags_of, extractor_for
+
+        return bags_of(extractor_for(spec, self.features, self.device), slide_path, coords_sets, slide_id, mpp,
+                       digest, self.progress)
 
 
 # ----------------------------------------------------------------------------- the steps
@@ -211,12 +214,10 @@ def make_bags(slide_path: str | os.PathLike, bags: dict[str, tuple[list[str], st
     path). Patches the sets share are read and encoded once; every bag is computed before the
     first is written (each atomically)."""
     from .features.bags import save_bag
-    from .features.extraction import extract_bags
 
     options = options or ExtractOptions()
     outs = [out for _, out in bags.values()]
-    made = extract_bags(slide_path, [list(coords) for coords, _ in bags.values()], spec, slide_id=slide_id, mpp=mpp,
-                        **options.kwargs())
+    made = options.bags(slide_path, [list(coords) for coords, _ in bags.values()], spec, slide_id, mpp)
     for out, bag in zip(outs, made):
         save_bag(out, bag)
     return made
@@ -354,7 +355,6 @@ def prepare_slide(slide_path: str | os.PathLike, slide_id: str, mpp: float | Non
     """
     from .features.bags import load_bag, save_bag
     from .features.encoders import encoder_id
-    from .features.extraction import extract_bags
     from .wsi.thumbnail import file_identity
 
     if not Path(slide_path).is_file():
@@ -377,8 +377,7 @@ def prepare_slide(slide_path: str | os.PathLike, slide_id: str, mpp: float | Non
             log.info("%s: reusing the coordinates %s", slide_id, coords["20x"])
         else:
             coords = _stage_coordinates(slide_path, slide_id, mpp, settings, out, places, stage, identity)
-        bag = extract_bags(slide_path, [list(coords.values())], settings.encoder, slide_id=slide_id, mpp=mpp,
-                           digest=digest, **settings.extract.kwargs())[0]
+        bag = settings.extract.bags(slide_path, [list(coords.values())], settings.encoder, slide_id, mpp, digest)[0]
         check_encoder(wanted, bag.encoder, "the model", "the encoder given")
         if len(bag) == 0:
             raise MsamilError(f"slide {slide_id!r}: no patch passes the selection mask, so there is nothing to classify")

@@ -8,7 +8,7 @@ its file's order.
 
 An :class:`Extractor` holds one encoder on its device and encodes the patches of any number of
 slides: the encoder is built once, not per slide (a feature server keeps one alive between the
-workflow's per-slide jobs, :mod:`.server`). Reading overlaps encoding: reader processes
+workflow's per-slide jobs, :mod:`msamil_core.feature_server`). Reading overlaps encoding: reader processes
 (DataLoader workers) decode patches while the model runs, and the next slide's first batches are
 read while one slide ends. Each reader takes a contiguous band of the slide's batches, so that
 the tiles neighbouring patches share are decoded once (the slide reader caches decoded tiles).
@@ -234,23 +234,20 @@ class Extractor:
         """Features [N, D] (on the CPU, in the stored precision) of each job, in order.
 
         The next job's readers start when a job starts, so its first batches are read while this
-        one ends. ``jobs`` may be any iterable; one with a ``poll()`` method (a queue of jobs that
-        are still arriving) is asked without waiting whether a next job is there yet. ``stop`` is
-        asked before each batch; when it says True, :class:`Cancelled` is raised.
+        one ends. ``stop`` is asked before each batch; when it says True, :class:`Cancelled` is
+        raised.
         """
         jobs = iter(jobs)
-        upcoming = self._start(_next_job(jobs, wait=True))
+        upcoming = self._start(next(jobs, None))
         while upcoming is not None:
             job, dataset, items = upcoming
-            upcoming = self._start(_next_job(jobs, wait=False))
+            upcoming = self._start(next(jobs, None))
             try:
                 features = self._encode_one(job, dataset, items, progress, stop)
             finally:
                 dataset.close()
                 del items  # stops this job's readers now rather than at interpreter exit
             yield features
-            if upcoming is None:
-                upcoming = self._start(_next_job(jobs, wait=True))
 
     def _start(self, job: PatchJob | None):
         if job is None:
@@ -315,13 +312,6 @@ class Extractor:
             torch.cuda.empty_cache()
 
 
-def _next_job(jobs: Iterator[PatchJob], wait: bool) -> PatchJob | None:
-    poll = getattr(jobs, "poll", None)
-    if poll is not None and not wait:
-        return poll()
-    return next(jobs, None)
-
-
 def patch_job(slide_path: str | os.PathLike, coords_sets: list[list[str | os.PathLike]], slide_id: str | None = None,
               mpp: float | None = None, digest: str | None = None) -> tuple[PatchJob, list[PatchTable], list[np.ndarray], str]:
     """The union of a slide's patch sets, checked against the slide: (job, each set's table, each
@@ -358,7 +348,16 @@ def make_bag_objects(extractor: Extractor, job: PatchJob, features: torch.Tensor
 def bags_of(extractor: Extractor, slide_path: str | os.PathLike, coords_sets: list[list[str | os.PathLike]],
             slide_id: str | None = None, mpp: float | None = None, digest: str | None = None,
             progress: bool = True, stop: Callable[[], bool] | None = None) -> list[Bag]:
-    """One slide's patch sets encoded by ``extractor``: one bag each (see :func:`extract_bags`)."""
+    """Encode one slide's patch sets (e.g. the lesion, tissue and random patches, each its
+    coordinates files, one per scale) with ``extractor`` into one bag each, reading and encoding
+    every patch they share once. ``mpp`` overrides the file's µm/px (the sheet's column);
+    ``digest`` is the slide file's when the caller has it; ``stop`` cancels (:meth:`Extractor.encode`).
+
+    Returns one bag per set: features [N, D] (float32, or float16 with ``fp16``), coords int64
+    [N, 2], scales int64 [N], patch_size_level0 int64 [N], rows in the set's own order (20x, then
+    10x, then 5x); N = 0 gives features [0, D]. With several sets each bag records the union's
+    size as ``patches_encoded``.
+    """
     started = time.perf_counter()
     job, tables, positions, digest = patch_job(slide_path, coords_sets, slide_id, mpp, digest)
     if len(job.table) == 0:
@@ -374,50 +373,24 @@ def bags_of(extractor: Extractor, slide_path: str | os.PathLike, coords_sets: li
 _extractors: dict[tuple, Extractor] = {}
 
 
+def file_signature(path: str | os.PathLike | None) -> tuple | None:
+    """(path, size, mtime) of a weights file: what tells a loaded model from new weights written to
+    the same file (None: no file)."""
+    if path is None:
+        return None
+    stat = os.stat(path)
+    return str(path), stat.st_size, stat.st_mtime_ns
+
+
 def extractor_for(spec: EncoderSpec, features: FeatureSettings, device: str = "auto",
                   threads: int | None = None) -> Extractor:
     """The extractor of these settings, built once per process: a process that extracts many
     slides (``msamil predict``, a feature server) loads the encoder once. One is kept at a time."""
-    weights = weights_file(spec)
-    stat = os.stat(weights) if weights is not None else None
     key = (repr(spec), repr(features), device, threads or torch.get_num_threads(),
-           stat and (str(weights), stat.st_size, stat.st_mtime_ns))  # new weights in the same file: a new model
+           file_signature(weights_file(spec)))  # new weights in the same file: a new model
     if key not in _extractors:
         for old in _extractors.values():
             old.close()
         _extractors.clear()
         _extractors[key] = Extractor(spec, features, device, threads)
     return _extractors[key]
-
-
-def extract_bags(slide_path: str | os.PathLike, coords_sets: list[list[str | os.PathLike]], spec: EncoderSpec,
-                 slide_id: str | None = None, mpp: float | None = None, batch_size: int = 64,
-                 workers: int | str = "auto", device: str = "auto", fp16: bool = False, progress: bool = True,
-                 digest: str | None = None, gpu_decode: bool = False) -> list[Bag]:
-    """Encode one slide's patch sets (e.g. the lesion, tissue and random patches) into one bag
-    each, reading and encoding every patch they share once.
-
-    Args:
-        slide_path: any slide OpenSlide opens.
-        coords_sets: per bag, its coordinates HDF5 files; each file's scale is its
-            ``target_magnification``.
-        spec: the encoder (name, weights, input size, normalisation, options).
-        slide_id: the bags' slide id (default: the slide file's stem).
-        mpp: level-0 µm/px overriding the file's (the sheet's ``mpp`` column).
-        batch_size: patches per forward pass.
-        workers: reader processes (0 reads in this process; ``auto``: see
-            :meth:`~msamil_core.settings.FeatureSettings.reader_processes`).
-        device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
-        fp16: store features as float16 (half the disk; compute precision is unchanged).
-        progress: show a tqdm bar on stderr.
-        digest: the slide file's digest when the caller has it (else it is read here).
-        gpu_decode: decode JPEG tiles on the GPU where the file allows.
-
-    Returns:
-        One bag per patch set: features [N, D] (float32, or float16 with ``fp16``), coords int64
-        [N, 2], scales int64 [N], patch_size_level0 int64 [N], rows in the set's own order (20x,
-        then 10x, then 5x); N = 0 gives features [0, D]. With several sets each bag records the
-        union's size as ``patches_encoded``.
-    """
-    features = FeatureSettings(batch_size=batch_size, workers=workers, fp16=fp16, gpu_decode=gpu_decode)
-    return bags_of(extractor_for(spec, features, device), slide_path, coords_sets, slide_id, mpp, digest, progress)
