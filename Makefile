@@ -1,11 +1,15 @@
-# Two commands: `make demo` (the whole demo workflow) and `make test` (the test suite).
+# Two commands: `make demo` (the whole demo workflow) and `make test` (the test suite); `make
+# preprocess` and `make features` stop after those stages (README: Partial runs).
 # Both build .venv on first use; it is rebuilt when pyproject.toml changes.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 CORES ?= 2
 
-.PHONY: demo test venv dry-run clean
+ARGS ?=
+SNAKEMAKE := PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/snakemake --cores $(CORES) --workflow-profile workflow/profiles/default
+
+.PHONY: demo test venv dry-run clean preprocess features
 
 venv: $(VENV)/.installed
 
@@ -16,7 +20,15 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: venv
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/snakemake --cores $(CORES) --workflow-profile workflow/profiles/default
+	$(SNAKEMAKE) $(ARGS)
+
+# Partial runs (README: Partial runs): every kept slide's preprocessing, or its feature bags (one
+# encoder's with ENCODER=<key>); the workflow's options in ARGS, e.g. ARGS="--configfile my.yaml".
+preprocess: venv
+	$(SNAKEMAKE) preprocess $(ARGS)
+
+features: venv
+	$(SNAKEMAKE) $(if $(ENCODER),features_$(ENCODER),features) $(ARGS)
 
 dry-run: venv
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/snakemake --cores $(CORES) -n

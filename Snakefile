@@ -33,3 +33,35 @@ rule all:
     input:
         final_outputs,
     default_target: True
+
+
+# Partial runs (README: Partial runs): `snakemake preprocess` (make preprocess) stops after every
+# kept slide's thumbnail, masks, coordinates and GeoJSON; `snakemake features` (make features)
+# after their feature bags, and writes results/features/folders.tsv, which names each encoder
+# key's and strategy's folder; `snakemake features_<key>` extracts one encoder's bags only.
+rule preprocess:
+    input:
+        per_slide_targets,
+    localrule: True
+
+
+rule features:
+    input:
+        bags=lambda wildcards: base_bags(),
+    output:
+        layout.feature_folders_index(),
+    log:
+        "logs/features.log",
+    localrule: True
+    run:
+        write_feature_folders(output[0])
+
+
+for _key in CFG.encoder_dirs:
+
+    rule:
+        name:
+            f"features_{_key}"
+        input:
+            lambda wildcards, key=_key: base_bags(key),
+        localrule: True

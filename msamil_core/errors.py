@@ -9,3 +9,9 @@ status 1 instead of a traceback; Snakemake then fails only that job.
 
 class MsamilError(Exception):
     """An expected, user-fixable failure; the message is shown as is."""
+
+
+class SlideDataError(MsamilError):
+    """A slide whose file opens but whose pixels cannot be had (tiles that fail to decode): the
+    slide is unusable, not the run. The workflow's extraction (``msamil extract --leave-out``)
+    records it in the slide's bags, and the cohort steps leave the slide out as the screening does."""

@@ -126,7 +126,8 @@ def _serve_one(extractor, conn: Connection, config: dict, loaded, to_client: _To
         names = list(request["bags"])
         coords_sets = [request["bags"][name][0] for name in names]
         made = bags_of(extractor, request["slide"], coords_sets, request["slide_id"], request["mpp"],
-                       progress=request.get("progress", False), stop=session.gone.is_set)
+                       progress=request.get("progress", False), stop=session.gone.is_set,
+                       leave_out=request.get("leave_out", False))
         for name, bag in zip(names, made):
             temporaries[name] = str(save_bag(request["bags"][name][1], bag, move=False))
         to_client.conn = None

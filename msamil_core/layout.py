@@ -94,6 +94,11 @@ def bag_file(feature_set: str, slide: str, results: str = RESULTS) -> str:
     return f"{feature_dir(feature_set, results)}/{slide}.pt"
 
 
+def feature_folders_index(results: str = RESULTS) -> str:
+    """Which feature folder holds each encoder key's and strategy's bags (the workflow's `features` target)."""
+    return f"{results}/features/folders.tsv"
+
+
 def bag_index(feature_set: str, results: str = RESULTS) -> str:
     """The index of a feature folder's bags (index_bags)."""
     return f"{feature_dir(feature_set, results)}/bags.tsv"

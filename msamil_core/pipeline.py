@@ -46,13 +46,13 @@ class ExtractOptions:
     progress: bool = True
 
     def bags(self, slide_path: str | os.PathLike, coords_sets: list[list], spec, slide_id: str | None = None,
-             mpp: float | None = None, digest: str | None = None) -> list:
+             mpp: float | None = None, digest: str | None = None, leave_out: bool = False) -> list:
         """One slide's patch sets encoded into one bag each (:func:`~msamil_core.features.extraction.bags_of`)
         by this process's extractor of these options (built once per process)."""
         from .features.extraction import bags_of, extractor_for
 
         return bags_of(extractor_for(spec, self.features, self.device), slide_path, coords_sets, slide_id, mpp,
-                       digest, self.progress)
+                       digest, self.progress, leave_out=leave_out)
 
 
 # ----------------------------------------------------------------------------- the steps
@@ -209,15 +209,18 @@ def make_coordinates(meta: str | os.PathLike, tissue_mask: str | os.PathLike, ou
 
 
 def make_bags(slide_path: str | os.PathLike, bags: dict[str, tuple[list[str], str]], spec,
-              slide_id: str | None = None, mpp: float | None = None, options: ExtractOptions | None = None) -> list:
+              slide_id: str | None = None, mpp: float | None = None, options: ExtractOptions | None = None,
+              leave_out: bool = False) -> list:
     """Encode one slide's patch sets into bags: ``bags`` maps a name to (coordinates files, bag
     path). Patches the sets share are read and encoded once; every bag is computed before the
-    first is written (each atomically)."""
+    first is written (each atomically). ``leave_out``: see
+    :func:`~msamil_core.features.extraction.bags_of`."""
     from .features.bags import save_bag
 
     options = options or ExtractOptions()
     outs = [out for _, out in bags.values()]
-    made = options.bags(slide_path, [list(coords) for coords, _ in bags.values()], spec, slide_id, mpp)
+    made = options.bags(slide_path, [list(coords) for coords, _ in bags.values()], spec, slide_id, mpp,
+                        leave_out=leave_out)
     for out, bag in zip(outs, made):
         save_bag(out, bag)
     return made

@@ -377,13 +377,15 @@ def predict_slides(models: str | os.PathLike, sheet, out: str | os.PathLike, set
         reuse = [SlideFiles.under(results, sid, feature_dir=features, coords_dir=d) for d in coords_dirs]
         try:
             bag_path = prepare_slide(row["path"], sid, mpp, settings, own, reuse, expected or given)
+            patches = len(bag := load_bag(bag_path))
+            if bag.left_out:  # the workflow's bag of a slide whose tiles failed to decode
+                raise MsamilError(bag.left_out)
             if heatmaps:
                 att, per_fold = slide_attention(fold_models, bag_path, sid, device)
                 # the thumbnail of this very file (none: draw_slide renders one from the slide)
                 drawn.append((att, row, slide_folder(row["path"], [own, *reuse]) or own, mpp))
             else:
                 per_fold = fold_probabilities(fold_models, bag_path, sid, device)
-            patches = len(load_bag(bag_path))
         except MsamilError as exc:
             log.warning("slide %r with %s: %s; no prediction for it", sid, checkpoints, exc)
             records.append(failed_record(sid, str(exc), row.get("label", "")))
@@ -462,11 +464,16 @@ def draw_fold_heatmaps(models: str | os.PathLike, fold: int, features: str | os.
         _, mapping = task_classes(sheet, task, None if task else list(model.checkpoint["classes"]))
         slide_ids, _ = select_slides(fold_parts(read_folds(folds_path), fold)["test"], sheet, mapping)
     name, out = Path(models).name, Path(out_dir)
+    scales = scale_indices(checkpoint_scales(model.checkpoint))
     infos = []
     for sid in slide_ids:
         row = sheet.loc[sid]
+        bag = load_bag(bag_path := find_bag(features, sid), require_coords=False)
+        if not bool(torch.isin(bag.scales, scales).any()):  # left out of the evaluation too (msamil evaluate)
+            log.warning("slide %r: no heatmap: %s", sid, bag.left_out or f"no patch of the model's scales in {bag_path}")
+            continue
         try:
-            att, _ = slide_attention([model], find_bag(features, sid), sid, device)
+            att, _ = slide_attention([model], bag_path, sid, device)
             folder = Path(slides_dir) / sid  # a slide's folder of the results layout
             info = draw_slide(att, row, folder / layout.META, folder / layout.THUMBNAIL, out / sid, slide_mpp(row), top_k,
                               f"{name} fold {fold}")

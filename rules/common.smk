@@ -169,10 +169,14 @@ def _sheet_mpp(slide):
 
 # ---------------------------------------------------------------- screening
 # The checkpoint screen_slides (msamil screen) decides which slides the run uses: an unusable
-# slide is left out, a malformed annotation too, each with its reason in left_out.csv. Every
-# cohort step reads the screened sheet, and the per-slide jobs are planned for the kept slides
-# only, once the screening has run (or from its earlier result when nothing it reads changed).
+# slide is left out, a malformed annotation too, each with its reason in screening_left_out.csv.
+# Every cohort step reads the screened sheet, and the per-slide jobs are planned for the kept
+# slides only, once the screening has run (or from its earlier result when nothing it reads
+# changed). A kept slide that fails later (tiles that fail to decode in extraction, no patch at
+# any scale) gets empty bags that say why; training leaves it out, and list_left_out (msamil
+# left-out) adds it to left_out.csv, the run's whole list, which the report shows.
 SCREENED_SHEET = layout.cohort_file("slides.csv")
+SCREENING_LEFT_OUT = layout.cohort_file("screening_left_out.csv")
 LEFT_OUT = layout.cohort_file("left_out.csv")
 SCREEN_RECORD = layout.cohort_file("screening_record.json")
 SCREEN_CACHE = layout.cohort_file("screening.json")  # verdicts by file (msamil screen --cache)
@@ -205,13 +209,15 @@ def _say_left_out(kept):
     """One console line: slides kept, left out, and the list's path."""
     import pandas as pd
 
-    left = pd.read_csv(LEFT_OUT, dtype=str, keep_default_na=False) if os.path.exists(LEFT_OUT) else None
+    left = (pd.read_csv(SCREENING_LEFT_OUT, dtype=str, keep_default_na=False) if os.path.exists(SCREENING_LEFT_OUT)
+            else None)
     slides = 0 if left is None else int((left["what"] == "slide").sum()) if "what" in left.columns else len(left)
     others = 0 if left is None else len(left) - slides
     if slides or others:
         extra = f" and {others} annotation(s)" if others else ""
         logger.warning(f"msamil: the screening left out {slides} of {kept + slides} slide(s){extra}; the reasons are "
-                       f"in {LEFT_OUT}")
+                       f"in {SCREENING_LEFT_OUT} (and, at the end of the run, in {LEFT_OUT} with any slide left out "
+                       "after the screening)")
 
 
 def _forecast():
@@ -266,7 +272,23 @@ def _kept():
     except IncompleteCheckpointException:
         if workflow.dryrun:
             return _forecast()
+        _check_partial_run()
         raise
+
+
+def _check_partial_run():
+    """`--until`/`--omit-from` a rule after the screening, before the screening has run for this
+    sheet and config: Snakemake cannot plan that rule's jobs until the checkpoint has run, so it
+    would do nothing and say "Nothing to be done". Say so, and what to run first, instead (a dry
+    run plans from the forecast and needs no screening)."""
+    settings = workflow.dag_settings
+    asked = (set(settings.until) | set(settings.omit_from)) - {"screen_slides", "make_demo_cohort"} if settings else set()
+    if asked:
+        raise WorkflowError(
+            f"--until/--omit-from {', '.join(sorted(asked))}: the screening has not run for this sheet and config "
+            "yet, and the jobs after it are planned from its result; run it first (snakemake --until screen_slides, "
+            "with the same --config/--configfile), then this command again"
+        )
 
 
 # ---------------------------------------------------------------- paths
@@ -396,15 +418,46 @@ def coords_settings():
 PER_SLIDE_TARGETS = []
 
 
+def per_slide_targets(wildcards):
+    """Every kept slide's per-slide targets (thumbnail, masks, coordinates, GeoJSON)."""
+    return [target.replace("{slide}", slide) for slide in kept_slides() for target in PER_SLIDE_TARGETS]
+
+
+def base_feature_sets(key=None):
+    """{(encoder key, strategy): feature folder} of the bags the experiments train on (not the
+    e2e runs' tuned encoders'), or with none the default encoder's of patches.strategy; with
+    ``key`` that encoder's of every strategy in use."""
+    if key is not None:
+        pairs = {(key, strategy) for strategy in CFG.used_strategies}
+    else:
+        experiments = [e for name, e in CFG.experiments.items() if not CFG.e2e_run(name)]
+        pairs = {(e.encoder, e.strategy) for e in experiments} or {(SETTINGS.features.default_encoder, CFG.strategy)}
+    return {pair: CFG.feature_set(*pair) for pair in sorted(pairs)}
+
+
+def base_bags(key=None):
+    """Every kept slide's bag of base_feature_sets(key)."""
+    folders = base_feature_sets(key).values()
+    return [layout.bag_file(folder, slide) for slide in kept_slides() for folder in folders]
+
+
+def write_feature_folders(path):
+    """results/features/folders.tsv: each encoder key's and strategy's feature folder (its name
+    carries a hash of the encoder's settings), the encoder's name, and its bags' count."""
+    slides = len(kept_slides())
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8", newline="") as f:
+        f.write("encoder_key\tstrategy\tfolder\tencoder\tbags\n")
+        for (key, strategy), folder in base_feature_sets().items():
+            f.write(f"{key}\t{strategy}\t{layout.feature_dir(folder)}\t{SETTINGS.encoders[key].name}\t{slides}\n")
+
+
 def final_outputs(wildcards):
     """Every kept slide's per-slide targets, and with experiments each one's manifest and
     heatmaps and the report. Each experiment is asked for by its own file: Snakemake runs no job
     for an input that is missing while the job's output exists (the report of a finished run), so
     an experiment added to results that carry no Snakemake metadata (copied into a new clone)
     would never be trained if only the report asked for it."""
-    outputs = [LEFT_OUT]
-    for slide in kept_slides():
-        outputs += [target.replace("{slide}", slide) for target in PER_SLIDE_TARGETS]
+    outputs = [LEFT_OUT, *per_slide_targets(wildcards)]
     if EXPERIMENTS:
         outputs += [*manifests(), *heatmap_summaries(), layout.report_file("index.html")]
     for run, entry in E2E_RUNS.items():  # e2e runs whose tuned encoders no experiment uses yet

@@ -56,9 +56,11 @@ rule extract_features:
         gpu=1,
     conda:
         "../envs/msamil.yaml"
+    # --leave-out: a slide whose tiles fail to decode gets empty bags that say why, and the cohort
+    # steps leave it out (list_left_out) instead of the whole run stopping at it
     shell:
         "msamil extract {params.options} --slide-id {wildcards.slide:q} {params.settings}"
-        " --threads {threads} --no-progress 2> {log:q}"
+        " --threads {threads} --no-progress --leave-out 2> {log:q}"
 
 
 # One input for the cohort steps instead of one per slide (common.smk: write_slide_index); it
@@ -73,3 +75,25 @@ rule index_bags:
     localrule: True
     run:
         write_slide_index(output[0], bag=input)
+
+
+# left_out.csv: the screening's list, then the kept slides whose bags are empty (tiles that failed
+# to decode, no patch at any scale), under the screening's policy (msamil left-out). Those slides'
+# bags are read (an empty bag is a few kB; larger ones are not opened).
+rule list_left_out:
+    input:
+        sheet=SCREENED_SHEET,
+        screening=SCREENING_LEFT_OUT,
+        bags=[layout.bag_index(feature_set) for feature_set in all_feature_sets()],
+    output:
+        LEFT_OUT,
+    params:
+        options=CFG.left_out_options(),
+    log:
+        "logs/list_left_out.log",
+    localrule: True
+    conda:
+        "../envs/msamil.yaml"
+    shell:
+        "msamil left-out --sheet {input.sheet:q} --screening {input.screening:q} --bag-index {input.bags:q}"
+        " {params.options} --out {output:q} 2> {log:q}"

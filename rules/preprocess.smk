@@ -28,7 +28,7 @@ checkpoint screen_slides:
         files=SCREENING_INPUTS,
     output:
         sheet=SCREENED_SHEET,
-        left_out=LEFT_OUT,
+        left_out=SCREENING_LEFT_OUT,
         record=SCREEN_RECORD,
     params:
         cache=SCREEN_CACHE,

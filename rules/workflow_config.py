@@ -388,6 +388,10 @@ class WorkflowConfig:
         s = self.settings
         return _joined(shell_args(s.screening), shell_args(s.thumbnail), self.tissue_options())
 
+    def left_out_options(self) -> str:
+        """``msamil left-out`` (list_left_out): the screening's policy, applied to every slide left out."""
+        return shell_args(self.settings.screening)
+
     def screen_settings(self):
         """(ScreenSettings, ScreeningSettings) of ``msamil screen`` with this config (screen_options)."""
         from msamil_core.cohort.screening import ScreenSettings

@@ -92,6 +92,21 @@ def write_pyramid_tiff(path: Path, image: np.ndarray, mpp: float = 0.5, levels: 
     return path
 
 
+def zero_tiles(path: Path, level: int = 0, every: int = 3) -> Path:
+    """Zero every ``every``-th JPEG tile of a tiled TIFF's ``level`` in place (a corrupt scan whose
+    coarser levels, and so its thumbnail, still decode)."""
+    import tifffile
+
+    with tifffile.TiffFile(path) as tif:
+        page = tif.pages[level]
+        spans = list(zip(page.dataoffsets, page.databytecounts))[::every]
+    with open(path, "r+b") as f:
+        for offset, size in spans:
+            f.seek(offset)
+            f.write(bytes(size))
+    return path
+
+
 @pytest.fixture
 def blank_slide(tmp_path) -> Path:
     """A real pyramidal slide of empty glass (no tissue)."""

@@ -107,3 +107,49 @@ def test_screen_command_writes_the_screened_sheet_or_nothing(cohort):
     assert list(screened.slide_id) == ["cmu (1)", "good", "good broken annotation"]
     assert sorted(read_left_out(left).slide_id) == ["blank", "good broken annotation", "missing", "unopenable",
                                                     "unreadable"]
+
+
+def test_slides_left_out_after_the_screening_join_the_list_under_its_policy(tmp_path, capsys):
+    """msamil left-out: a kept slide whose bags are all empty (its tiles failed to decode, or no
+    patch was kept) is a `slide` row, one with only some empty bags a `bags` row; the screening's
+    share limit counts both lists, and a refused run writes nothing."""
+    import torch
+
+    from msamil_core.cli import main
+    from msamil_core.features.bags import Bag, save_bag
+
+    def bag(folder: str, sid: str, n: int, why: str | None = None) -> str:
+        rows = torch.zeros(n, dtype=torch.int64)
+        path = tmp_path / folder / f"{sid}.pt"
+        path.parent.mkdir(exist_ok=True)
+        save_bag(path, Bag(features=torch.ones(n, 4), coords=torch.zeros(n, 2, dtype=torch.int64), scales=rows,
+                           patch_size_level0=rows + 256, slide_id=sid, encoder="e", left_out=why))
+        return str(path)
+
+    sheet = pd.DataFrame({"slide_id": ["a", "b", "c", "d"], "path": ["a.svs", "b.svs", "c.svs", "d.svs"],
+                          "label": ["x", "y", "x", "y"], "patient_id": ["p1", "p2", "p3", "p4"]})
+    sheet.to_csv(tmp_path / "slides.csv", index=False)
+    pd.DataFrame([("gone", "p0", "x", "slide", "slide 'gone': file not found")],
+                 columns=["slide_id", "patient_id", "label", "what", "reason"]).to_csv(tmp_path / "screened.csv", index=False)
+    indexes = []
+    for folder in ("tissue", "lesion"):
+        paths = [bag(folder, "a", 3), bag(folder, "b", 0, "slide 'b' (b.svs): tiles fail to decode (x)"),
+                 bag(folder, "c", 2), bag(folder, "d", 0 if folder == "lesion" else 5)]
+        index = tmp_path / folder / "bags.tsv"
+        index.write_text("slide_id\tbag\n" + "".join(f"{s}\t{p}\n" for s, p in zip("abcd", paths)))
+        indexes.append(str(index))
+    args = ["left-out", "--sheet", str(tmp_path / "slides.csv"), "--screening", str(tmp_path / "screened.csv"),
+            "--bag-index", *indexes, "--out", str(tmp_path / "left_out.csv")]
+    assert main([*args, "--max-left-out", "0.5"]) == 0
+    left = read_left_out(tmp_path / "left_out.csv").set_index("slide_id")
+    assert list(left.index) == ["gone", "b", "d"]
+    assert left.at["b", "what"] == "slide" and "tiles fail to decode" in left.at["b", "reason"]
+    assert left.at["b", "reason"].startswith("after the screening: ") and "bags: tissue, lesion" in left.at["b", "reason"]
+    assert left.at["d", "what"] == "bags" and left.at["d", "reason"] == "after the screening: no patch kept at any scale (bags: lesion)"
+    # 2 of 5 slides gone in all: over a 30 % limit, under 50 %
+    (tmp_path / "left_out.csv").unlink()
+    assert main([*args, "--max-left-out", "0.3"]) == 1
+    assert "2 of 5 slides (40%) are left out" in capsys.readouterr().err
+    assert not (tmp_path / "left_out.csv").exists()
+    assert main([*args, "--no-leave-out"]) == 1
+    assert "1 slide(s) cannot be used after the screening (b: slide 'b' (b.svs): tiles fail" in capsys.readouterr().err

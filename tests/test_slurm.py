@@ -30,7 +30,7 @@ GPU_RULES = {"extract_features", "train_fold"}
 # the per-slide rules of the tiny config: one SLURM job per SLIDES_PER_JOB slides (group `slide`)
 SLIDE_RULES = {"preprocess_slide", "extract_features"}
 SLIDES_PER_JOB = 2  # the test profile's (the shipped profile's 8 would put the 4 slides in one job)
-LOCAL_RULES = {"index_bags", "index_thumbnails", "write_manifest"}  # run where Snakemake runs, not through sbatch
+LOCAL_RULES = {"index_bags", "index_thumbnails", "write_manifest", "list_left_out"}  # run where Snakemake runs, not through sbatch
 FAKE_GPUS = ["/dev/null", "/dev/zero"]  # gres "gpu" devices: SLURM counts them, torch sees no CUDA
 
 

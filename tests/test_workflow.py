@@ -83,7 +83,7 @@ def test_dry_run_plans_every_stage_per_slide(cohort_run):
     assert dry.returncode == 0, dry.stderr
     jobs = planned_jobs(dry.stdout)
     # before the screening has run, a dry run forecasts every slide
-    assert jobs == {"screen_slides": 1, "preprocess_slide": 7, "all": 1}
+    assert jobs == {"screen_slides": 1, "preprocess_slide": 7, "list_left_out": 1, "all": 1}
 
 
 def test_good_slides_complete_and_bad_ones_are_left_out_with_reasons(cohort_run):
@@ -114,7 +114,7 @@ def test_good_slides_complete_and_bad_ones_are_left_out_with_reasons(cohort_run)
     screened = pd.read_csv(wd / "results" / "cohort" / "slides.csv")
     assert list(screened.slide_id) == ["cmu", "dapi (387)"]
     # the console says how many and where the list is
-    assert "the screening left out 5 of 7 slide(s); the reasons are in results/cohort/left_out.csv" in run.stderr
+    assert "the screening left out 5 of 7 slide(s); the reasons are in results/cohort/screening_left_out.csv" in run.stderr
     leftovers = [p for p in (wd / "results").rglob(".*") if p.is_file()]
     assert leftovers == []  # no temporary files
 
@@ -133,8 +133,27 @@ def test_adding_a_slide_plans_only_its_jobs(cohort_run):
     sheet = write_sheet(wd / "sheet2.csv", GOOD + [("boxes_mpp", shared_slide("boxes.tiff"), "a", "p9", "0.5")])
     dry = snakemake(wd, "--cores", "2", "-n", "--configfile", "small.yaml", "--config", f"slides={sheet}")
     assert dry.returncode == 0, dry.stderr
-    assert planned_jobs(dry.stdout) == {"screen_slides": 1, "preprocess_slide": 1, "all": 1}
+    assert planned_jobs(dry.stdout) == {"screen_slides": 1, "preprocess_slide": 1, "list_left_out": 1, "all": 1}
     assert "slide=boxes_mpp" in dry.stdout and "slide=cmu" not in dry.stdout
+
+
+def test_partial_run_targets_and_until_before_the_screening(cohort_run, tmp_path):
+    """`snakemake preprocess` / `features` / `features_<key>` (make preprocess, make features) stop
+    after those stages; `--until` a rule after the screening before it has run says what to run first."""
+    wd = cohort_run[0]
+    args = ("--cores", "2", "-n", "--configfile", "small.yaml", "--config", f"slides={wd / 'sheet.csv'}")
+    done = snakemake(wd, "preprocess", *args)
+    assert done.returncode == 0 and "Nothing to be done" in done.stdout + done.stderr, done.stderr[-2000:]
+    for target in ("features", "features_resnet18_64"):  # the default encoder: no experiment names one
+        dry = snakemake(wd, target, *args)
+        assert dry.returncode == 0, dry.stderr[-2000:]
+        assert planned_jobs(dry.stdout) == {"extract_features": 2, target: 1}
+    assert "results/features/folders.tsv" in snakemake(wd, "features", *args).stdout
+    fresh = snakemake(tmp_path, "--cores", "2", "--until", "make_splits", "--configfile", str(wd / "small.yaml"),
+                      "--config", f"slides={wd / 'sheet.csv'}")
+    assert fresh.returncode != 0
+    assert "the screening has not run for this sheet and config yet" in fresh.stderr
+    assert "snakemake --until screen_slides" in fresh.stderr and not (tmp_path / "results").exists()
 
 
 def test_config_with_an_unknown_key_fails_before_any_job(tmp_path):

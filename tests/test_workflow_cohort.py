@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import REPO, shared_slide, workflow_failure
+from conftest import REPO, shared_slide, workflow_failure, zero_tiles
 from test_workflow import planned_jobs, snakemake
 
 pytestmark = pytest.mark.slow
@@ -41,6 +41,7 @@ experiments:
 """
 N_SLIDES = 9
 BROKEN = "broken (scan 2)"
+ZEROED = "zeroed tiles"
 # slide ids a shell would misread, and a non-ASCII one (the sheet accepts them all)
 ODD_IDS = ["a b (1)", "it's", "x;y", "$(id)", "&", "naïve é"]
 PER_SLIDE_RULES = {"preprocess_slide", "segment_lesions", "make_patch_coordinates", "extract_features"}
@@ -61,7 +62,9 @@ def snakemake_unactivated(workdir: Path, *args: str) -> subprocess.CompletedProc
 def cohort(tmp_path_factory):
     """A 9-slide demo cohort; the workflow runs on the first 8, then the 9th is added. Beside
     them the sheet has an unreadable slide, and one slide's annotation is malformed: the
-    screening leaves both out and the run goes on to the report."""
+    screening leaves both out and the run goes on to the report. A tenth slide passes the
+    screening but a third of its level-0 tiles are zeroed: its extraction fails (its sheet mpp
+    makes 20x patches read level 0), and the run leaves it out and goes on."""
     wd = tmp_path_factory.mktemp("cohort")
     subprocess.run(
         [sys.executable, "-m", "msamil_core", "demo", "--out", str(wd / "data"), "--n-slides", str(N_SLIDES),
@@ -78,8 +81,12 @@ def cohort(tmp_path_factory):
     (wd / "bad.geojson").write_text('{"type": "FeatureCollection", "features": [{"type": "Feat')
     full.loc[1, "annotation"] = "bad.geojson"
     shutil.copyfile(shared_slide("unreadable.svs"), wd / "broken.svs")
+    zero_tiles(Path(shutil.copyfile(wd / full.path.iloc[2], wd / "zeroed.tiff")), level=0)
+    # 4x the demo's µm/px: a 256-px 20x patch is 64 level-0 px, read from level 0 for the 32-px input
     broken = pd.DataFrame([{"slide_id": BROKEN, "path": "broken.svs", "label": "zonal",
-                            "patient_id": "patient_broken", "annotation": ""}])
+                            "patient_id": "patient_broken", "annotation": ""},
+                           {"slide_id": ZEROED, "path": "zeroed.tiff", "label": full.label.iloc[2],
+                            "patient_id": "patient_zeroed", "annotation": "", "mpp": 2.0}])
     pd.concat([full.iloc[: N_SLIDES - 1], broken]).to_csv(wd / "first.csv", index=False)
     pd.concat([full.iloc[: N_SLIDES - 1], broken, full.iloc[N_SLIDES - 1:]]).to_csv(wd / "all.csv", index=False)
     (wd / "config.yaml").write_text(CONFIG)
@@ -124,9 +131,34 @@ def test_every_stage_ran_and_the_report_compares_strategies(cohort):
     job = wd / "benchmarks" / "extract_features" / folders["lesion"].name.rsplit("-", 1)[0]
     shares = {name: extraction_seconds(bag_counts(folder), job) for name, folder in folders.items()}
     assert 0 < shares["random"] < shares["lesion"] < shares["tissue"]
-    total = sum(float(p.read_text().splitlines()[1].split("\t")[0]) for p in job.glob("*.tsv"))
+    # (the slide whose extraction failed has empty bags: no share of its time)
+    total = sum(float(p.read_text().splitlines()[1].split("\t")[0]) for p in job.glob("*.tsv") if p.stem != ZEROED)
     assert shares["tissue"] == pytest.approx(total)  # tissue holds every encoded patch
     assert (results / "heatmaps" / "lesion" / "fold0" / "summary.csv").exists()
+
+
+def test_a_slide_whose_tiles_fail_after_the_screening_is_left_out_and_the_run_completes(cohort):
+    wd, _ = cohort
+    results = wd / "results"
+    screened = pd.read_csv(results / "cohort" / "slides.csv")
+    assert ZEROED in set(screened.slide_id)  # the screening reads a coarser level: it passes
+    assert ZEROED not in set(pd.read_csv(results / "cohort" / "screening_left_out.csv").slide_id)
+    left = pd.read_csv(results / "cohort" / "left_out.csv").set_index("slide_id")
+    assert left.at[ZEROED, "what"] == "slide" and BROKEN in left.index
+    reason = left.at[ZEROED, "reason"]
+    assert reason.startswith("after the screening: ") and "fail to decode" in reason and "\n" not in reason
+    import torch
+
+    for folder in (results / "features").iterdir():  # every strategy's bag: empty, saying why
+        bag = torch.load(folder / f"{ZEROED}.pt", weights_only=True)
+        assert bag["features"].shape[0] == 0 and "fail to decode" in bag["left_out"]
+    # training, evaluation and the report went on without it; a test fold says why it is missing
+    tested = [json.loads((results / "models" / "tissue" / f"fold{k}" / "metrics.json").read_text()) for k in (0, 1)]
+    assert sum(ZEROED in m.get("left_out", {}) for m in tested) == 1
+    for k in (0, 1):
+        assert ZEROED not in set(pd.read_csv(results / "models" / "tissue" / f"fold{k}" / "predictions.csv").slide_id)
+    page = (results / "report" / "index.html").read_text()
+    assert ZEROED in page.split("Slides left out")[1]
 
 
 def test_lesion_and_random_patches_are_subsets_of_the_tissue_grid(cohort):
@@ -172,7 +204,7 @@ def test_adding_a_slide_plans_only_its_jobs_and_the_cohort_steps(cohort):
     per_slide = {"preprocess_slide": 1, "segment_lesions": 1, "make_patch_coordinates": 1, "extract_features": 1}
     cohort_steps = {"screen_slides": 1, "index_thumbnails": 1, "index_bags": 3, "train_segmentation": 1,
                     "make_splits": 1, "train_fold": 6, "write_manifest": 3,
-                    "draw_heatmaps": 1, "make_report": 1, "all": 1}
+                    "draw_heatmaps": 1, "list_left_out": 1, "make_report": 1, "all": 1}
     assert jobs == {**per_slide, **cohort_steps}
     # every per-slide job is the new slide's; no other slide is recomputed
     slides_in_plan = set(np.unique(re.findall(r"slide=([^\n]+)", dry.stdout)))
@@ -199,7 +231,7 @@ def test_a_moved_project_or_copied_results_plan_nothing_and_an_added_experiment_
     for part in ("Snakefile", "rules", "config", "workflow", "envs"):  # another checkout of the workflow
         copy = shutil.copytree if (REPO / part).is_dir() else shutil.copy2
         copy(REPO / part, clone / part)
-    for part in ("results", "data", "broken.svs", "bad.geojson", "first.csv", "config.yaml"):  # `cp -a`
+    for part in ("results", "data", "broken.svs", "zeroed.tiff", "bad.geojson", "first.csv", "config.yaml"):  # `cp -a`
         copy = shutil.copytree if (wd / part).is_dir() else shutil.copy2
         copy(wd / part, clone / part)
     # the experiments of the run, and one more
@@ -292,7 +324,7 @@ def test_a_fixed_slide_comes_back_in(cohort):
                        "--config", f"slides={wd / 'first.csv'}")
     assert screen.returncode == 0, workflow_failure(screen, wd)
     kept = pd.read_csv(wd / "results" / "cohort" / "slides.csv")
-    left = pd.read_csv(wd / "results" / "cohort" / "left_out.csv")
+    left = pd.read_csv(wd / "results" / "cohort" / "screening_left_out.csv")
     assert BROKEN in set(kept.slide_id) and list(left.what) == ["annotation"]
     dry = snakemake(wd, "--cores", "2", "-n", "--configfile", "config.yaml", "--config", f"slides={wd / 'first.csv'}")
     assert dry.returncode == 0, dry.stderr[-3000:]

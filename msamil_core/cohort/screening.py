@@ -227,6 +227,73 @@ def _sheet_relative(path: str, folder: Path) -> str:
     return os.path.relpath(os.path.abspath(inside), folder) if not os.path.isabs(inside) else inside
 
 
+# An empty bag is a few kB (its strings and empty tensors); a bag holding a patch of any encoder
+# is near or above this only with thousands of patches, so larger bags need not be opened.
+EMPTY_BAG_MAX_BYTES = 1 << 20
+AFTER_SCREENING = "after the screening: "  # how left_out.csv's later rows begin
+
+
+def left_out_after_screening(sheet: pd.DataFrame, bag_indexes: list[str | os.PathLike]) -> pd.DataFrame:
+    """The kept slides of the screened ``sheet`` whose bags hold no patch (tiles that failed to
+    decode: the bag's ``left_out`` reason; no patch kept at any scale), read from the feature
+    folders' indexes (``bags.tsv``: slide_id, bag): one row per slide (LEFT_OUT_COLUMNS), ``what``
+    ``slide`` when every bag of it is empty, else ``bags`` (left out of the experiments on those
+    folders only)."""
+    from ..features.bags import load_bag
+
+    empty: dict[str, dict[str, list[str]]] = {}  # slide -> reason -> feature folders
+    total: dict[str, int] = {}
+    for index in bag_indexes:
+        table = pd.read_csv(index, sep="\t", dtype=str, keep_default_na=False)
+        for sid, bag_path in zip(table["slide_id"], table["bag"]):
+            total[sid] = total.get(sid, 0) + 1
+            if os.path.getsize(bag_path) > EMPTY_BAG_MAX_BYTES:
+                continue
+            bag = load_bag(bag_path, require_coords=False)
+            if len(bag):
+                continue
+            reason = bag.left_out or "no patch kept at any scale"
+            empty.setdefault(sid, {}).setdefault(reason, []).append(Path(bag_path).parent.name)
+    rows = []
+    for sid in (s for s in sheet.index if s in empty):
+        reasons = "; ".join(f"{reason} (bags: {', '.join(folders)})" for reason, folders in empty[sid].items())
+        what = "slide" if sum(map(len, empty[sid].values())) == total[sid] else "bags"
+        rows.append((sid, sheet.at[sid, "patient_id"], sheet.at[sid, "label"], what, AFTER_SCREENING + reasons))
+    return pd.DataFrame(rows, columns=list(LEFT_OUT_COLUMNS))
+
+
+def cohort_left_out(screened_sheet: str | os.PathLike, screening_left_out: str | os.PathLike,
+                    bag_indexes: list[str | os.PathLike], policy: ScreeningSettings, out: str | os.PathLike) -> pd.DataFrame:
+    """``left_out.csv``: what the screening left out, then the slides left out after it
+    (:func:`left_out_after_screening`), under the screening's ``policy`` (the share of the sheet
+    left out in all); written atomically. Returns the table."""
+    from .sheet import load_sheet
+
+    sheet = load_sheet(screened_sheet)
+    screened = read_left_out(screening_left_out)
+    after = left_out_after_screening(sheet, bag_indexes)
+    gone = after[after["what"] == "slide"]
+    if len(gone):
+        n_sheet = len(sheet) + int((screened["what"] == "slide").sum())
+        n_left = len(gone) + int((screened["what"] == "slide").sum())
+        reasons = [r.removeprefix(AFTER_SCREENING) for r in gone["reason"]]
+        examples = "; ".join(f"{s}: {r}" for s, r in zip(gone["slide_id"][:3], reasons[:3]))
+        for sid, reason in zip(gone["slide_id"], reasons):
+            log.warning("slide %r left out after the screening: %s", sid, reason)
+        if not policy.leave_out:
+            raise MsamilError(f"{len(gone)} slide(s) cannot be used after the screening ({examples}); fix or remove "
+                              "them, or set screening.leave_out: true to run without them")
+        if n_left / n_sheet > policy.max_left_out + 1e-12:
+            raise MsamilError(f"{n_left} of {n_sheet} slides ({n_left / n_sheet:.0%}) are left out, more than "
+                              f"screening.max_left_out ({policy.max_left_out:.0%}); after the screening: {examples}; "
+                              "fix the files (or the sheet) or raise screening.max_left_out")
+    table = pd.concat([screened, after], ignore_index=True) if len(after) else screened
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out) as tmp:
+        table.to_csv(tmp, index=False)
+    return table
+
+
 def read_left_out(path: str | os.PathLike) -> pd.DataFrame:
     """A ``left_out.csv`` (empty table when the file is absent)."""
     path = Path(path)

@@ -56,6 +56,8 @@ class Bag:
             wrote beside it (their union; each shared patch is encoded once); None = this bag's.
         slide_digest: the digest of the slide file the patches were read from
             (:func:`~msamil_core.wsi.thumbnail.file_identity`); None for bags of other tools.
+        left_out: why the slide has no features (its tiles failed to decode), for an empty bag
+            the extraction wrote in its place (``msamil extract --leave-out``); None otherwise.
     """
 
     features: torch.Tensor
@@ -67,6 +69,7 @@ class Bag:
     has_coords: bool = True
     patches_encoded: int | None = None
     slide_digest: str | None = None
+    left_out: str | None = None
 
     def __len__(self) -> int:
         return int(self.features.shape[0])
@@ -90,7 +93,8 @@ class Bag:
             "slide_id": self.slide_id,
             "encoder": self.encoder,
         } | ({} if self.patches_encoded is None else {"patches_encoded": int(self.patches_encoded)}) | (
-            {} if self.slide_digest is None else {"slide_digest": self.slide_digest})
+            {} if self.slide_digest is None else {"slide_digest": self.slide_digest}) | (
+            {} if self.left_out is None else {"left_out": self.left_out})
 
 
 def save_bag(path: str | os.PathLike, bag: Bag, move: bool = True) -> Path:
@@ -214,6 +218,7 @@ def _load_pt(path: Path) -> Bag:
         encoder=str(obj.get("encoder", _encoder_from_dir(path))),
         patches_encoded=int(obj["patches_encoded"]) if "patches_encoded" in obj else None,
         slide_digest=str(obj["slide_digest"]) if "slide_digest" in obj else None,
+        left_out=str(obj["left_out"]) if "left_out" in obj else None,
     )
 
 

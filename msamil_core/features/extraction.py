@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from ..errors import MsamilError
+from ..errors import MsamilError, SlideDataError
 from ..runtime import autocast, resolve_device
 from ..settings import FeatureSettings
 from ..wsi.coords import PatchTable, read_patch_table, union_table
@@ -137,13 +137,13 @@ def _worker_init(_: int) -> None:
     torch.set_num_threads(1)
 
 
-def _one_line(exc: MsamilError) -> str:
-    """A worker's MsamilError arrives wrapped in its traceback; keep the original message."""
+def _one_line(exc: MsamilError) -> MsamilError:
+    """A worker's MsamilError arrives wrapped in its traceback (as its own class): the same error
+    with the original message."""
     text = str(exc).strip()
-    if "Traceback" not in text:
-        return text
-    last = text.splitlines()[-1]
-    return last.split("MsamilError: ", 1)[-1]
+    if "Traceback" in text:
+        text = text.splitlines()[-1].split(f"{type(exc).__name__}: ", 1)[-1]
+    return type(exc)(text)
 
 
 def _items(dataset: PatchDataset, readers: int, device: torch.device) -> Iterator:
@@ -294,7 +294,7 @@ class Extractor:
                     done += len(rows)
                     bar.update(len(rows))
         except MsamilError as exc:  # raised in a reader: strip the reader's traceback
-            raise MsamilError(_one_line(exc)) from None
+            raise _one_line(exc) from None
         if done != n:
             raise RuntimeError(f"encoded {done} of {n} patches")
         return out
@@ -347,7 +347,7 @@ def make_bag_objects(extractor: Extractor, job: PatchJob, features: torch.Tensor
 
 def bags_of(extractor: Extractor, slide_path: str | os.PathLike, coords_sets: list[list[str | os.PathLike]],
             slide_id: str | None = None, mpp: float | None = None, digest: str | None = None,
-            progress: bool = True, stop: Callable[[], bool] | None = None) -> list[Bag]:
+            progress: bool = True, stop: Callable[[], bool] | None = None, leave_out: bool = False) -> list[Bag]:
     """Encode one slide's patch sets (e.g. the lesion, tissue and random patches, each its
     coordinates files, one per scale) with ``extractor`` into one bag each, reading and encoding
     every patch they share once. ``mpp`` overrides the file's µm/px (the sheet's column);
@@ -356,18 +356,34 @@ def bags_of(extractor: Extractor, slide_path: str | os.PathLike, coords_sets: li
     Returns one bag per set: features [N, D] (float32, or float16 with ``fp16``), coords int64
     [N, 2], scales int64 [N], patch_size_level0 int64 [N], rows in the set's own order (20x, then
     10x, then 5x); N = 0 gives features [0, D]. With several sets each bag records the union's
-    size as ``patches_encoded``.
+    size as ``patches_encoded``. With ``leave_out``, a slide whose tiles fail to decode
+    (:class:`~msamil_core.errors.SlideDataError`) gets empty bags that say why (``left_out``)
+    instead of failing: the workflow's cohort steps then leave it out.
     """
     started = time.perf_counter()
     job, tables, positions, digest = patch_job(slide_path, coords_sets, slide_id, mpp, digest)
     if len(job.table) == 0:
         log.warning("slide %r: no patches in %s; writing empty [0, %d] bags", job.slide_id, coords_sets, extractor.dim)
-    features = next(extractor.encode([job], progress, stop))
+    try:
+        features = next(extractor.encode([job], progress, stop))
+    except SlideDataError as exc:
+        if not leave_out:
+            raise
+        log.warning("%s -- left out: its bags are written empty, with this reason", exc)
+        return left_out_bags(extractor, job.slide_id, len(coords_sets), str(exc), digest)
     elapsed = time.perf_counter() - started
     counts = ", ".join(f"{name}: {n}" for name, n in job.table.counts().items())
     log.info("slide %r: %d patches (%s) -> [%d, %d] features in %.1f s (%.1f patches/s)", job.slide_id,
              len(job.table), counts, len(job.table), extractor.dim, elapsed, len(job.table) / max(elapsed, 1e-9))
     return make_bag_objects(extractor, job, features, tables, positions, coords_sets, digest)
+
+
+def left_out_bags(extractor: Extractor, slide_id: str, n: int, reason: str, digest: str | None) -> list[Bag]:
+    """``n`` empty bags of a slide that could not be encoded, each recording ``reason``."""
+    empty = torch.empty(0, dtype=torch.int64)
+    return [Bag(features=torch.empty(0, extractor.dim, dtype=extractor.store_dtype), coords=empty.view(0, 2),
+                scales=empty, patch_size_level0=empty, slide_id=slide_id, encoder=extractor.encoder_id,
+                slide_digest=digest, left_out=reason) for _ in range(n)]
 
 
 _extractors: dict[tuple, Extractor] = {}

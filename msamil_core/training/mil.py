@@ -149,17 +149,18 @@ def locate_bags(feature_dir: str | os.PathLike, slide_ids: list[str]) -> list[Pa
 
 
 def check_feature_dim(paths: list[Path], in_dim: int, where: str, encoder: str | None = None,
-                      scales: list[str] | None = None) -> set[Path]:
+                      scales: list[str] | None = None) -> dict[Path, str]:
     """Every bag has ``in_dim`` features and one encoder id (``encoder``, else the first bag's),
     else an error naming two bags (or the bag and the model) and the fix. Returns the bags with
-    no instance at ``scales`` (e.g. a slide whose segmented lesion kept no patch)."""
+    no instance at ``scales`` (e.g. a slide whose segmented lesion kept no patch, or whose tiles
+    failed to decode), each with why."""
     reference = (encoder, where) if encoder else None
     keep = scale_indices(scales) if scales else None
-    empty = set()
+    empty = {}
     for p in paths:
         bag = load_bag(p, require_coords=False)
         if keep is not None and not bool(torch.isin(bag.scales, keep).any()):
-            empty.add(p)
+            empty[p] = bag.left_out or f"no patch at {'+'.join(scales)} in its bag {p} (e.g. no lesion found)"
         if bag.features.shape[1] != in_dim:
             raise MsamilError(
                 f"{p}: bags have {bag.features.shape[1]} features but {where} expects {in_dim}; "
@@ -175,14 +176,14 @@ def check_feature_dim(paths: list[Path], in_dim: int, where: str, encoder: str |
     return empty
 
 
-def without_empty(ids: list[str], labels: list[int], paths: list[Path], empty: set[Path], what: str,
-                  scales: list[str]) -> tuple[list[str], list[int], list[Path], dict[str, str]]:
-    """The slides of a part whose bags hold patches at ``scales``; the others are left out of it
-    with a warning: ({slide: reason} of those left out)."""
+def without_empty(ids: list[str], labels: list[int], paths: list[Path], empty: dict[Path, str], what: str,
+                  ) -> tuple[list[str], list[int], list[Path], dict[str, str]]:
+    """The slides of a part whose bags hold patches (``empty``: :func:`check_feature_dim`'s); the
+    others are left out of it with a warning: ({slide: reason} of those left out)."""
     left = {}
     for sid, path in zip(ids, paths):
         if path in empty:
-            left[sid] = f"no patch at {'+'.join(scales)} in its bag {path} (e.g. no lesion found)"
+            left[sid] = empty[path]
             log.warning("slide %r left out of %s: %s", sid, what, left[sid])
     kept = [(s, y, p) for s, y, p in zip(ids, labels, paths) if p not in empty]
     return [s for s, _, _ in kept], [y for _, y, _ in kept], [p for _, _, p in kept], left
@@ -392,7 +393,7 @@ def evaluate_fold(fold_dir: str | os.PathLike, k: int, sheet, folds, features: s
     scales = checkpoint_scales(ckpt)
     empty = check_feature_dim(paths, int(ckpt["model_args"]["in_dim"]), f"the model {fold_dir / 'checkpoint.pt'}",
                               encoder=ckpt.get("encoder") or None, scales=scales)
-    test_ids, test_y, paths, left_out = without_empty(test_ids, test_y, paths, empty, f"fold {k}'s test part", scales)
+    test_ids, test_y, paths, left_out = without_empty(test_ids, test_y, paths, empty, f"fold {k}'s test part")
     if not test_ids:
         raise MsamilError(f"fold {k}: no test slide has patches at {'+'.join(scales)}; check the patch selection")
     dataset = BagDataset(paths, test_ids, test_y, scales, norm=ckpt.get("feature_norm"))
@@ -448,9 +449,8 @@ def train_experiment(cfg: TrainConfig, data: FoldData, folds: list[int], out: st
         empty = check_feature_dim(train_paths + val_paths + locate_bags(data.features, test_ids), in_dim,
                                   f"the bags of fold {k} (first: {train_paths[0]})", scales=cfg.scales)
         train_ids, train_y, train_paths, _ = without_empty(train_ids, train_y, train_paths, empty,
-                                                           f"fold {k}'s training", cfg.scales)
-        val_ids, val_y, val_paths, _ = without_empty(val_ids, val_y, val_paths, empty, f"fold {k}'s validation",
-                                                     cfg.scales)
+                                                           f"fold {k}'s training")
+        val_ids, val_y, val_paths, _ = without_empty(val_ids, val_y, val_paths, empty, f"fold {k}'s validation")
         if not train_ids:
             raise MsamilError(f"fold {k}: no training slide has patches at {'+'.join(cfg.scales)}; "
                               "check the patch selection")

@@ -29,7 +29,7 @@ import weakref
 import numpy as np
 import torch
 
-from ..errors import MsamilError
+from ..errors import MsamilError, SlideDataError
 from .slide import PIL_PRECISION_BITS, Slide, TiffTileReader, pil_resample_weights
 
 # An Adobe APP14 segment saying that the three components are not colour-transformed (RGB).
@@ -97,7 +97,7 @@ def read_patches(slide: Slide, coords, patch_size_level0, out_size: int,
     try:
         tiles = _decode_tiles(reader, {(level, s.index) for _, level, _, spans, _ in direct for s in spans}, device)
     except RuntimeError as exc:  # torchvision's decoders on a corrupt tile
-        raise MsamilError(
+        raise SlideDataError(
             f"slide {slide.slide_id!r} ({slide.path}): tiles fail to decode on {device} ({exc}); "
             "the file is corrupt or truncated: re-export or re-copy it, or remove it from the sheet"
         ) from None
@@ -206,7 +206,8 @@ def _jpeg_stream(reader: TiffTileReader, level: int, index: int) -> bytes:
     tables = page.jpegtables
     if tables:
         if not (tables[:2] == _SOI and tables[-2:] == _EOI and data[:2] == _SOI):
-            raise MsamilError(f"{reader.path}: level {level} has JPEG tables or tiles without start/end markers")
+            raise SlideDataError(f"{reader.path}: level {level} has JPEG tables or tiles without start/end markers "
+                                 "(a corrupt tile); re-export or re-copy the file, or remove it from the sheet")
         data = tables[:-2] + data[2:]
     if page.photometric == 2:  # RGB: say so, right after the start marker
         data = data[:2] + _ADOBE_RGB + data[2:]

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ..errors import MsamilError
+from ..errors import MsamilError, SlideDataError
 from .geometry import DEFAULT_BASE_MPP
 
 log = logging.getLogger(__name__)
@@ -404,14 +404,14 @@ class Slide:
             try:
                 return self._tiles.read(level, *position, int(size[0]), int(size[1]), self.background)
             except Exception as exc:  # imagecodecs.JpegError, OSError
-                raise MsamilError(
+                raise SlideDataError(
                     f"slide {self.slide_id!r} ({self.path}): tiles fail to decode ({exc}); "
                     "the file is corrupt or truncated: re-export or re-copy it, or remove it from the sheet"
                 ) from None
         try:
             rgba = self._osr.read_region((int(x), int(y)), int(level), (int(size[0]), int(size[1])))
         except Exception as exc:  # openslide.OpenSlideError and friends
-            raise MsamilError(
+            raise SlideDataError(
                 f"slide {self.slide_id!r} ({self.path}): tiles fail to decode ({exc}); "
                 "the file is corrupt or truncated: re-export or re-copy it, or remove it from the sheet"
             ) from None
