@@ -14,6 +14,7 @@ from msamil_core.cli import main
 from msamil_core.wsi.slide import open_slide
 from msamil_core.wsi.masks import load_mask, save_mask
 from msamil_core.settings import TissueSettings
+from msamil_core.wsi.thumbnail import thumbnail_and_meta, thumbnail_mpp
 from msamil_core.wsi.tissue import is_fluorescence, otsu_threshold, tissue_mask
 
 
@@ -102,6 +103,23 @@ def test_fluorescence_is_detected_and_masked(ndpi_slide):
     bright = rgb.max(axis=2) > 120
     assert mask[bright].mean() > 0.9
     assert 0.2 < mask.mean() < 0.95
+
+
+def test_fluorescence_mask_covers_the_stroma(ndpi_slide):
+    # The DAPI slide's stroma holds few nuclei but glows a few grey levels above the glass
+    # (local brightness 6-30 against 2-4): it is tissue, and the glass stays out.
+    with open_slide(ndpi_slide) as s:
+        rgb, meta = thumbnail_and_meta(s, 1024)
+    mask = tissue_mask(rgb, mpp=thumbnail_mpp(meta))
+    local = ndi.uniform_filter(rgb.max(axis=2).astype(np.float32), 9)
+    stroma = (local > 6) & (local < 30)
+    assert stroma.mean() > 0.3
+    assert mask[stroma].mean() > 0.95
+    assert mask[local < 4].mean() < 0.01
+    h, w = mask.shape
+    assert mask[int(0.15 * h) : int(0.24 * h), int(0.54 * w) : int(0.72 * w)].mean() > 0.95  # stroma, few nuclei
+    assert mask[int(0.97 * h) :].mean() < 0.05  # glass below the section
+    assert 0.7 < mask.mean() < 0.9
 
 
 def test_empty_glass_has_no_tissue(blank_slide):

@@ -4,7 +4,7 @@ Brightfield slides: saturation above Otsu's threshold (never below --min-saturat
 marks and dark grey artefacts, then closing, filling of the holes up to --max-hole-area µm² and
 removal of the pieces under --min-object-area µm² (µm/px from the meta.json). Fluorescence slides
 (dark background, detected automatically unless --mode says otherwise): local signal density
-above Otsu's threshold. A slide with no tissue fails with a message naming it.
+above the glass's, dim stroma included. A slide with no tissue fails with a message naming it.
 """
 
 from __future__ import annotations

@@ -9,7 +9,8 @@ nuclei, keratin) stay tissue. Then morphology closes small gaps, fills the holes
 thumbnail's µm/px (fractions of the thumbnail where it is unknown).
 
 Fluorescence slides (dark background) are detected from the thumbnail's border and thresholded
-on brightness instead, with a wider closing because nuclei stains leave gaps between cells.
+on the local density of signal instead, dim stroma included, with a wider closing because nuclei
+stains leave gaps between cells.
 """
 
 from __future__ import annotations
@@ -122,14 +123,7 @@ def tissue_mask(rgb: np.ndarray, params: TissueSettings | None = None, mpp: floa
     if mode == "auto":
         mode = "fluorescence" if is_fluorescence(rgb) else "brightfield"
     if mode == "fluorescence":
-        # Nuclear stains light nuclei, not the cytoplasm between them: threshold the local
-        # density of signal (brightness smoothed over ~1.5 % of the long side), on a log scale
-        # because background and dim tissue differ by a few grey levels only.
-        value = rgb.max(axis=2).astype(np.float32)
-        window = max(3, round(0.015 * max(rgb.shape[:2])))
-        density = np.log1p(ndi.uniform_filter(value, window)) / np.log(256.0)
-        mask = density > otsu_threshold(density)
-        return clean_mask(mask, max(params.close_radius, 4), min_object_px, max_hole_px)
+        return clean_mask(_fluorescence_signal(rgb), max(params.close_radius, 4), min_object_px, max_hole_px)
     hsv = np.asarray(Image.fromarray(rgb).convert("HSV"))
     sat = hsv[..., 1].astype(np.float32) / 255.0
     artefacts = pen_and_artefact_mask(rgb, params.dark_threshold, params.remove_pen)
@@ -140,6 +134,29 @@ def tissue_mask(rgb: np.ndarray, params: TissueSettings | None = None, mpp: floa
     # Ink often has a halo after closing: the dilated ink stays out.
     halo = ndi.binary_dilation(artefacts, structure=_disk(1)) if artefacts.any() else None
     return clean_mask(mask, params.close_radius, min_object_px, max_hole_px, exclude=halo)
+
+
+def _fluorescence_signal(rgb: np.ndarray) -> np.ndarray:
+    """Pixels of a fluorescence thumbnail [h, w, 3] whose local signal is above the glass's, bool [h, w].
+
+    Nuclear stains light nuclei, not the cytoplasm and stroma between them: threshold the local
+    density of signal (brightness smoothed over ~1.5 % of the long side), on a log scale because
+    glass and dim tissue differ by a few grey levels only. Three levels are told apart, glass,
+    dim tissue (stroma, autofluorescent) and nuclei: Otsu's threshold splits off the nuclei, a
+    second one below it the glass. The border (mostly glass, :func:`is_fluorescence`) keeps that
+    second threshold 2 grey levels above the glass's median, so a slide without dim tissue does
+    not split its glass noise in two.
+    """
+    from scipy import ndimage as ndi
+
+    value = rgb.max(axis=2).astype(np.float32)
+    window = max(3, round(0.015 * max(rgb.shape[:2])))
+    density = np.log1p(ndi.uniform_filter(value, window)) / np.log(256.0)
+    nuclei = otsu_threshold(density)
+    dim = density[density < nuclei]
+    glass = otsu_threshold(dim) if dim.size else nuclei
+    floor = np.log1p(float(np.median(_border(value))) + 2) / np.log(256.0)
+    return density > max(glass, floor)
 
 
 def _border(value: np.ndarray) -> np.ndarray:
