@@ -81,16 +81,23 @@ def make_tissue_mask(thumbnail: str | os.PathLike, out: str | os.PathLike, param
     (default: the meta.json beside the thumbnail, when there is one).
     """
     from .wsi.masks import read_rgb, save_mask
-    from .wsi.thumbnail import load_meta, thumbnail_mpp
+    from .wsi.thumbnail import load_meta, meta_sizes, thumbnail_mpp
     from .wsi.tissue import slide_tissue_mask
 
     slide_id = slide_id or Path(thumbnail).parent.name
+    rgb = read_rgb(thumbnail, slide_id)
     meta = Path(meta) if meta else Path(thumbnail).with_name(layout.META)
-    mpp = thumbnail_mpp(load_meta(meta)) if meta.is_file() else None
+    mpp = None
+    if meta.is_file():
+        info = load_meta(meta)
+        if meta_sizes(info)[1] != (rgb.shape[1], rgb.shape[0]):
+            raise MsamilError(f"slide {slide_id!r}: {meta} describes a thumbnail of another size than {thumbnail}; "
+                              "rerun the thumbnail step of this slide")
+        mpp = thumbnail_mpp(info)
     if mpp is None:
         log.warning("%s: no µm/px for the thumbnail (no %s); tissue areas are fractions of the thumbnail",
                     slide_id, meta)
-    mask = slide_tissue_mask(read_rgb(thumbnail, slide_id), params or TissueSettings(), slide_id, mpp)
+    mask = slide_tissue_mask(rgb, params or TissueSettings(), slide_id, mpp)
     save_mask(out, mask)
     return mask
 

@@ -161,3 +161,16 @@ def test_outputs_get_the_umask_mode_not_mkstemp_s(tmp_path):
     umask = os.umask(0)
     os.umask(umask)
     assert stat.S_IMODE((tmp_path / "m.png").stat().st_mode) == 0o666 & ~umask
+
+
+def test_tissue_areas_need_the_thumbnails_own_meta(cmu_slide, tmp_path):
+    from msamil_core.errors import MsamilError
+    from msamil_core.pipeline import make_tissue_mask
+
+    thumb = tmp_path / "cmu" / "thumbnail.png"
+    assert main(["thumbnail", "--slide", str(cmu_slide), "--out", str(thumb), "--meta", str(thumb.with_name("meta.json")),
+                 "--long-side", "256"]) == 0
+    Image.open(thumb).resize((96, 128)).save(thumb)  # meta.json beside it describes 192 x 256
+    with pytest.raises(MsamilError, match="another size.*rerun the thumbnail step"):
+        make_tissue_mask(thumb, tmp_path / "mask.png")
+    assert not (tmp_path / "mask.png").exists()

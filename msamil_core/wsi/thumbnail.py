@@ -81,11 +81,10 @@ def load_meta(path: str | os.PathLike) -> dict:
 def thumbnail_mpp(meta: dict) -> float | None:
     """µm per thumbnail px of a meta.json dict (the slide's µm/px times the thumbnail's mean
     downsample), None when the slide's µm/px is not recorded."""
-    mpp = meta.get("mpp")
-    if not mpp:
+    if not meta.get("mpp"):
         return None
-    thumb = meta["thumbnail"]
-    return float(mpp) * (float(thumb["downsample_x"]) + float(thumb["downsample_y"])) / 2
+    (width, height), (w, h) = meta_sizes(meta)
+    return float(meta["mpp"]) * (width / w + height / h) / 2
 
 
 def meta_sizes(meta: dict) -> tuple[tuple[int, int], tuple[int, int]]:
