@@ -74,13 +74,30 @@ def make_thumbnail(slide_path: str | os.PathLike, thumbnail: str | os.PathLike, 
 
 
 def make_tissue_mask(thumbnail: str | os.PathLike, out: str | os.PathLike, params: TissueSettings | None = None,
-                     slide_id: str | None = None) -> np.ndarray:
-    """Write the tissue mask of a thumbnail (PNG, 0/255); fails naming the slide when it has no tissue."""
+                     slide_id: str | None = None, meta: str | os.PathLike | None = None) -> np.ndarray:
+    """Write the tissue mask of a thumbnail (PNG, 0/255); fails naming the slide when it has no tissue.
+
+    The areas of the tissue settings are µm², read through the thumbnail's µm/px from ``meta``
+    (default: the meta.json beside the thumbnail, when there is one).
+    """
     from .wsi.masks import read_rgb, save_mask
+    from .wsi.thumbnail import load_meta, meta_sizes, thumbnail_mpp
     from .wsi.tissue import slide_tissue_mask
 
     slide_id = slide_id or Path(thumbnail).parent.name
-    mask = slide_tissue_mask(read_rgb(thumbnail, slide_id), params or TissueSettings(), slide_id)
+    rgb = read_rgb(thumbnail, slide_id)
+    meta = Path(meta) if meta else Path(thumbnail).with_name(layout.META)
+    mpp = None
+    if meta.is_file():
+        info = load_meta(meta)
+        if meta_sizes(info)[1] != (rgb.shape[1], rgb.shape[0]):
+            raise MsamilError(f"slide {slide_id!r}: {meta} describes a thumbnail of another size than {thumbnail}; "
+                              "rerun the thumbnail step of this slide")
+        mpp = thumbnail_mpp(info)
+    if mpp is None:
+        log.warning("%s: no µm/px for the thumbnail (no %s); tissue areas are fractions of the thumbnail",
+                    slide_id, meta)
+    mask = slide_tissue_mask(rgb, params or TissueSettings(), slide_id, mpp)
     save_mask(out, mask)
     return mask
 
@@ -408,7 +425,7 @@ def _stage_coordinates(slide_path, slide_id: str, mpp, settings: SlideSettings, 
         thumb, meta_path = stage.path(out.thumbnail), stage.path(out.meta)
         make_thumbnail(slide_path, thumb, meta_path, slide_id, mpp, settings.thumbnail)
         tissue_path = stage.path(out.tissue)
-        make_tissue_mask(thumb, tissue_path, settings.tissue, slide_id)
+        make_tissue_mask(thumb, tissue_path, settings.tissue, slide_id, meta_path)
         lesion_path = None
         if needs_lesion:
             lesion_path = stage.path(out.lesion)

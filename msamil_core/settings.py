@@ -395,12 +395,22 @@ class TissueSettings(Section):
                         choices=TISSUE_MODES)
     min_saturation: float = setting(0.05, "floor of the Otsu saturation threshold (0..1)", min=0, max=1)
     remove_pen: bool = setting(True, "remove blue and green ink")
-    dark_threshold: float = setting(0.25, "pixels whose brightest channel is below this (0..1) are artefacts "
-                                    "(black ink, dust)", min=0, max=1)
+    dark_threshold: float = setting(0.25, "pixels whose brightest channel is below this (0..1) and that are grey, "
+                                    "not stained, are artefacts (black ink, dust); dark nuclei and keratin stay "
+                                    "tissue", min=0, max=1)
     close_radius: int = setting(2, "morphological closing radius, thumbnail px", min=0)
-    min_object_fraction: float = setting(0.0002, "drop tissue pieces smaller than this fraction of the thumbnail",
-                                         min=0, max=1)
-    max_hole_fraction: float = setting(0.001, "fill holes up to this fraction of the thumbnail", min=0, max=1)
+    # The areas are µm², read through the thumbnail's µm/px (meta.json); a thumbnail without one
+    # falls back to the fractions below.
+    min_object_area: float = setting(10000.0, "drop tissue pieces smaller than this, µm² (10,000 µm²: a disc 113 µm "
+                                     "across, under 70 % of one 256-px 20x patch: dust and debris)", min=0)
+    max_hole_area: float = setting(25000.0, "fill holes up to this, µm² (25,000 µm²: a disc 180 µm across; the "
+                                   "gaps that are tissue: nuclei, fat cells (5,000-15,000 µm²), capillaries, "
+                                   "tears, small gland lumina; larger lumina (ducts, vessels, cysts) and the glass "
+                                   "between tissue pieces (mm²) stay out)", min=0)
+    min_object_fraction: float = setting(0.0002, "without the thumbnail's µm/px: drop tissue pieces smaller than "
+                                         "this fraction of the thumbnail", min=0, max=1)
+    max_hole_fraction: float = setting(0.001, "without the thumbnail's µm/px: fill holes up to this fraction of the "
+                                       "thumbnail", min=0, max=1)
     min_tissue_fraction: float = setting(0.001, "less tissue than this fraction of the thumbnail fails the slide "
                                          "(\"no tissue\")", min=0, max=1)
 

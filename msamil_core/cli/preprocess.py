@@ -54,7 +54,7 @@ def run(args: argparse.Namespace) -> None:
                *([args.geojson] if args.geojson else [])]
     try:
         make_thumbnail(args.slide, args.thumbnail, args.meta, slide_id, args.mpp, from_args(args, ThumbnailSettings))
-        make_tissue_mask(args.thumbnail, args.tissue_mask, from_args(args, TissueSettings), slide_id)
+        make_tissue_mask(args.thumbnail, args.tissue_mask, from_args(args, TissueSettings), slide_id, args.meta)
         if files:
             make_coordinates(args.meta, args.tissue_mask, files, from_args(args, PatchSettings), geojson=args.geojson,
                              geojson_strategy=args.geojson_strategy)

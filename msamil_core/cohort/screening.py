@@ -90,7 +90,7 @@ def screen_slide(row: pd.Series, settings: ScreenSettings) -> dict:
     """
     from ..wsi.annotations import annotation_mask
     from ..wsi.slide import open_slide
-    from ..wsi.thumbnail import thumbnail_and_meta
+    from ..wsi.thumbnail import thumbnail_and_meta, thumbnail_mpp
     from ..wsi.tissue import slide_tissue_mask
 
     sid = str(row["slide_id"])
@@ -100,7 +100,7 @@ def screen_slide(row: pd.Series, settings: ScreenSettings) -> dict:
             raise MsamilError(f"slide {sid!r}: the sheet gives no path; add the slide file's path")
         with open_slide(row["path"], sid, slide_mpp(row)) as slide:
             rgb, meta = thumbnail_and_meta(slide, settings.thumbnail.long_side)
-        slide_tissue_mask(rgb, settings.tissue, sid)
+        slide_tissue_mask(rgb, settings.tissue, sid, thumbnail_mpp(meta))
     except Exception as exc:  # noqa: BLE001 - any failure to read a slide is a reason to leave it out
         verdict["slide"] = _one_line(exc)
         return verdict

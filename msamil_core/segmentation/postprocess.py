@@ -34,7 +34,7 @@ def postprocess(prob: np.ndarray, tissue: np.ndarray | None, params: PostProcess
     if tissue is not None:
         mask &= tissue
     # close_radius 0: no morphology beyond hole filling and speck removal, so edges stay where predicted.
-    mask = clean_mask(mask, 0, params.min_object_fraction, params.max_hole_fraction)
+    mask = clean_mask(mask, 0, params.min_object_fraction * mask.size, params.max_hole_fraction * mask.size)
     if tissue is not None:
         mask &= tissue  # filled holes may include glass
     return mask

@@ -78,6 +78,15 @@ def load_meta(path: str | os.PathLike) -> dict:
     return meta
 
 
+def thumbnail_mpp(meta: dict) -> float | None:
+    """µm per thumbnail px of a meta.json dict (the slide's µm/px times the thumbnail's mean
+    downsample), None when the slide's µm/px is not recorded."""
+    if not meta.get("mpp"):
+        return None
+    (width, height), (w, h) = meta_sizes(meta)
+    return float(meta["mpp"]) * (width / w + height / h) / 2
+
+
 def meta_sizes(meta: dict) -> tuple[tuple[int, int], tuple[int, int]]:
     """((W, H) level-0 px, (w, h) thumbnail px) of a meta.json dict."""
     return (int(meta["width"]), int(meta["height"])), (int(meta["thumbnail"]["width"]), int(meta["thumbnail"]["height"]))
