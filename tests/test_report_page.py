@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -152,3 +153,18 @@ def test_intervals_within_the_range_of_a_difference(report):
         assert -1 <= float(low) <= float(mean) <= float(high) <= 1
 
 
+
+def test_page_fits_1400_px_in_chromium(report, tmp_path):
+    """The page in headless Chromium (bench/report_screenshot.py) is no wider than the window."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    try:
+        from report_screenshot import WIDTH, find_chromium, measure
+    finally:
+        sys.path.pop(0)
+    browser = find_chromium()
+    if browser is None:
+        pytest.skip("no headless Chromium on PATH")
+    page = tmp_path / "index.html"
+    page.write_text(report)
+    figures = measure(browser, page, WIDTH)
+    assert figures["scroll_width"] <= WIDTH and not figures["past_window"], figures
