@@ -132,3 +132,19 @@ def test_lesion_attention_and_colormap():
     values, covered = paint((4, 4), np.array([[0, 0, 2, 2], [0, 0, 4, 4]], float), np.array([1.0, 0.5]))
     assert values[0, 0] == 1.5 and values[3, 3] == 0.5 and covered.all()
 
+
+
+def test_a_long_title_fits_a_narrow_map():
+    from msamil_core.reporting.heatmaps import fit_title
+    from msamil_core.reporting.plots import pyplot
+
+    fig = pyplot().figure(figsize=(2.5, 2.0), dpi=100)
+    title = "msamil_multiscale  demo_003  all scales  ->  bland_alternating 0.12, atypical_alternating 0.30"
+    text = fig.text(0.02, 0.95, title, fontsize=9)
+    fit_title(fig, text, 240)
+    assert text.get_window_extent(fig.canvas.get_renderer()).width <= 240
+    assert "atypical_alternating 0.30" in text.get_text().replace("\n", " ")  # wrapped, not cut
+    short = fig.text(0.02, 0.5, "demo_003  20x", fontsize=9)
+    fit_title(fig, short, 240)
+    assert short.get_fontsize() == 9 and short.get_text() == "demo_003  20x"
+    pyplot().close(fig)
