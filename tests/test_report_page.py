@@ -55,7 +55,8 @@ def _experiment(root: Path, name: str, wrong: set[str], spread: float, manifest:
 def report(tmp_path_factory):
     root = tmp_path_factory.mktemp("results")
     exps = {"multi": _experiment(root, "multi", {"s05"}, 0.0, manifest=True),
-            "single": _experiment(root, "single", {"s01", "s05", "s06"}, 0.15, manifest=False)}
+            "single": _experiment(root, "single", {"s01", "s05", "s06"}, 0.15, manifest=False),
+            "poor": _experiment(root, "poor", set(SLIDES[:4]), 0.0, manifest=False)}  # fold 0 all wrong
     folds = pd.DataFrame({"slide_id": SLIDES, "patient_id": [f"p{i // 2}" for i in range(12)],
                           "label": [CLASSES[y] for y in LABELS], "fold": [i // 4 for i in range(12)]})
     folds.to_csv(root / "folds.csv", index=False)
@@ -112,7 +113,7 @@ def test_cohort_per_fold(report):
 
 def test_slides_misclassified_first_with_heatmap_links(report):
     slides = _section(report, "slides")
-    assert slides.count("<details") == 2 and "<details open>" in slides
+    assert slides.count("<details") == 3 and "<details open>" in slides
     multi, single = slides.split("</details>")[:2]
     assert "1 of 12" in multi and "3 of 12" in single
     order = re.findall(r"<tr( class=\"wrong\")?><td>(s\d\d)</td>", single)
@@ -132,7 +133,7 @@ def test_heatmap_thumbnails_are_labelled(report):
 
 def test_configs_folded_and_headers_readable(report):
     configs = _section(report, "configs")
-    assert configs.count("<details><summary>") == 2 and configs.count("<pre>") == 2
+    assert configs.count("<details><summary>") == 3 and configs.count("<pre>") == 3
     headers = re.findall(r"<th>([^<]*)</th>", report)
     assert not any("_" in h for h in headers if h not in ("n/a",) and "(slides)" not in h), headers
     assert "balanced accuracy" in headers and "macro F1" in headers
@@ -151,6 +152,9 @@ def test_intervals_within_the_range_of_a_difference(report):
     assert cells
     for mean, low, _, high, _ in cells:
         assert -1 <= float(low) <= float(mean) <= float(high) <= 1
+    # multi - poor in balanced accuracy: +1, -0.25, 0 over 3 runs; the t interval is cut, and the page says so
+    assert "<td>+0.250 [-1.000†, +1.000†]</td>" in report
+    assert report.count("it is cut there (few runs") == 1
 
 
 

@@ -179,7 +179,7 @@ def write_report(experiments: dict[str, str | os.PathLike], out_dir: str | os.Pa
     page = render(
         "report.html.j2", title=title, summary_table=wide, ratio=ratio,
         provenance=provenance(manifests, config_files), cohort=cohort_table(read_folds(folds)) if folds else None,
-        review=review, cut_mark=CUT_MARK,
+        review=review, cut_mark=CUT_MARK, cut_in=tables.has_cut,
         repeats=max(r for runs in per_fold.values() for r, _ in runs) + 1,
         scale_tables=[(tables.scale_table(wide, configs, g),
                        tables.comparison_table(tables.reference_pairs(g, configs), per_fold, configs, ratio))

@@ -123,6 +123,14 @@ def comparison_table(pairs: list[tuple[str, str]], per_fold: dict[str, dict], co
     return pd.DataFrame(rows) if rows else None
 
 
+def has_cut(table: pd.DataFrame) -> bool:
+    """Whether a comparison table has an interval cut at the range of a difference (a bound
+    marked :data:`~msamil_core.evaluation.stats.CUT_MARK`), which the report then says."""
+    from ..evaluation.stats import CUT_MARK
+
+    return any(CUT_MARK in str(v) for column in table.columns if str(column).startswith("Δ") for v in table[column])
+
+
 def reference_pairs(group: list[str], configs: dict[str, dict]) -> list[tuple[str, str]]:
     """The comparisons a group of experiments draws: its first experiment (config order) against
     each other one, and every same-model pair that differs only in scales (more scales first)."""
