@@ -35,17 +35,21 @@ BROWSERS = ("chromium", "chromium-browser", "google-chrome")
 # written into the page's DOM after load, read back from --dump-dom
 PROBE = """<script>
 window.addEventListener("load", () => {
-  const doc = document.documentElement, wide = [];
+  const doc = document.documentElement, wide = [], text = document.body.getBoundingClientRect().right;
+  let furthest = 0, past_text = 0;
   for (const el of document.body.querySelectorAll("*")) {
     if (el.parentElement.closest(".wide")) continue;  // scrolls inside its box, the page stays narrow
     const right = el.getBoundingClientRect().right;
+    furthest = Math.max(furthest, right);
+    if (el.tagName === "TABLE" && right > text + 0.5) past_text += 1;
     if (right > window.innerWidth + 0.5) wide.push(`${el.tagName.toLowerCase()}.${el.className || ""} ${Math.round(right)}`);
   }
   const scrolled = [...document.querySelectorAll(".wide")].filter(b => b.scrollWidth > b.clientWidth).length;
   const out = document.createElement("pre");
   out.id = "page-probe";
   out.textContent = JSON.stringify({scroll_width: doc.scrollWidth, window_width: window.innerWidth,
-    height: doc.scrollHeight, past_window: wide.slice(0, 10), tables_scrolling_in_their_box: scrolled});
+    height: doc.scrollHeight, past_window: wide.slice(0, 10), tables_scrolling_in_their_box: scrolled,
+    furthest_right: Math.round(furthest), text_right: Math.round(text), tables_past_text: past_text});
   document.body.appendChild(out);
 });
 </script>"""
@@ -124,7 +128,8 @@ def main(argv: list[str] | None = None) -> int:
     fits = figures["scroll_width"] <= args.width
     print(f"page: scroll width {figures['scroll_width']} px at a {figures['window_width']} px window "
           f"({'fits' if fits else 'too wide'}), height {figures['height']} px; tables scrolling in their own box: "
-          f"{figures['tables_scrolling_in_their_box']}")
+          f"{figures['tables_scrolling_in_their_box']}; furthest right edge {figures['furthest_right']} px, "
+          f"text column ends at {figures['text_right']} px, tables past it: {figures['tables_past_text']}")
     for element in figures["past_window"]:
         print(f"  past the window: {element}")
     return 0 if fits else 1
