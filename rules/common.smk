@@ -727,6 +727,12 @@ def report_options():
     )
 
 
+def config_file_options():
+    """`--config-file` of each config file Snakemake read (the report's header names them),
+    relative to the project so that a moved project plans no new report."""
+    return " ".join(f"--config-file {shlex.quote(os.path.relpath(path))}" for path in workflow.configfiles)
+
+
 # ---------------------------------------------------------------- end-to-end runs
 
 

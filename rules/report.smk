@@ -10,11 +10,13 @@ rule make_report:
         k_studies=e2e_report_inputs(),
         manifests=manifests(),
         left_out=LEFT_OUT,
+        folds=layout.folds_file(),
     output:
         html=layout.report_file("index.html"),
         summary=layout.report_file("summary.csv"),
     params:
         options=report_options(),
+        config_files=config_file_options(),
         out=report_folder,
     log:
         "logs/make_report.log",
@@ -25,4 +27,5 @@ rule make_report:
     conda:
         "../envs/msamil.yaml"
     shell:
-        "msamil report {params.options} --benchmarks benchmarks --out-dir {params.out:q} 2> {log:q}"
+        "msamil report {params.options} --folds {input.folds:q} {params.config_files} --benchmarks benchmarks "
+        "--out-dir {params.out:q} 2> {log:q}"

@@ -71,7 +71,10 @@ def test_heatmaps_of_a_slide(tiny_experiment, tmp_path):
         assert f'"{name}"' in page and (out / "s0" / name).exists()
     assert "inside against outside" in page and info["predicted"] in page
     (entry,) = heatmap_links({"tiny": out}, tmp_path / "report")
-    assert entry["slides"][0] == ("s0", "../hm/s0/index.html", "../hm/s0/attention_combined.png")
+    first = entry["slides"][0]
+    assert (first["slide_id"], first["page"], first["image"]) == ("s0", "../hm/s0/index.html",
+                                                                  "../hm/s0/attention_combined.png")
+    assert first["predicted"] == info["predicted"] and first["correct"] == (first["label"] == info["predicted"])
     assert "inside / outside" in entry["pooled"].columns and set(entry["pooled"]["scope"]) == set(lesion)
 
 
@@ -128,3 +131,20 @@ def test_lesion_attention_and_colormap():
     assert colormap(np.array([0.0]))[0].tolist() == [68, 1, 84] and colormap(np.array([2.0]))[0].tolist() == [253, 231, 37]
     values, covered = paint((4, 4), np.array([[0, 0, 2, 2], [0, 0, 4, 4]], float), np.array([1.0, 0.5]))
     assert values[0, 0] == 1.5 and values[3, 3] == 0.5 and covered.all()
+
+
+
+def test_a_long_title_fits_a_narrow_map():
+    from msamil_core.reporting.heatmaps import fit_title
+    from msamil_core.reporting.plots import pyplot
+
+    fig = pyplot().figure(figsize=(2.5, 2.0), dpi=100)
+    title = "msamil_multiscale  demo_003  all scales  ->  bland_alternating 0.12, atypical_alternating 0.30"
+    text = fig.text(0.02, 0.95, title, fontsize=9)
+    fit_title(fig, text, 240)
+    assert text.get_window_extent(fig.canvas.get_renderer()).width <= 240
+    assert "atypical_alternating 0.30" in text.get_text().replace("\n", " ")  # wrapped, not cut
+    short = fig.text(0.02, 0.5, "demo_003  20x", fontsize=9)
+    fit_title(fig, short, 240)
+    assert short.get_fontsize() == 9 and short.get_text() == "demo_003  20x"
+    pyplot().close(fig)

@@ -64,7 +64,7 @@ def test_report_pairs_runs_over_repeats(tmp_path):
     assert "training_seconds" not in set(summary.metric)
     html = (out / "index.html").read_text()
     assert "Nadeau-Bengio" in html and "0.500" in html  # 1 / (3 - 1)
-    assert "<h2>Ablations</h2>" in html and "num_queries" in html
+    assert '<h2 id="ablations">Ablations</h2>' in html and "num_queries" in html
     assert (out / "learning_curve_0.png").stat().st_size > 1000
     assert "Learning curve" in html
 

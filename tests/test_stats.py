@@ -9,7 +9,8 @@ import pytest
 from scipy import stats as sps
 
 from msamil_core.evaluation.metrics import classification_metrics
-from msamil_core.evaluation.stats import compare, corrected_ttest, kfold_test_train_ratio, paired_bootstrap, paired_runs
+from msamil_core.evaluation.stats import (PairedResult, compare, corrected_ttest, format_difference,
+                                          kfold_test_train_ratio, paired_bootstrap, paired_runs)
 
 # 3 repeats x 5 folds of AUC differences (fixed numbers, not drawn)
 D = [0.04, -0.01, 0.06, 0.02, 0.00, 0.05, 0.03, -0.02, 0.07, 0.01, 0.02, 0.04, 0.00, 0.03, 0.05]
@@ -75,3 +76,12 @@ def test_paired_bootstrap_over_slides():
     assert better.significant and better.ci_low > 0
     same = paired_bootstrap([y], [good], [good], auc, n_boot=50)
     assert same.mean == 0 and same.p_value == 1.0 and not same.significant
+
+
+def test_format_difference_cuts_at_the_range():
+    wide = PairedResult(0.459, -0.090, 1.007, 0.2, 3, "corrected t", False)
+    assert format_difference(wide) == "+0.459 [-0.090, +1.007]"
+    assert format_difference(wide, (-1.0, 1.0)) == "+0.459 [-0.090, +1.000†]"
+    inside = PairedResult(0.1, -0.2, 0.4, 0.5, 3, "corrected t", False)
+    assert format_difference(inside, (-1.0, 1.0)) == "+0.100 [-0.200, +0.400]"
+    assert format_difference(PairedResult(math.nan, math.nan, math.nan, math.nan, 0, "", False)) == "n/a"

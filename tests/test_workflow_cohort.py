@@ -115,7 +115,7 @@ def test_every_stage_ran_and_the_report_compares_strategies(cohort):
     page = (results / "report" / "index.html").read_text()
     assert "Patch-selection strategies" in page and "Lesion segmentation" in page
     # the screening left out the unreadable slide and the malformed annotation, the report says why
-    left = page.split("<h2>Slides left out</h2>")[1].split("<h2>")[0]
+    left = page.split('<h2 id="left-out">Slides left out</h2>')[1].split("<h2")[0]
     assert BROKEN in left and "fail to decode" in left and "bad.geojson" in left
     assert not (results / "slides" / BROKEN).exists()
     segmented = sorted(s for part in seg["splits"].values() for s in part)

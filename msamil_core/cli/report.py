@@ -7,7 +7,9 @@ their from-scratch twins, experiments on the same task that use different scales
 ablations (`ablation_of`) are set beside their full model and `train_fraction` experiments
 drawn as learning curves, automatically, each comparison with the paired difference over the
 runs both experiments share and its corrected resampled t-test (95 % interval, p-value). --section TITLE=CSV adds a table (e.g. patch-selection figures);
---heatmaps NAME=DIR links an experiment's attention heatmaps.
+--heatmaps NAME=DIR links an experiment's attention heatmaps. The page opens with its provenance (date, commit,
+--config-file, encoders and their weights' digest), a table of contents, the cohort per fold (--folds) and a
+table of each experiment's test slides, misclassified first, linked to their heatmap pages.
 """
 
 from __future__ import annotations
@@ -33,6 +35,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "attention inside vs outside the lesions (repeatable)")
     parser.add_argument("--left-out", metavar="CSV",
                         help="left_out.csv of `msamil screen`: the slides and annotations left out, with reasons")
+    parser.add_argument("--folds", metavar="CSV", help="folds.csv of `msamil splits`: the cohort table per fold")
+    parser.add_argument("--config-file", action="append", default=[], metavar="YAML",
+                        help="the config file the run was made with, named in the report's header (repeatable)")
     parser.add_argument("--out-dir", required=True, help="report directory to write")
     parser.add_argument("--title", default="msamil report")
 
@@ -43,4 +48,5 @@ def run(args: argparse.Namespace) -> None:
     write_report(dict(named(args.experiment, "--experiment")), args.out_dir, title=args.title,
                  sections=named(args.section, "--section"), features=dict(named(args.features, "--features")),
                  benchmarks=args.benchmarks, segmentation=args.segmentation,
-                 heatmaps=dict(named(args.heatmaps, "--heatmaps")), left_out=args.left_out)
+                 heatmaps=dict(named(args.heatmaps, "--heatmaps")), left_out=args.left_out, folds=args.folds,
+                 config_files=args.config_file)

@@ -166,13 +166,29 @@ def compare(a: Mapping, b: Mapping, metric: str, test_train_ratio: float, alpha:
     return corrected_ttest([x - y for _, x, y in pairs], test_train_ratio, alpha)
 
 
-def format_difference(result: PairedResult) -> str:
-    """``+0.012 [-0.030, +0.054]`` (``n/a`` when undefined)."""
+CUT_MARK = "†"  # beside an interval bound that :func:`format_difference` cut at the difference's range
+
+
+def format_difference(result: PairedResult, bounds: tuple[float, float] | None = None) -> str:
+    """``+0.012 [-0.030, +0.054]`` (``n/a`` when undefined).
+
+    ``bounds``: the range the difference can take, e.g. ``(-1, 1)`` for two scores in [0, 1]. The
+    t interval is symmetric and can reach past it with few, spread runs; such a bound is cut at
+    the range and marked :data:`CUT_MARK` (``+0.459 [-0.090, +1.000†]``), so a reader sees both
+    that the interval is wider than the scores allow and where it would stop.
+    """
     if not math.isfinite(result.mean):
         return "n/a"
     if not math.isfinite(result.ci_low):
         return f"{result.mean:+.3f}"
-    return f"{result.mean:+.3f} [{result.ci_low:+.3f}, {result.ci_high:+.3f}]"
+    low, high = result.ci_low, result.ci_high
+    low_cut = high_cut = ""
+    if bounds is not None:
+        if low < bounds[0]:
+            low, low_cut = bounds[0], CUT_MARK
+        if high > bounds[1]:
+            high, high_cut = bounds[1], CUT_MARK
+    return f"{result.mean:+.3f} [{low:+.3f}{low_cut}, {high:+.3f}{high_cut}]"
 
 
 def format_p(p: float) -> str:

@@ -135,8 +135,25 @@ def heatmap_figure(path: str | os.PathLike, thumb: np.ndarray, values: np.ndarra
     fig.colorbar(matplotlib.cm.ScalarMappable(matplotlib.colors.Normalize(0, vmax or 1.0), "viridis"), cax=bar)
     bar.set_ylabel(bar_label, fontsize=8)
     bar.tick_params(labelsize=7)
-    fig.text(4 / width, 1 - (TITLE_H / 2) / height, title, fontsize=9, va="center")
+    fit_title(fig, fig.text(4 / width, 1 - (TITLE_H / 2) / height, title, fontsize=9, va="center"), width - 8)
     save_figure(fig, path, dpi=100, compress_level=1)
+
+
+def fit_title(fig, text, available: float, smallest: float = 6.0) -> None:
+    """Make a figure's title ``text`` fit ``available`` px of width, so that a narrow thumbnail
+    does not cut the class names at its edge: a smaller font, down to ``smallest`` pt, then
+    wrapped onto as many lines (at most 3, which the :data:`TITLE_H` band holds at that size)."""
+    import textwrap
+
+    renderer = fig.canvas.get_renderer()
+    wide = text.get_window_extent(renderer).width
+    if wide <= available:
+        return
+    text.set_fontsize(max(smallest, text.get_fontsize() * available / wide))
+    wide = text.get_window_extent(renderer).width
+    if wide > available:
+        chars = max(8, int(len(text.get_text()) * available / wide))
+        text.set_text("\n".join(textwrap.wrap(text.get_text(), chars)[:3]))
 
 
 def montage(path: str | os.PathLike, slide, att: SlideAttention, k: int = 8, tile: int = 128) -> None:

@@ -1,6 +1,7 @@
 """HTML pages from the jinja2 templates in ``templates/`` (the report, each slide's heatmap page).
 
-Values are HTML-escaped; DataFrames go in through the ``table`` filter (pandas' ``to_html``).
+Values are HTML-escaped; DataFrames go in through the ``table`` filter (pandas' ``to_html``, in a
+box that scrolls sideways when the table is wider than the page).
 """
 
 from __future__ import annotations
@@ -18,7 +19,9 @@ def _environment():
 
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES), autoescape=True, trim_blocks=True,
                              lstrip_blocks=True, undefined=jinja2.StrictUndefined)
-    env.filters["table"] = lambda df: Markup(df.to_html(index=False, escape=True, border=0, classes="t", na_rep="n/a"))
+    # a table scrolls in its own box rather than widening the page (base.html.j2's .wide)
+    env.filters["table"] = lambda df: Markup('<div class="wide">' + df.to_html(
+        index=False, escape=True, border=0, classes="t", na_rep="n/a") + "</div>")
     env.globals["zip"] = zip
     return env
 

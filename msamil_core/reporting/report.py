@@ -1,20 +1,27 @@
-"""The cohort report: mean ± sd over folds per experiment, comparisons, plots and configs.
+"""The cohort report: mean ± sd over folds per experiment, comparisons, slides to review, plots and configs.
 
-:func:`write_report` reads each experiment's ``fold<k>/metrics.json`` and ``checkpoint.pt`` (for its
-config) and writes ``index.html`` (the jinja2 template ``templates/report.html.j2``),
-``summary.csv`` (experiment, metric, mean, sd, n_folds: over every test fold of every repeat),
-``roc.png``, ``confusion.png`` and ``learning_curve_<i>.png`` into the report folder. The
-comparisons (multi against single scale, transfer against scratch, e2e against frozen features,
-patch-selection strategies, ablations against the full model, learning curves) are found from the
-experiments' configs (:mod:`.tables`), each with the paired difference of AUC and balanced
-accuracy over the runs both experiments share (:mod:`msamil_core.evaluation.stats`). The page links only files inside or beside the report folder by relative paths,
-so it opens offline.
+:func:`write_report` reads each experiment's ``fold<k>/metrics.json`` and ``predictions.csv`` and
+its manifest (or ``checkpoint.pt``, for its config) and writes ``index.html`` (the jinja2
+template ``templates/report.html.j2``), ``summary.csv`` (experiment, metric, mean, sd, n_folds:
+over every test fold of every repeat), ``roc.png``, ``confusion.png`` and
+``learning_curve_<i>.png`` into the report folder. The page opens with its provenance (date,
+commit, config files, encoders and the digest of their weights: :mod:`.provenance`) and a table
+of contents; the cohort per fold and each experiment's test slides, misclassified first and
+linked to their heatmap pages, come after the summary (:mod:`.slides`). The comparisons (multi
+against single scale, transfer against scratch, e2e against frozen features, patch-selection
+strategies, ablations against the full model, learning curves) are found from the experiments'
+configs (:mod:`.tables`), each with the paired difference of AUC and balanced accuracy over the
+runs both experiments share (:mod:`msamil_core.evaluation.stats`). The page links only files
+inside or beside the report folder by relative paths, so it opens offline, and it fits a
+1,400 px window: a wider table scrolls in its own box (bench/report_screenshot.py checks it in
+headless Chromium).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -23,9 +30,11 @@ import pandas as pd
 from ..cohort.screening import read_left_out
 from ..errors import MsamilError
 from ..evaluation.metrics import summarize
+from ..evaluation.stats import CUT_MARK
 from ..fileio import atomic_path, torch_load
 from . import tables
 from .pages import render
+from .slides import relative_link
 
 def run_dirs(directory: str | os.PathLike) -> dict[tuple[int, int], Path]:
     """The fold folders of an experiment folder with metrics.json, by (repeat, fold): repeat 0's
@@ -75,7 +84,8 @@ def load_experiment(directory: str | os.PathLike) -> tuple[dict[tuple[int, int],
 
 def heatmap_links(heatmaps: dict[str, str | os.PathLike], report_dir: str | os.PathLike) -> list[dict]:
     """Per experiment: its pooled attention inside against outside the lesions, and each slide's
-    page and combined map as paths relative to the report folder."""
+    id, true and predicted class, page and combined map (paths relative to the report folder),
+    misclassified slides first."""
     from .heatmaps import pooled_lesion_attention, read_summary
 
     out = []
@@ -87,35 +97,58 @@ def heatmap_links(heatmaps: dict[str, str | os.PathLike], report_dir: str | os.P
         summary = read_summary(summary_path)
         pooled = pooled_lesion_attention(summary)
         slides = []
-        for slide_id in dict.fromkeys(summary["slide_id"]):
-            rel = Path(os.path.relpath(directory / slide_id, report_dir)).as_posix()
-            slides.append((slide_id, f"{rel}/index.html", f"{rel}/attention_combined.png"))
+        for row in summary.drop_duplicates("slide_id").itertuples():
+            rel = relative_link(directory / row.slide_id, report_dir)
+            slides.append({"slide_id": row.slide_id, "label": row.label, "predicted": row.predicted,
+                           "correct": not row.label or row.label == row.predicted,
+                           "page": f"{rel}/index.html", "image": f"{rel}/attention_combined.png"})
+        slides.sort(key=lambda s: s["correct"])
         out.append({"name": name, "folder": directory.name, "pooled": pooled if len(pooled) else None, "slides": slides})
     return out
+
+
+def add_contents(page: str) -> str:
+    """The page with its table of contents (a link to each ``<h2 id=...>`` heading) in place of
+    the template's ``<nav id="contents"></nav>``: the template is the one home of the sections
+    and of which of them a report has."""
+    headings = re.findall(r'<h2 id="([^"]+)">(.*?)</h2>', page)
+    items = "".join(f'<li><a href="#{anchor}">{title}</a></li>' for anchor, title in headings)
+    return page.replace('<nav id="contents"></nav>', f'<nav id="contents"><h2>Contents</h2><ol>{items}</ol></nav>', 1)
 
 
 def write_report(experiments: dict[str, str | os.PathLike], out_dir: str | os.PathLike, title: str = "msamil report",
                  sections: list[tuple[str, str | os.PathLike]] = (), features: dict[str, str] | None = None,
                  benchmarks: str | os.PathLike | None = None, segmentation: str | os.PathLike | None = None,
                  heatmaps: dict[str, str | os.PathLike] | None = None,
-                 left_out: str | os.PathLike | None = None) -> pd.DataFrame:
+                 left_out: str | os.PathLike | None = None, folds: str | os.PathLike | None = None,
+                 config_files: list[str | os.PathLike] = ()) -> pd.DataFrame:
     """Write the report for ``{experiment name: experiment directory}``; returns the summary.
 
     ``sections``: extra (title, CSV file) tables. ``features`` (experiment -> feature folder) and
     ``benchmarks`` (Snakemake's benchmark folder) add the patch-selection comparison;
     ``segmentation`` (segment-train's metrics.json) the lesion segmentation IoU; ``heatmaps``
     (experiment -> `msamil heatmap` folder) the attention heatmaps; ``left_out`` (the screening's
-    left_out.csv) the slides and annotations left out of the run, with their reasons.
+    left_out.csv) the slides and annotations left out of the run, with their reasons; ``folds``
+    (folds.csv) the cohort table; ``config_files`` the config the run was made with, named in the
+    provenance header.
     """
+    from ..manifest import read_manifest
+    from ..training.splits import read_folds
     from .heatmaps import INSIDE_FRACTION
     from .plots import plot_confusion_matrices, plot_learning_curve, plot_roc_curves
+    from .provenance import provenance
+    from .slides import cohort_table, slide_review
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     per_fold: dict[str, dict[int, dict]] = {}
     configs: dict[str, dict] = {}
+    manifests: dict[str, dict] = {}
     for name, directory in experiments.items():
         per_fold[name], configs[name] = load_experiment(directory)
+        manifest = read_manifest(directory)
+        if manifest is not None:
+            manifests[name] = manifest.data
     summary = summarize(per_fold)
     with atomic_path(out_dir / "summary.csv") as tmp:
         summary.to_csv(tmp, index=False)
@@ -140,8 +173,13 @@ def write_report(experiments: dict[str, str | os.PathLike], out_dir: str | os.Pa
         curve["image"] = f"learning_curve_{i}.png"
         plot_learning_curve(out_dir / curve["image"], curve["points"], title=curve["title"])
     transfer = [pair for pair in tables.transfer_pairs(configs) if "train_fraction" not in configs[pair[0]]]
+    heatmap_sets = heatmap_links(heatmaps, out_dir) if heatmaps else []
+    review = slide_review({name: run_dirs(directory) for name, directory in experiments.items()},
+                          {h["name"]: {s["slide_id"]: s["page"] for s in h["slides"]} for h in heatmap_sets})
     page = render(
         "report.html.j2", title=title, summary_table=wide, ratio=ratio,
+        provenance=provenance(manifests, config_files), cohort=cohort_table(read_folds(folds)) if folds else None,
+        review=review, cut_mark=CUT_MARK, cut_in=tables.has_cut,
         repeats=max(r for runs in per_fold.values() for r, _ in runs) + 1,
         scale_tables=[(tables.scale_table(wide, configs, g),
                        tables.comparison_table(tables.reference_pairs(g, configs), per_fold, configs, ratio))
@@ -154,11 +192,12 @@ def write_report(experiments: dict[str, str | os.PathLike], out_dir: str | os.Pa
                         for g in tables.strategy_groups(configs)],
         strategies=tables.strategy_table(summary, configs, features or {}, benchmarks, inference),
         segmentation=tables.segmentation_table(segmentation) if segmentation else None,
-        heatmaps=heatmap_links(heatmaps, out_dir) if heatmaps else [], inside_fraction=INSIDE_FRACTION,
+        heatmaps=heatmap_sets, inside_fraction=INSIDE_FRACTION,
         left_out=read_left_out(left_out) if left_out else None,
-        sections=[(heading, pd.read_csv(path)) for heading, path in sections], all_metrics=summary.round(4),
+        sections=[(heading, pd.read_csv(path)) for heading, path in sections],
+        all_metrics=tables.metrics_table(summary),
         configs=[(name, json.dumps(cfg, indent=2, sort_keys=True, default=str)) for name, cfg in configs.items()],
     )
     with atomic_path(out_dir / "index.html") as tmp:
-        tmp.write_text(page)
+        tmp.write_text(add_contents(page))
     return summary

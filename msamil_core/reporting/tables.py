@@ -23,6 +23,15 @@ from ..errors import MsamilError
 from ..evaluation.metrics import summarize
 
 HEADLINE = ("auc", "balanced_accuracy", "accuracy", "f1_macro")
+# how the report names the scores of metrics.json (a score not listed: its name, underscores as spaces)
+METRIC_LABELS = {"auc": "AUC", "balanced_accuracy": "balanced accuracy", "accuracy": "accuracy",
+                 "f1_macro": "macro F1"}
+DIFFERENCE_RANGE = (-1.0, 1.0)  # a difference of two scores in [0, 1]
+
+
+def metric_label(name: str) -> str:
+    """The report's name of a score: ``balanced_accuracy`` -> ``balanced accuracy``."""
+    return METRIC_LABELS.get(name, name.replace("_", " "))
 
 
 def mean_sd(mean: float | None, sd: float | None) -> str:
@@ -39,14 +48,23 @@ def metric(summary: pd.DataFrame, experiment: str, name: str) -> tuple[float, fl
 
 
 def summary_table(summary: pd.DataFrame, metrics=HEADLINE) -> pd.DataFrame:
-    """One row per experiment: ``mean ± sd`` of each headline metric and the number of folds."""
+    """One row per experiment: ``mean ± sd`` of each headline metric (columns named by
+    :func:`metric_label`) and the number of folds."""
     rows = []
     for exp, group in summary.groupby("experiment", sort=False):
         by_metric = {r.metric: r for r in group.itertuples()}
         rows.append({"experiment": exp,
-                     **{m: mean_sd(by_metric[m].mean, by_metric[m].sd) if m in by_metric else "n/a" for m in metrics},
+                     **{metric_label(m): mean_sd(by_metric[m].mean, by_metric[m].sd) if m in by_metric else "n/a"
+                        for m in metrics},
                      "folds": int(max(r.n_folds for r in group.itertuples()))})
     return pd.DataFrame(rows)
+
+
+def metrics_table(summary: pd.DataFrame) -> pd.DataFrame:
+    """Every score of every experiment (a :func:`~msamil_core.evaluation.metrics.summarize`
+    table) with readable names and headers, rounded to 4 digits."""
+    table = summary.round(4).assign(metric=[metric_label(m) for m in summary["metric"]])
+    return table.rename(columns={"n_folds": "folds"})
 
 
 # ----------------------------------------------------------------------------- paired comparisons
@@ -92,17 +110,25 @@ def comparison_table(pairs: list[tuple[str, str]], per_fold: dict[str, dict], co
         summary = summarize({a: pa, b: pb}) if pa else None
         row = {labels[0]: a, labels[1]: b, "runs": len(pa)}
         flags = []
-        for name, title in (("auc", "AUC"), ("balanced_accuracy", "bal. acc.")):
+        for name, title in (("auc", "AUC"), ("balanced_accuracy", "bal. acc.")):  # both in [0, 1]
             if summary is not None:
                 row[f"{title} {labels[0]}"] = mean_sd(*metric(summary, a, name))
                 row[f"{title} {labels[1]}"] = mean_sd(*metric(summary, b, name))
             result = compare(pa, pb, name, ratio)
-            row[f"Δ {title} [95% CI]"] = format_difference(result)
+            row[f"Δ {title} [95% CI]"] = format_difference(result, DIFFERENCE_RANGE)
             row[f"p ({title})"] = format_p(result.p_value)
             flags.append(title if result.significant else None)
         row["significant (p < 0.05)"] = ", ".join(f for f in flags if f) or "no"
         rows.append(row)
     return pd.DataFrame(rows) if rows else None
+
+
+def has_cut(table: pd.DataFrame) -> bool:
+    """Whether a comparison table has an interval cut at the range of a difference (a bound
+    marked :data:`~msamil_core.evaluation.stats.CUT_MARK`), which the report then says."""
+    from ..evaluation.stats import CUT_MARK
+
+    return any(CUT_MARK in str(v) for column in table.columns if str(column).startswith("Δ") for v in table[column])
 
 
 def reference_pairs(group: list[str], configs: dict[str, dict]) -> list[tuple[str, str]]:
