@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 CORES ?= 2
 
-.PHONY: demo test venv dry-run clean
+.PHONY: demo test venv dry-run cluster-preview clean
 
 venv: $(VENV)/.installed
 
@@ -20,6 +20,11 @@ demo: venv
 
 dry-run: venv
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/snakemake --cores $(CORES) -n
+
+# What each sbatch job of a SLURM run would ask for (a dry run with workflow/profiles/slurm);
+# further Snakemake arguments in ARGS, e.g. make cluster-preview ARGS='--config slides=cohort.csv'
+cluster-preview: venv
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/msamil cluster-preview -- $(ARGS)
 
 test: venv
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -q -p no:cacheprovider tests
