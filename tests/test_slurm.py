@@ -31,8 +31,10 @@ GPU_RULES = {"extract_features", "train_fold"}
 # slides; only the extraction's asks for a GPU
 SLIDE_GROUPS = {"slide_prep": {"preprocess_slide"}, "slide_features": {"extract_features"}}
 SLIDE_RULES = set().union(*SLIDE_GROUPS.values())
-# the test profile's (the shipped profile's 32 and 8 would put the 4 slides in one job each)
-SLIDES_PER_JOB = {"slide_prep": 4, "slide_features": 2}
+# the test profile's: the 4 slides in one job per group, as the shipped profile's 32 and 8 would
+# put them; smaller batches would only queue for a small node's CPUs, one after another
+# (tests/test_cluster_preview.py checks the batching of 30 slides)
+SLIDES_PER_JOB = {"slide_prep": 4, "slide_features": 4}
 LOCAL_RULES = {"index_bags", "index_thumbnails", "write_manifest"}  # run where Snakemake runs, not through sbatch
 FAKE_GPUS = ["/dev/null", "/dev/zero"]  # gres "gpu" devices: SLURM counts them, torch sees no CUDA
 
