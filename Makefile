@@ -9,7 +9,7 @@ CORES ?= 2
 ARGS ?=
 SNAKEMAKE := PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/snakemake --cores $(CORES) --workflow-profile workflow/profiles/default
 
-.PHONY: demo test venv dry-run clean preprocess features
+.PHONY: demo test venv dry-run cluster-preview clean preprocess features
 
 venv: $(VENV)/.installed
 
@@ -32,6 +32,11 @@ features: venv
 
 dry-run: venv
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/snakemake --cores $(CORES) -n
+
+# What each sbatch job of a SLURM run would ask for (a dry run with workflow/profiles/slurm);
+# further Snakemake arguments in ARGS, e.g. make cluster-preview ARGS='--config slides=cohort.csv'
+cluster-preview: venv
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/msamil cluster-preview -- $(ARGS)
 
 test: venv
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -q -p no:cacheprovider tests

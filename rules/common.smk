@@ -345,13 +345,17 @@ def segmentation_checkpoint():
 # ---------------------------------------------------------------- preprocessing
 
 
-def slide_group(masks=False):
-    """The Snakemake group of a per-slide rule: with `group-components` (the SLURM profile), a
-    slide's per-slide jobs go to the cluster as one job (locally, groups are inactive). When the
-    workflow trains the lesion model, it needs the thumbnails and tissue masks (`masks=True`:
-    preprocess_slide) of the annotated slides before any slide is segmented: that job is then a
-    group of its own, or each such slide's group would wait for itself."""
-    return "slide_masks" if masks and CFG.trains_segmentation else "slide"
+def slide_group(masks=False, gpu=False):
+    """The Snakemake group of a per-slide rule: with `group-components` (the SLURM profile), the
+    per-slide jobs of many slides go to the cluster as one job (locally, groups are inactive).
+    The CPU steps (preprocessing, lesion mask, coordinates) are group `slide_prep` and the
+    extraction (`gpu=True`) group `slide_features`, so that only the jobs that use a GPU hold one.
+    When the workflow trains the lesion model, it needs the thumbnails and tissue masks
+    (`masks=True`: preprocess_slide) of the annotated slides before any slide is segmented: that
+    step is then group `slide_masks`, or each such slide's group would wait for itself."""
+    if gpu:
+        return "slide_features"
+    return "slide_masks" if masks and CFG.trains_segmentation else "slide_prep"
 
 
 def slide_option(slide):

@@ -46,7 +46,7 @@ rule extract_features:
     benchmark:
         "benchmarks/extract_features/{encoder}/{slide}.tsv"
     group:
-        slide_group()
+        slide_group(gpu=True)
     # one thread per job: on a workstation's CPU two jobs side by side keep two cores busy, each
     # with its own feature server (features.server), which keeps the encoder loaded between slides
     threads: 1

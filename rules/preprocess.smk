@@ -69,6 +69,8 @@ rule preprocess_slide:
         coords=preprocess_coords_options,
     log:
         "logs/preprocess_slide/{slide}.log",
+    benchmark:
+        "benchmarks/preprocess_slide/{slide}.tsv"
     group:
         slide_group(masks=True)
     threads: 1
@@ -100,6 +102,8 @@ if CFG.uses_lesion:
             options=coords_options,
         log:
             "logs/make_patch_coordinates/{slide}.log",
+        benchmark:
+            "benchmarks/make_patch_coordinates/{slide}.tsv"
         group:
             slide_group()
         threads: 1

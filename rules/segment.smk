@@ -44,6 +44,8 @@ rule segment_lesions:
         probabilities=layout.segmentation_file("probabilities"),
     log:
         "logs/segment_lesions/{slide}.log",
+    benchmark:
+        "benchmarks/segment_lesions/{slide}.tsv"
     group:
         slide_group()
     threads: 1

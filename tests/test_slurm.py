@@ -27,9 +27,14 @@ pytestmark = pytest.mark.slow
 
 SLURM_PROGRAMS = ("munged", "slurmctld", "slurmd", "sbatch", "srun", "squeue", "sinfo", "scontrol")
 GPU_RULES = {"extract_features", "train_fold"}
-# the per-slide rules of the tiny config: one SLURM job per SLIDES_PER_JOB slides (group `slide`)
-SLIDE_RULES = {"preprocess_slide", "extract_features"}
-SLIDES_PER_JOB = 2  # the test profile's (the shipped profile's 8 would put the 4 slides in one job)
+# the per-slide rules of the tiny config and their groups: one SLURM job per SLIDES_PER_JOB[group]
+# slides; only the extraction's asks for a GPU
+SLIDE_GROUPS = {"slide_prep": {"preprocess_slide"}, "slide_features": {"extract_features"}}
+SLIDE_RULES = set().union(*SLIDE_GROUPS.values())
+# the test profile's: the 4 slides in one job per group, as the shipped profile's 32 and 8 would
+# put them; smaller batches would only queue for a small node's CPUs, one after another
+# (tests/test_cluster_preview.py checks the batching of 30 slides)
+SLIDES_PER_JOB = {"slide_prep": 4, "slide_features": 4}
 LOCAL_RULES = {"index_bags", "index_thumbnails", "write_manifest", "list_left_out"}  # run where Snakemake runs, not through sbatch
 FAKE_GPUS = ["/dev/null", "/dev/zero"]  # gres "gpu" devices: SLURM counts them, torch sees no CUDA
 
@@ -214,16 +219,18 @@ def _start_snakemake(workdir: Path, env: dict, *args: str) -> subprocess.Popen:
         )
 
 
-def _test_profile(path: Path, memory_mb: int) -> Path:
+def _test_profile(path: Path, memory_mb: int, cpus: int) -> Path:
     """The shipped SLURM profile, with memory requests capped so that this small node runs as
-    many jobs side by side as it has CPUs."""
+    many jobs side by side as it has CPUs, and a slide job's steps side by side no more than it
+    has CPUs (a job that asks for more than the node has would wait for ever)."""
     profile = yaml.safe_load((REPO / "workflow" / "profiles" / "slurm" / "config.yaml").read_text())
     for resources in [profile["default-resources"], *profile["set-resources"].values()]:
         if "mem_mb" in resources:
             resources["mem_mb"] = f"min({resources['mem_mb']}, {memory_mb})"
-    assert "slide=8" in profile["group-components"]
-    profile["group-components"] = [f"slide={SLIDES_PER_JOB}" if c.startswith("slide=") else c
-                                   for c in profile["group-components"]]
+    assert {"slide_prep=32", "slide_features=8", "slide_masks=32"} <= set(profile["group-components"])
+    profile["group-components"] = [f"{group}={n}" for group, n in SLIDES_PER_JOB.items()] + ["slide_masks=32"]
+    assert "slide_slots=8" in profile["resources"]
+    profile["resources"] = [f"slide_slots={min(8, cpus)}" if r.startswith("slide_slots=") else r for r in profile["resources"]]
     path.mkdir()
     (path / "config.yaml").write_text(yaml.safe_dump(profile))
     return path
@@ -238,7 +245,7 @@ def runs(cluster, tmp_path_factory):
     for name in ("slurm", "local"):
         (root / name).mkdir()
         (root / name / "tiny.yaml").write_text(CONFIG.format(sheet=sheet))
-    profile = _test_profile(root / "profile", cluster.memory_mb // cluster.cpus)
+    profile = _test_profile(root / "profile", cluster.memory_mb // cluster.cpus, cluster.cpus)
     start = time.monotonic()
     procs = {
         "slurm": _start_snakemake(root / "slurm", cluster.env, "--workflow-profile", str(profile),
@@ -294,41 +301,84 @@ def test_every_job_goes_through_sbatch_and_slides_are_batched_per_job(cluster, r
     planned = _rule_counts(output)
     slides = planned["preprocess_slide"]
     assert set(planned) >= SLIDE_RULES | {"index_bags"} and all(planned[r] == slides for r in SLIDE_RULES)
-    # one sbatch per SLIDES_PER_JOB slides for their per-slide steps, one per job of every other
-    # rule, none for local rules
+    # one sbatch per SLIDES_PER_JOB[group] slides for their per-slide steps, one per job of every
+    # other rule, none for local rules
     groups = {job: name for job, name in submitted.items() if name.startswith("group_")}
-    assert slides == 4 and len(groups) == slides // SLIDES_PER_JOB
+    group_of = {job: next(g for g in SLIDE_GROUPS if name.startswith(f"group_{g}_")) for job, name in groups.items()}
+    assert slides == 4 and sorted(group_of.values()) == sorted(g for g, n in SLIDES_PER_JOB.items() for _ in range(slides // n))
     cohort = {r: n for r, n in planned.items() if r not in SLIDE_RULES | LOCAL_RULES}
     assert len(submitted) == len(groups) + sum(cohort.values()) and cohort.keys() >= {"make_splits", "train_fold"}
     assert {r: list(submitted.values()).count(r) for r in cohort} == cohort
-    # each slide job ran every per-slide step of its slides, and no other slide's; its extractions
-    # shared one feature server (the first started it, the others found it: this cluster's
-    # proctrack/linuxproc lets it outlive the srun step of its slide, see README: Throughput)
+    # each slide job ran its group's per-slide steps of its slides, and no other slide's; an
+    # extraction job's slides shared one feature server (the first started it, the others found
+    # it: this cluster's proctrack/linuxproc lets it outlive the srun step of its slide, see
+    # README: Throughput)
     per_job = {}
     for job, name in groups.items():
+        group = group_of[job]
         (log,) = (wd / "logs" / "slurm" / name).rglob(f"{job}.log")
         text = log.read_text()
         steps = set(re.findall(r"^(?:local)?rule (\w+):", text, re.M))
         ids = set(re.findall(r"slide=([^,\s]+)", text))
-        assert steps == SLIDE_RULES and len(ids) == SLIDES_PER_JOB, (job, steps, ids)
-        starts = [slide for slide in ids if "started feature server" in
-                  next((wd / "logs" / "extract_features").glob(f"*/{slide}.log")).read_text()]
-        assert len(starts) == 1, (job, starts)
-        per_job.update(dict.fromkeys(ids, job))
-    assert len(per_job) == slides
+        assert steps == SLIDE_GROUPS[group] and len(ids) == SLIDES_PER_JOB[group], (job, steps, ids)
+        if group == "slide_features":
+            starts = [slide for slide in ids if "started feature server" in
+                      next((wd / "logs" / "extract_features").glob(f"*/{slide}.log")).read_text()]
+            assert len(starts) == 1, (job, starts)
+        per_job.update({(group, slide): job for slide in ids})
+    assert len(per_job) == slides * len(SLIDE_GROUPS)
     # and SLURM itself ran each one to completion, under this run's job name
     records = cluster.finished_jobs()
     names = {records[job]["Name"] for job in submitted}
     assert len(names) == 1 and all(records[job]["JobState"] == "COMPLETED" for job in submitted)
-    # GPU rules asked SLURM for a GPU (sbatch --gpus=1), the others for none; a slide's job holds
-    # its extraction
+    # GPU rules asked SLURM for a GPU (sbatch --gpus=1), the others for none; of the slide jobs
+    # only the extraction's holds one
+    asked = {job: cluster.job(job) for job in submitted}
     for job, name in submitted.items():
-        tres = cluster.job(job).get("TresPerJob", "")
-        assert ("gpu:1" in tres) == (name in GPU_RULES or name in groups.values()), (name, tres)
+        tres = asked[job].get("TresPerJob", "")
+        assert ("gpu:1" in tres) == (name in GPU_RULES or group_of.get(job) == "slide_features"), (name, tres)
+    # `msamil cluster-preview` (a dry run of the same workflow) foretold what each slide job asked for
+    preview = _preview(wd, wd.parent / "profile", cluster)
+    foretold = sorted((g, _requested(o)) for g, o in preview if g in SLIDE_GROUPS)
+    assert foretold == sorted((group_of[job], _granted(asked[job])) for job in groups), preview
     # each job's SLURM log is where the profile says
     for job, name in submitted.items():
         folder = name if job in groups else f"rule_{name}"
         assert list((wd / "logs" / "slurm" / folder).rglob(f"{job}.log")), (name, job)
+
+
+def _preview(wd: Path, profile: Path, cluster) -> list[tuple[str, str]]:
+    """`msamil cluster-preview` of the finished run planned again (--forceall): (group or rule,
+    sbatch options) per sbatch job."""
+    out = subprocess.run(
+        [str(Path(sys.executable).parent / "msamil"), "cluster-preview", "--profile", str(profile), "--",
+         "-s", str(REPO / "Snakefile"), "--directory", str(wd), "--configfile", "tiny.yaml", "--forceall",
+         "--max-threads", str(cluster.cpus)],
+        cwd=wd, capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"),
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = []
+    for line in out.stdout.splitlines()[1:-1]:
+        n, what, options = re.match(r"^\s*(\d+)  (.+?)  +(-.*)$", line).groups()
+        m = re.match(r"group (\w+):", what)
+        rows += [(m.group(1) if m else what, options)] * int(n)
+    return rows
+
+
+def _requested(options: str) -> tuple[int, int, int, int]:
+    """(CPUs, memory MB, minutes, GPUs) of sbatch options."""
+    o = dict(re.findall(r"(--cpus-per-task|--mem|-t|--gpus)[= ](\d+)", options))
+    return int(o["--cpus-per-task"]), int(o["--mem"]), int(o["-t"]), int(o.get("--gpus", 0))
+
+
+def _granted(job: dict[str, str]) -> tuple[int, int, int, int]:
+    """(CPUs, memory MB, minutes, GPUs) of a job as slurmctld records it."""
+    days, _, clock = job["TimeLimit"].rpartition("-")
+    h, m, s = ([0, 0] + [int(x) for x in clock.split(":")])[-3:]
+    memory = job["MinMemoryNode"]
+    mb = int(float(memory[:-1]) * {"M": 1, "G": 1024, "T": 1024 * 1024}[memory[-1]])
+    gpus = re.search(r"gpu:(\d+)", job.get("TresPerJob", ""))
+    return int(job["NumCPUs"]), mb, int(days or 0) * 1440 + h * 60 + m + (s > 0), int(gpus.group(1)) if gpus else 0
 
 
 def _shape(path: Path):
