@@ -13,5 +13,5 @@ class MsamilError(Exception):
 
 class SlideDataError(MsamilError):
     """A slide whose file opens but whose pixels cannot be had (tiles that fail to decode): the
-    slide is unusable, not the run. The workflow's extraction (``msamil extract --leave-out``)
+    slide is unusable, not the run. The workflow's extraction (``msamil extract --leave-out-unreadable``)
     records it in the slide's bags, and the cohort steps leave the slide out as the screening does."""

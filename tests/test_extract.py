@@ -119,7 +119,7 @@ def test_undecodable_tiles_fail_as_one_line_from_a_worker(tmp_path, capsys):
     assert err.startswith("msamil extract: error: slide 'unreadable'") and "decode" in err
     assert not out.exists()
     # the workflow's extraction: empty bags that say why, and the job succeeds
-    assert _extract(slide, [coords], out, "--workers", "1", "--leave-out") == 0
+    assert _extract(slide, [coords], out, "--workers", "1", "--leave-out-unreadable") == 0
     bag = load_bag(out)
     assert len(bag) == 0 and bag.dim == 512 and bag.left_out.startswith("slide 'unreadable'")
     assert "decode" in bag.left_out and "\n" not in bag.left_out

@@ -60,7 +60,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                     help="instead of --coords/--out: a named bag to write, repeatable")
     io.add_argument("--bag-coords", action="append", default=[], metavar="NAME=H5",
                     help="a coordinates file of the bag NAME, repeatable")
-    io.add_argument("--leave-out", action="store_true",
+    io.add_argument("--leave-out-unreadable", action="store_true",
                     help="a slide whose tiles fail to decode gets empty bags that record why (key `left_out`) "
                     "instead of failing; training, evaluation and `msamil left-out` leave it out (the workflow "
                     "extracts so)")
@@ -106,7 +106,7 @@ def run(args: argparse.Namespace) -> None:
         from ..pipeline import make_bags
 
         make_bags(args.slide, todo, encoder_spec(args), args.slide_id, args.mpp, extract_options(args),
-                  leave_out=args.leave_out)
+                  leave_out=args.leave_out_unreadable)
         return
     # a thin client: no torch here; the server holds the encoder (msamil_core.features.client)
     from ..features.client import extract_via_server, server_config
@@ -114,6 +114,6 @@ def run(args: argparse.Namespace) -> None:
     config = server_config(from_args(args, EncoderSettings).to_dict(), args.encoder_checkpoint, features.to_dict(),
                            args.device, args.threads)
     request = {"slide": args.slide, "slide_id": args.slide_id, "mpp": args.mpp, "progress": not args.no_progress,
-               "leave_out": args.leave_out,
+               "leave_out": args.leave_out_unreadable,
                "bags": {name: [coords, out] for name, (coords, out) in todo.items()}}
     extract_via_server(request, config, features.server_idle)

@@ -2,7 +2,7 @@
 the slides that failed after it, each with its reason.
 
 A slide can pass the screening (which reads a coarse level) and still be unusable: its
-full-resolution tiles fail to decode in extraction (`msamil extract --leave-out` then writes its
+full-resolution tiles fail to decode in extraction (`msamil extract --leave-out-unreadable` then writes its
 bags empty, recording why), or no patch is kept at any scale. Training, evaluation and the
 heatmaps leave such slides out; this command lists them after the screening's rows, one row per
 slide (`what`: `slide` when every bag of it is empty, `bags` when only some feature folders' are),

@@ -57,7 +57,7 @@ class Bag:
         slide_digest: the digest of the slide file the patches were read from
             (:func:`~msamil_core.wsi.thumbnail.file_identity`); None for bags of other tools.
         left_out: why the slide has no features (its tiles failed to decode), for an empty bag
-            the extraction wrote in its place (``msamil extract --leave-out``); None otherwise.
+            the extraction wrote in its place (``msamil extract --leave-out-unreadable``); None otherwise.
     """
 
     features: torch.Tensor
