@@ -149,6 +149,7 @@ def test_registry_names_and_errors():
     expected = {
         "msamil.base", "abmil.base", "abmil.plain", "transmil.base", "dsmil.base", "clam_sb.base", "clam_mb.base",
         "transformer.base", "dftd.base", "ilra.base", "rrt.base", "wikg.base", "meanmil.base", "maxmil.base",
+        "minet.base",
     }  # fmt: skip
     assert expected <= set(ALL_MODELS)
     assert list_models("clam_sb.*") == sorted(n for n in ALL_MODELS if n.startswith("clam_sb."))
@@ -348,3 +349,29 @@ def test_iaam_ablation_options():
         model = create_model("msamil.base", in_dim=8, embed_dim=16, num_heads=2, **{"rank": 4, **args})
         assert logits(model, coords_a).shape == (1, 2)
     assert len(create_model("msamil.base", in_dim=8, embed_dim=16, num_heads=2, rank=4, depth=0).blocks) == 0
+
+
+# ----------------------------------------------------------------------------- mi-Net
+
+
+def test_minet_obeys_the_standard_mil_assumption():
+    """Class 0's logit is fixed at 0 and a positive class's logit is the max of its instances',
+    so an extra instance never lowers it; attention peaks at the instance that sets it."""
+    model = build("minet.base").eval()
+    h, mask, _, _ = make_bags([7, 12], seed=4)
+    with torch.no_grad():
+        out, log = model(h, attn_mask=mask, return_attention=True)
+        extra = torch.cat([h, torch.randn(2, 1, IN_DIM)], 1), torch.cat([mask, torch.ones(2, 1, dtype=torch.bool)], 1)
+        grown, _ = model(extra[0], attn_mask=extra[1])
+        instance = model.instance_logits(h)
+    assert (out["logits"][:, 0] == 0).all() and (grown["logits"][:, 1:] >= out["logits"][:, 1:]).all()
+    for b in range(2):
+        top = instance[b, mask[b]].max(0)
+        torch.testing.assert_close(out["logits"][b, 1:], top.values)
+        pred = out["logits"][b, 1:].argmax() + 1
+        assert int(out["attention"][b].argmax()) == int(top.indices[pred - 1])
+    assert log["class_attention"].shape == (2, NUM_CLASSES, h.shape[1])
+
+    every_class = build("minet.base", negative_class=False)
+    assert every_class.classifier.out_features == NUM_CLASSES and model.classifier.out_features == NUM_CLASSES - 1
+    assert build("minet.base", num_classes=1).eval()(h[:1, :7])[0]["logits"].shape == (1, 1)

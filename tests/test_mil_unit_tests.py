@@ -62,3 +62,10 @@ def test_bags_are_seeded_and_balanced():
 def test_a_model_trains_and_is_scored():
     train_auc, test_auc = bench.run_test("meanmil.base", "single_concept", seed=0, epochs=3, n_train=32, n_eval=32)
     assert 0.0 <= test_auc <= 1.0 and train_auc > 0.6  # it learns the training distribution
+
+
+def test_the_positive_control_passes_the_single_concept_test():
+    """mi-Net obeys the standard MIL assumption by construction, so it must learn the MIL rule
+    here (the bench's defaults, one repeat): a failing cell of another model is then the model's."""
+    train_auc, test_auc = bench.run_test("minet.base", "single_concept", seed=0, epochs=5, n_train=48, n_eval=64)
+    assert train_auc > 0.95 and bench.verdict(test_auc) == "pass"

@@ -14,7 +14,7 @@ so its state dicts (and FEATHER's) load with :func:`load_pretrained` and give th
 logits. Importing this package registers every model.
 """
 
-from . import abmil, clam, dftd, dsmil, iaam, ilra, pooling, rrt, transformer, transmil, wikg  # noqa: F401  (register)
+from . import abmil, clam, dftd, dsmil, iaam, ilra, minet, pooling, rrt, transformer, transmil, wikg  # noqa: F401  (register)
 from ._registry import ENCODER_DIMS, create_model, is_model, list_models, model_entrypoint, register_model
 from .base import MILModel
 from .pretrained import LoadResult, load_pretrained, read_state_dict
