@@ -4,7 +4,8 @@
 on: the thumbnail, tissue and patch settings (with the strategy the experiment used), the lesion
 model (its file and SHA-256) for lesion patches, the encoder (its settings, resolved input size,
 normalisation and output rule, and its id, whose hash covers the weights), the stored precision,
-the scales, classes and task, the training settings and the splits; and the relations the
+the scales, classes and task, the training settings and the splits, each fold's temperature
+(1.0 without temperature scaling); and the relations the
 report draws (ablation of, transfer source, e2e run, repeats, learning-curve share). Paths in it
 are relative to the manifest's folder (files under the results folder) or to the project.
 
@@ -95,6 +96,7 @@ def write_manifest(settings: dict, checkpoints: list[str], out: str | os.PathLik
     checkpoints, after checking that each checkpoint was trained as the settings say (model,
     scales, encoder) and that all share their classes."""
     from .fileio import file_sha256, torch_load, write_json
+    from .training.calibration import checkpoint_temperature
 
     out = Path(out)
     root = out.parent
@@ -125,8 +127,12 @@ def write_manifest(settings: dict, checkpoints: list[str], out: str | os.PathLik
         elif list(ckpt["classes"]) != classes:
             raise MsamilError(f"{path}: its classes {list(ckpt['classes'])} differ from {classes} of the "
                               f"experiment's other folds; rerun the experiment's training")
+        scaling = (ckpt.get("config") or {}).get("temperature_scaling", False)
+        if scaling != training.get("temperature_scaling", False):
+            raise _differs("temperature_scaling", scaling, training.get("temperature_scaling", False), path, out)
         runs.append({"repeat": repeat, "fold": fold, "checkpoint": _relative(path, root),
-                     "encoder": ckpt.get("encoder", ""), "epoch": ckpt.get("epoch")})
+                     "encoder": ckpt.get("encoder", ""), "epoch": ckpt.get("epoch"),
+                     "temperature": checkpoint_temperature(ckpt, str(path))})
     if not runs:
         raise MsamilError(f"{out}: no checkpoint given; the manifest describes a trained experiment")
     segmentation = settings.get("segmentation")

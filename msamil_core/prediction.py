@@ -34,6 +34,7 @@ from .manifest import Manifest, read_manifest
 from .pipeline import ExtractOptions, SlideFiles, SlideSettings, check_encoder, prepare_slide, slide_folder
 from .settings import EncoderSettings, PatchSettings, ThumbnailSettings, TissueSettings, flag_of, fields_of
 from .reporting.heatmaps import SlideAttention
+from .training.calibration import checkpoint_temperature, probabilities
 from .training.mil import bag_item, checkpoint_scales, forward_bag, load_checkpoint, scale_indices
 
 log = logging.getLogger(__name__)
@@ -51,11 +52,13 @@ class FoldModel:
     model: torch.nn.Module
     checkpoint: dict
     scales: list[str] = field(default_factory=list)
+    temperature: float = 1.0  # softmax(logits / T): the checkpoint's temperature scaling
 
 
 def load_fold_models(models: str | os.PathLike, device, folds: list[int] | None = None) -> list[FoldModel]:
     """Every ``fold<k>/checkpoint.pt`` of an experiment folder (or the listed folds), checked to
-    share classes, encoder and feature width."""
+    share classes, encoder and feature width, each with its temperature
+    (:func:`~msamil_core.training.calibration.checkpoint_temperature`)."""
     models = Path(models)
     if folds is None:
         found = sorted(int(p.parent.name[4:]) for p in models.glob("fold*/checkpoint.pt") if p.parent.name[4:].isdigit())
@@ -66,7 +69,7 @@ def load_fold_models(models: str | os.PathLike, device, folds: list[int] | None 
     for k in folds:
         path = models / f"fold{k}" / "checkpoint.pt"
         model, ckpt = load_checkpoint(path, device)
-        out.append(FoldModel(k, path, model, ckpt, checkpoint_scales(ckpt)))
+        out.append(FoldModel(k, path, model, ckpt, checkpoint_scales(ckpt), checkpoint_temperature(ckpt, str(path))))
     first = out[0]
     for other in out[1:]:
         for key in ("classes", "encoder", "model_name"):
@@ -103,7 +106,8 @@ def slide_attention(folds: list[FoldModel], bag_path: Path, slide_id: str, devic
     experiment); each fold's attention sums to 1, so the mean does too.
     """
     items = fold_items(folds, bag_path, slide_id)
-    probs, attention = zip(*(model_attention(fold.model, item, device) for fold, item in zip(folds, items)))
+    probs, attention = zip(*(model_attention(fold.model, item, device, fold.temperature)
+                             for fold, item in zip(folds, items)))
     per_fold, item = np.stack(probs), items[-1]
     att = SlideAttention(slide_id, item.coords.numpy(), item.scales.numpy(), item.sizes.numpy(),
                          np.mean(attention, axis=0), per_fold.mean(0), list(folds[0].checkpoint["classes"]))
@@ -112,11 +116,12 @@ def slide_attention(folds: list[FoldModel], bag_path: Path, slide_id: str, devic
 
 @torch.no_grad()
 def fold_probabilities(folds: list[FoldModel], bag_path: Path, slide_id: str, device) -> np.ndarray:
-    """Class probabilities of each fold model on one bag, [K, C] (no attention needed)."""
+    """Class probabilities of each fold model on one bag, [K, C], each at its fold's temperature
+    (no attention needed)."""
     out = []
     for fold, item in zip(folds, fold_items(folds, bag_path, slide_id)):
         results, _ = forward_bag(fold.model, item, device)
-        out.append(results["logits"].float().softmax(-1)[0].cpu().numpy())
+        out.append(probabilities(results["logits"], fold.temperature)[0].cpu().numpy())
     return np.stack(out).astype(np.float64)
 
 
@@ -132,8 +137,9 @@ def no_attention_error(model_name: str) -> MsamilError:
 
 
 @torch.no_grad()
-def model_attention(model, item, device) -> tuple[np.ndarray, np.ndarray]:
-    """(class probabilities [C], attention [M]) of one prepared bag (:class:`~msamil_core.training.mil.BagItem`).
+def model_attention(model, item, device, temperature: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """(class probabilities [C] at ``temperature``, attention [M]) of one prepared bag
+    (:class:`~msamil_core.training.mil.BagItem`).
 
     Raises:
         MsamilError: the model returns no ``attention`` (:func:`no_attention_error`).
@@ -147,7 +153,7 @@ def model_attention(model, item, device) -> tuple[np.ndarray, np.ndarray]:
     attention = results.get("attention")
     if attention is None:
         raise no_attention_error(getattr(model, "model_name", type(model).__name__))
-    probs = results["logits"].float().softmax(-1)[0].cpu().numpy().astype(np.float64)
+    probs = probabilities(results["logits"], temperature)[0].cpu().numpy().astype(np.float64)
     return probs, attention[0].float().cpu().numpy().astype(np.float64)
 
 
@@ -234,10 +240,16 @@ def slide_settings(models: str | os.PathLike, flags: dict[type, dict], segmentat
 
 
 def check_manifest_models(manifest: Manifest | None, fold_models: list[FoldModel]) -> None:
-    """The fold models are the manifest's: its classes and (but for e2e twins) its encoder."""
+    """The fold models are the manifest's: its classes, (but for e2e twins) its encoder, and the
+    temperature its run records for the fold (manifests from before temperature scaling record none)."""
     if manifest is None:
         return
+    temperatures = {r["fold"]: r.get("temperature") for r in manifest.get("runs", []) if r.get("repeat", 0) == 0}
     for fold in fold_models:
+        stated = temperatures.get(fold.fold)
+        if stated is not None and float(stated) != fold.temperature:
+            raise MsamilError(f"{fold.path}: its temperature {fold.temperature!r} differs from {stated!r} in "
+                              f"{manifest.path}; the experiment was retrained since: rerun the workflow (write_manifest)")
         if list(fold.checkpoint["classes"]) != list(manifest["classes"]):
             raise MsamilError(f"{fold.path}: its classes {list(fold.checkpoint['classes'])} differ from "
                               f"{manifest['classes']} in {manifest.path}; the experiment was retrained since: rerun "

@@ -46,6 +46,8 @@ TISSUE_MODES = ("auto", "brightfield", "fluorescence")
 BALANCE_CHOICES = ("loss", "sampling", "none")
 MONITOR_CHOICES = ("val_loss", "val_auc", "val_balanced_accuracy")
 FREEZE_CHOICES = ("none", "all_but_head")
+#: Equal-width confidence bins of the expected calibration error and the reliability diagram.
+ECE_BINS = 10
 #: Annotation classes that are not lesion unless ``lesion_classes`` names them: non-lesion tissue
 #: and QuPath's housekeeping classes.
 DEFAULT_IGNORE_CLASSES = ("Other", "Ignore*", "Region*", "Stroma", "Immune cells", "Normal*", "Background", "Tissue")
@@ -615,6 +617,11 @@ class TrainingKnobs(Section):
     workers: int = setting(0, "DataLoader workers loading bags", min=0)
     standardize: bool = setting(True, "z-score each feature dimension with the fold's training bags (stored in "
                                 "the checkpoint)")
+    temperature_scaling: bool = setting(False, "after training, fit one temperature T on the fold's validation "
+                                        "slides (least NLL), stored in the checkpoint; evaluation and predict "
+                                        "use softmax(logits / T) (same predicted classes, calibrated confidences)")
+    ece_bins: int = setting(ECE_BINS, "equal-width confidence bins of the expected calibration error (ECE) and "
+                            "the report's reliability diagrams", min=1)
     train_fraction: float | None = setting(None, "train on this share of each fold's training patients (per class, "
                                            "nested, the same for every experiment: learning curves); null = all",
                                            above=0, max=1)

@@ -9,6 +9,7 @@ import math
 import numpy as np
 import pytest
 from PIL import Image
+from sklearn.calibration import calibration_curve
 from sklearn.metrics import (
     balanced_accuracy_score,
     confusion_matrix,
@@ -17,7 +18,13 @@ from sklearn.metrics import (
     roc_curve,
 )
 
-from msamil_core.evaluation.metrics import classification_metrics, read_predictions, summarize, write_predictions
+from msamil_core.evaluation.metrics import (
+    classification_metrics,
+    read_predictions,
+    reliability,
+    summarize,
+    write_predictions,
+)
 from msamil_core.reporting.plots import plot_confusion_matrices, plot_roc_curves, roc_points, summed_confusion
 
 
@@ -136,7 +143,7 @@ def test_summary_mean_sd_over_folds():
     table = summarize(per_fold)
     assert list(table.columns) == ["experiment", "metric", "mean", "sd", "n_folds"]
     assert list(table["experiment"].unique()) == ["abmil", "msamil"]
-    assert set(table["metric"]) == {"auc", "accuracy", "balanced_accuracy", "f1_macro"}
+    assert set(table["metric"]) == {"auc", "accuracy", "balanced_accuracy", "f1_macro", "ece"}
     row = table.set_index(["experiment", "metric"])
     acc = [per_fold["abmil"][k]["accuracy"] for k in range(4)]
     assert row.loc[("abmil", "accuracy"), "mean"] == pytest.approx(np.mean(acc))
@@ -221,3 +228,39 @@ def test_numpy_scores_match_sklearn_on_random_folds_with_ties():
             assert m["roc"][f"k{k}"]["fpr"] == pytest.approx(fpr.tolist()), trial
             assert m["roc"][f"k{k}"]["tpr"] == pytest.approx(tpr.tolist()), trial
             assert m["auc_per_class"][f"k{k}"] == pytest.approx(roc_auc_score(positive, p[:, k])), trial
+
+
+@pytest.mark.parametrize("n_classes", [2, 3])
+@pytest.mark.parametrize("bins", [5, 10])
+def test_reliability_and_ece_match_sklearns_calibration_curve(n_classes, bins):
+    y, p = softmax_fold(200, n_classes, 1.0, seed=n_classes + bins)
+    p[:7, 0], p[:7, 1:] = 1.0, 0.0  # confidences on the edges 0 and 1
+    p[7:11] = 1.0 / n_classes
+    if n_classes == 2:  # the positive class's probability on an inner bin edge
+        p[11:15] = [0.7, 0.3]
+    m = classification_metrics(y, p, [f"c{i}" for i in range(n_classes)], ece_bins=bins)
+    rel = m["reliability"]
+    # sklearn's definition: positive class with two classes, the top label's hit with more
+    hit, conf = ((y == 1), p[:, 1]) if n_classes == 2 else ((p.argmax(1) == y), p.max(1))
+    prob_true, prob_pred = calibration_curve(hit.astype(int), conf, n_bins=bins, strategy="uniform")
+    assert rel["kind"] == ("positive class" if n_classes == 2 else "top label") and rel["bins"] == bins
+    np.testing.assert_allclose(rel["accuracy"], prob_true, rtol=1e-12)
+    np.testing.assert_allclose(rel["confidence"], prob_pred, rtol=1e-12)
+    assert sum(rel["count"]) == len(y)
+    # ECE: the bins' |outcome rate - confidence| weighted by their share of the slides
+    edges = np.linspace(0, 1, bins + 1)
+    which = np.clip(np.digitize(conf, edges[1:-1], right=True), 0, bins - 1)
+    counts = np.bincount(which, minlength=bins)
+    assert counts[counts > 0].tolist() == rel["count"]
+    expected = np.sum(counts[counts > 0] / len(y) * np.abs(prob_true - prob_pred))
+    assert m["ece"] == pytest.approx(expected, abs=1e-12)
+    assert reliability(y, p, bins)["ece"] == m["ece"]
+
+
+def test_ece_is_zero_when_confidence_matches_the_outcome_rate():
+    y = np.array([1] * 8 + [0] * 2 + [1] * 3 + [0] * 7)
+    p1 = np.array([0.8] * 10 + [0.3] * 10)  # 80 % positive at 0.8, 30 % positive at 0.3
+    m = classification_metrics(y, np.stack([1 - p1, p1], axis=1), ["normal", "tumor"])
+    assert m["ece"] == pytest.approx(0.0, abs=1e-12)
+    assert m["reliability"]["count"] == [10, 10]
+    assert "ece" in set(summarize({"x": {0: m}})["metric"])  # a score of the summary (lower is better)

@@ -269,3 +269,20 @@ def test_a_slide_that_fails_gets_its_reason_and_the_others_their_predictions(tin
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last.startswith("msamil predict: error: no slide could be classified") and "'glass'" in last
     assert (tmp_path / "none" / "predictions.csv").exists()
+
+
+def test_the_manifest_records_each_folds_temperature_and_its_scaling_setting(tiny_experiment):
+    from msamil_core.errors import MsamilError
+    from msamil_core.manifest import write_manifest
+
+    models = tiny_experiment["models"]
+    data = json.loads((models / "manifest.json").read_text())
+    assert [r["temperature"] for r in data["runs"]] == [1.0, 1.0] and data["training"]["temperature_scaling"] is False
+    # settings that say temperature scaling do not describe checkpoints trained without it
+    settings = {k: data[k] for k in ("experiment", "thumbnail", "tissue", "patches", "features", "splits", "task",
+                                     "relations")}
+    settings["encoder"] = {"key": data["encoder"]["key"], **data["encoder"]["settings"]}
+    settings["training"] = {**data["training"], "temperature_scaling": True}
+    with pytest.raises(MsamilError, match="temperature_scaling False differs"):
+        write_manifest(settings, [str(models / f"fold{k}" / "checkpoint.pt") for k in (0, 1)], models / "other.json")
+    assert not (models / "other.json").exists()

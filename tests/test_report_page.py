@@ -52,7 +52,7 @@ def _experiment(root: Path, name: str, wrong: set[str], spread: float, manifest:
 
 
 @pytest.fixture(scope="module")
-def report(tmp_path_factory):
+def report_dir(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("results")
     exps = {"multi": _experiment(root, "multi", {"s05"}, 0.0, manifest=True),
             "single": _experiment(root, "single", {"s01", "s05", "s06"}, 0.15, manifest=False),
@@ -69,7 +69,12 @@ def report(tmp_path_factory):
     assert main(["report", *[a for n, p in exps.items() for a in ("--experiment", f"{n}={p}")],
                  "--heatmaps", f"multi={heatmaps}", "--folds", str(root / "folds.csv"),
                  "--config-file", "config/config.yaml", "--out-dir", str(out)]) == 0
-    return (out / "index.html").read_text()
+    return out
+
+
+@pytest.fixture(scope="module")
+def report(report_dir) -> str:
+    return (report_dir / "index.html").read_text()
 
 
 def _section(html: str, anchor: str) -> str:
@@ -138,6 +143,29 @@ def test_configs_folded_and_headers_readable(report):
     assert not any("_" in h for h in headers if h not in ("n/a",) and "(slides)" not in h), headers
     assert "balanced accuracy" in headers and "macro F1" in headers
     assert "<td>balanced accuracy</td>" in _section(report, "metrics")
+
+
+def test_calibration_section_pools_each_experiments_test_folds(report, report_dir):
+    from sklearn.calibration import calibration_curve
+
+    from msamil_core.evaluation.metrics import read_predictions
+
+    header, *rows = _rows(_section(report, "calibration"))
+    assert header == ["experiment", "test slides", "pooled ECE", "ECE per fold", "temperature"]
+    assert [r[0] for r in rows] == ["multi", "single", "poor"]
+    for name, row in zip(["multi", "single", "poor"], rows):
+        parts = [read_predictions(report_dir.parent / "models" / name / f"fold{k}" / "predictions.csv")
+                 for k in range(3)]
+        y = np.concatenate([p[1] for p in parts])
+        p1 = np.concatenate([p[2][:, 1] for p in parts])
+        true, pred = calibration_curve(y, p1, n_bins=10)
+        counts = np.bincount(np.searchsorted(np.linspace(0, 1, 11)[1:-1], p1), minlength=10)
+        ece = np.sum(counts[counts > 0] * np.abs(true - pred)) / len(y)
+        assert row[1] == "12" and float(row[2]) == pytest.approx(ece, abs=1e-4) and row[4] == "off"
+        assert f'<img src="reliability_{name}.png"' in report and (report_dir / f"reliability_{name}.png").stat().st_size
+    summary_header = _rows(_section(report, "summary"))[0]
+    assert "ECE (lower is better)" in summary_header
+    assert "<td>ECE (lower is better)</td>" in _section(report, "metrics")
 
 
 def test_tables_scroll_in_their_box(report):

@@ -267,3 +267,65 @@ def test_classifier_is_kept_only_for_the_same_classes(tmp_path):
     assert transfers_classifier(tmp_path / "c.pt", ["alternating", "zonal"]) is False  # same count, other task
     torch.save({"weight": torch.zeros(2)}, tmp_path / "w.pt")  # a plain weights file: its shapes decide
     assert transfers_classifier(tmp_path / "w.pt", ["a", "b"]) is True
+
+
+def test_fit_temperature_recovers_a_known_temperature():
+    from msamil_core.training.calibration import fit_temperature, probabilities
+
+    gen = torch.Generator().manual_seed(0)
+    true_logits = 2.0 * torch.randn(5000, 3, generator=gen, dtype=torch.float64)
+    labels = torch.multinomial(true_logits.softmax(-1), 1, generator=gen)[:, 0]
+    for t in (0.5, 2.5):  # under- and overconfident models: their logits are the true ones times T
+        assert fit_temperature(true_logits * t, labels) == pytest.approx(t, rel=0.05)
+    z = torch.randn(4, 3, generator=gen)
+    assert torch.allclose(probabilities(z, 2.0), (z / 2.0).softmax(-1))
+    assert torch.equal(probabilities(z), z.softmax(-1))
+
+
+def test_temperature_scaling_is_fitted_stored_and_used_by_evaluation_and_predict(tmp_path):
+    from msamil_core.manifest import Manifest
+    from msamil_core.prediction import check_manifest_models, fold_probabilities, load_fold_models
+    from msamil_core.training.calibration import checkpoint_temperature
+
+    bags, sheet = make_cohort(tmp_path)
+    models = tmp_path / "models"
+    base = ["train", "--features", bags, "--sheet", sheet, "--fold", "0", "--model", "abmil.base",
+            "--epochs", "6", "--grad-accum", "2", "--lr", "1e-3", "--threads", "1", "--evaluate"]
+    assert main([*map(str, base), "--out", str(models / "plain"), "--n-folds", "3"]) == 0
+    assert main([*map(str, base), "--out", str(models / "scaled"), "--folds", str(models / "plain" / "folds.csv"),
+                 "--temperature-scaling"]) == 0
+    plain, scaled = (torch.load(models / n / "fold0" / "checkpoint.pt", weights_only=True) for n in ("plain", "scaled"))
+    assert plain["temperature"] == 1.0 and scaled["config"]["temperature_scaling"] is True
+    t = scaled["temperature"]
+    assert t > 0 and t != 1.0
+    assert all(torch.equal(plain["state_dict"][k], scaled["state_dict"][k]) for k in plain["state_dict"])
+
+    # evaluation: softmax(logits / T) of the same model; predicted classes, accuracy and AUC unchanged
+    m_plain, m_scaled = (json.loads((models / n / "fold0" / "metrics.json").read_text()) for n in ("plain", "scaled"))
+    assert m_scaled["temperature"] == t and "temperature" not in m_plain
+    for key in ("auc", "accuracy", "balanced_accuracy"):
+        assert m_scaled[key] == pytest.approx(m_plain[key])
+    assert m_scaled["ece"] != m_plain["ece"] and m_scaled["loss"] != m_plain["loss"]
+    import pandas as pd
+
+    p_plain, p_scaled = (pd.read_csv(models / n / "fold0" / "predictions.csv") for n in ("plain", "scaled"))
+    assert p_plain["predicted"].tolist() == p_scaled["predicted"].tolist()
+    logits = torch.logit(torch.tensor(p_plain["prob_tumor"].to_numpy()))  # binary: logit(p1) = z1 - z0
+    np.testing.assert_allclose(p_scaled["prob_tumor"], torch.sigmoid(logits / t).numpy(), atol=1e-5)
+
+    # predict: each fold's probabilities at its temperature, and a manifest stating another one stops it
+    (fold,) = load_fold_models(models / "scaled", "cpu", [0])
+    (unscaled,) = load_fold_models(models / "plain", "cpu", [0])
+    assert fold.temperature == t and unscaled.temperature == 1.0
+    bag = bags / f"{p_plain['slide_id'][0]}.pt"
+    z = torch.logit(torch.tensor(fold_probabilities([unscaled], bag, "s", "cpu")[0, 1]), eps=None)
+    assert fold_probabilities([fold], bag, "s", "cpu")[0, 1] == pytest.approx(float(torch.sigmoid(z / t)), abs=1e-6)
+    manifest = Manifest(models / "scaled" / "manifest.json", {
+        "classes": ["normal", "tumor"], "encoder": {"id": "synthetic"},
+        "runs": [{"repeat": 0, "fold": 0, "temperature": 1.0}]})
+    with pytest.raises(MsamilError, match="temperature"):
+        check_manifest_models(manifest, [fold])
+    manifest.data["runs"][0]["temperature"] = t
+    check_manifest_models(manifest, [fold])
+    with pytest.raises(MsamilError, match="holds no temperature"):
+        checkpoint_temperature({k: v for k, v in scaled.items() if k != "temperature"}, "fold0")

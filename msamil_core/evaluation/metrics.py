@@ -12,6 +12,13 @@ stays strict JSON; :func:`summarize` treats them as missing.
 The scores are computed here with numpy, and the tests check them against scikit-learn's
 (``roc_curve``, ``roc_auc_score``, ``f1_score``, ``confusion_matrix``): importing sklearn.metrics
 takes about 1.6 s, which every training job of the workflow would pay for a few sums.
+
+Calibration (:func:`reliability`, ``ece`` of :func:`classification_metrics`): the confidences
+fall into equal-width bins on [0, 1] (``bins`` of them, right edges included, as
+``sklearn.calibration.calibration_curve(strategy="uniform")`` bins them); with two classes the
+confidence is the positive (second) class's probability and the outcome whether the slide is
+positive, with more the top label's probability and whether the top label is right. The expected
+calibration error is the mean over slides of |outcome rate - mean confidence| of their bin.
 """
 
 from __future__ import annotations
@@ -26,11 +33,12 @@ import numpy as np
 import pandas as pd
 
 from ..fileio import atomic_path
+from ..settings import ECE_BINS
 
 log = logging.getLogger("msamil.metrics")
 
 # Keys of a metrics dict that are counts, not scores: left out of the summary over folds.
-_NOT_SCORES = frozenset({"n_slides", "inference_seconds", "training_seconds"})
+_NOT_SCORES = frozenset({"n_slides", "inference_seconds", "training_seconds", "temperature"})
 
 
 def _check_inputs(y_true: Any, probs: Any, classes: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -76,7 +84,39 @@ def roc(positive: np.ndarray, score: np.ndarray) -> tuple[np.ndarray, np.ndarray
     return fpr, tpr, auc
 
 
-def classification_metrics(y_true: Any, probs: Any, classes: Sequence[str]) -> dict[str, Any]:
+def reliability(y_true: Any, probs: Any, bins: int = ECE_BINS) -> dict[str, Any]:
+    """Reliability of class probabilities in ``bins`` equal-width confidence bins.
+
+    Args:
+        y_true: [N] int class indices.
+        probs: [N, C] class probabilities (C >= 2).
+        bins: number of equal-width bins on [0, 1].
+
+    Returns:
+        A JSON-ready dict: ``kind`` (``positive class`` with two classes, else ``top label``;
+        see the module docstring), ``bins``, ``ece``, and per non-empty bin, in order,
+        ``confidence`` (mean predicted probability), ``accuracy`` (outcome rate) and ``count``
+        (slides). ``confidence`` and ``accuracy`` are sklearn's ``prob_pred`` and ``prob_true``.
+    """
+    y = np.asarray(y_true, dtype=np.int64)
+    p = np.asarray(probs, dtype=np.float64)
+    if p.shape[1] == 2:
+        kind, confidence, outcome = "positive class", p[:, 1], (y == 1).astype(np.float64)
+    else:
+        kind, confidence, outcome = "top label", p.max(axis=1), (p.argmax(axis=1) == y).astype(np.float64)
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    which = np.searchsorted(edges[1:-1], confidence)  # bin i holds (edge_i, edge_i+1]; the first holds 0 too
+    count = np.bincount(which, minlength=bins)
+    conf_sum = np.bincount(which, weights=confidence, minlength=bins)
+    hit_sum = np.bincount(which, weights=outcome, minlength=bins)
+    kept = count > 0
+    mean_conf, rate = conf_sum[kept] / count[kept], hit_sum[kept] / count[kept]
+    ece = float(np.sum(count[kept] * np.abs(rate - mean_conf)) / max(len(y), 1))
+    return {"kind": kind, "bins": int(bins), "ece": ece, "confidence": mean_conf.tolist(), "accuracy": rate.tolist(),
+            "count": count[kept].astype(int).tolist()}
+
+
+def classification_metrics(y_true: Any, probs: Any, classes: Sequence[str], ece_bins: int = ECE_BINS) -> dict[str, Any]:
     """Metrics of one fold's test part.
 
     Args:
@@ -86,11 +126,12 @@ def classification_metrics(y_true: Any, probs: Any, classes: Sequence[str]) -> d
 
     Returns:
         A JSON-ready dict: ``n_slides``; ``auc``, ``accuracy``, ``balanced_accuracy``,
-        ``f1_macro`` (floats, ``auc`` may be None); ``classes``; ``classes_present`` (in the true
+        ``f1_macro``, ``ece`` (floats, ``auc`` may be None; ``ece`` over ``ece_bins`` bins,
+        :func:`reliability`); ``classes``; ``classes_present`` (in the true
         labels); ``auc_per_class`` {class: float or None}; ``confusion_matrix`` [C][C] counts,
         rows true class, columns predicted, in class order; ``roc`` {class: {"fpr": [...],
-        "tpr": [...]} or None}, one-vs-rest curve points. See the module docstring for absent
-        classes.
+        "tpr": [...]} or None}, one-vs-rest curve points; ``reliability``, the bins of
+        :func:`reliability` without ``ece``. See the module docstring for absent classes.
     """
     y, p = _check_inputs(y_true, probs, classes)
     classes = [str(c) for c in classes]
@@ -124,6 +165,7 @@ def classification_metrics(y_true: Any, probs: Any, classes: Sequence[str]) -> d
     np.add.at(confusion, (y, pred), 1)
     # F1 of a class = 2 TP / (2 TP + FP + FN); 0 when the class is neither present nor predicted
     f1 = [2 * confusion[c, c] / max(1, confusion[c, :].sum() + confusion[:, c].sum()) for c in present]
+    calibration = reliability(y, p, ece_bins)
     return {
         "n_slides": int(len(y)),
         "auc": auc,
@@ -135,6 +177,8 @@ def classification_metrics(y_true: Any, probs: Any, classes: Sequence[str]) -> d
         "auc_per_class": auc_per_class,
         "confusion_matrix": confusion.tolist(),
         "roc": curves,
+        "ece": calibration.pop("ece"),
+        "reliability": calibration,
     }
 
 

@@ -1,5 +1,5 @@
-"""Report charts as PNG with matplotlib (Agg): ROC curves, confusion matrices, line plots
-(learning curves, the K study's loss curves).
+"""Report charts as PNG with matplotlib (Agg): ROC curves, confusion matrices, reliability
+diagrams, line plots (learning curves, the K study's loss curves).
 
 Inputs of the ROC and confusion charts are the per-fold metrics dicts of
 :func:`msamil_core.evaluation.metrics.classification_metrics`, as ``{experiment: {fold: metrics}}``;
@@ -201,5 +201,34 @@ def plot_learning_curve(path: str | os.PathLike, points: Mapping[str, tuple[Sequ
     ax.set_xticks([10, 25, 50, 100], ["10", "25", "50", "100"])
     ax.grid(color="0.9")
     ax.legend(fontsize=8)
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
+def plot_reliability(path: str | os.PathLike, experiment: str, curve: Mapping[str, Any]) -> None:
+    """Reliability diagram PNG of one experiment: the outcome rate against the mean confidence of
+    each non-empty bin (marker area by its slides), the diagonal of perfect calibration, and the
+    slides per bin below. ``curve``: :func:`~msamil_core.evaluation.metrics.reliability`'s dict
+    with ``classes`` added."""
+    plt = pyplot()
+    fig, (ax, counts) = plt.subplots(2, 1, figsize=(PANEL, PANEL * 1.35), sharex=True,
+                                     gridspec_kw={"height_ratios": [3, 1]})
+    edges = np.linspace(0.0, 1.0, curve["bins"] + 1)
+    conf, rate, n = (np.asarray(curve[k], dtype=float) for k in ("confidence", "accuracy", "count"))
+    ax.plot([0, 1], [0, 1], linestyle="--", color="0.6", linewidth=1, label="calibrated")
+    ax.vlines(conf, np.minimum(conf, rate), np.maximum(conf, rate), color="tab:red", linewidth=1.2, alpha=0.6,
+              label="gap")
+    ax.plot(conf, rate, color="tab:blue", linewidth=1.2)
+    ax.scatter(conf, rate, s=15 + 85 * n / max(n.max(), 1), color="tab:blue", zorder=3, clip_on=False, label="bin")
+    positive = curve["kind"] == "positive class"
+    what = f"P({curve['classes'][1]})" if positive else "top-label probability"
+    ax.set(xlim=(0, 1), ylim=(-0.02, 1.02), ylabel=f"share {curve['classes'][1]}" if positive else "share correct",
+           aspect="auto")
+    ax.set_title(f"{experiment}\nECE {curve['ece']:.3f} over {int(n.sum())} test slides, {curve['bins']} bins",
+                 fontsize=10)
+    ax.grid(color="0.9")
+    ax.legend(loc="upper left", fontsize=7)
+    counts.hist(conf, bins=edges, weights=n, color="0.55")  # each bin's slides, at its own bin
+    counts.set(xlabel=f"mean predicted {what}", ylabel="slides")
     fig.tight_layout()
     save_figure(fig, path)

@@ -3,7 +3,8 @@
 :func:`write_report` reads each experiment's ``fold<k>/metrics.json`` and ``predictions.csv`` and
 its manifest (or ``checkpoint.pt``, for its config) and writes ``index.html`` (the jinja2
 template ``templates/report.html.j2``), ``summary.csv`` (experiment, metric, mean, sd, n_folds:
-over every test fold of every repeat), ``roc.png``, ``confusion.png`` and
+over every test fold of every repeat), ``roc.png``, ``confusion.png``,
+``reliability_<experiment>.png`` (calibration, pooled over the first repeat's test folds) and
 ``learning_curve_<i>.png`` into the report folder. The page opens with its provenance (date,
 commit, config files, encoders and the digest of their weights: :mod:`.provenance`) and a table
 of contents; the cohort per fold and each experiment's test slides, misclassified first and
@@ -135,7 +136,7 @@ def write_report(experiments: dict[str, str | os.PathLike], out_dir: str | os.Pa
     from ..manifest import read_manifest
     from ..training.splits import read_folds
     from .heatmaps import INSIDE_FRACTION
-    from .plots import plot_confusion_matrices, plot_learning_curve, plot_roc_curves
+    from .plots import plot_confusion_matrices, plot_learning_curve, plot_reliability, plot_roc_curves
     from .provenance import provenance
     from .slides import cohort_table, slide_review
 
@@ -174,8 +175,13 @@ def write_report(experiments: dict[str, str | os.PathLike], out_dir: str | os.Pa
         plot_learning_curve(out_dir / curve["image"], curve["points"], title=curve["title"])
     transfer = [pair for pair in tables.transfer_pairs(configs) if "train_fraction" not in configs[pair[0]]]
     heatmap_sets = heatmap_links(heatmaps, out_dir) if heatmaps else []
-    review = slide_review({name: run_dirs(directory) for name, directory in experiments.items()},
-                          {h["name"]: {s["slide_id"]: s["page"] for s in h["slides"]} for h in heatmap_sets})
+    fold_dirs = {name: run_dirs(directory) for name, directory in experiments.items()}
+    review = slide_review(fold_dirs, {h["name"]: {s["slide_id"]: s["page"] for s in h["slides"]} for h in heatmap_sets})
+    calibration, reliability = tables.calibration(fold_dirs, configs, per_fold, summary)
+    diagrams = []
+    for name, curve in reliability.items():
+        diagrams.append((name, f"reliability_{name}.png", curve))
+        plot_reliability(out_dir / diagrams[-1][1], name, curve)
     page = render(
         "report.html.j2", title=title, summary_table=wide, ratio=ratio,
         provenance=provenance(manifests, config_files), cohort=cohort_table(read_folds(folds)) if folds else None,
@@ -195,6 +201,7 @@ def write_report(experiments: dict[str, str | os.PathLike], out_dir: str | os.Pa
         heatmaps=heatmap_sets, inside_fraction=INSIDE_FRACTION,
         left_out=read_left_out(left_out) if left_out else None,
         sections=[(heading, pd.read_csv(path)) for heading, path in sections],
+        calibration=calibration, reliability=diagrams,
         all_metrics=tables.metrics_table(summary),
         configs=[(name, json.dumps(cfg, indent=2, sort_keys=True, default=str)) for name, cfg in configs.items()],
     )

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from ..errors import MsamilError
@@ -28,21 +29,31 @@ def cohort_table(folds: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def fold_predictions(fold_dirs: dict[tuple[int, int], Path]) -> pd.DataFrame:
+def read_fold_predictions(fold_dirs: dict[tuple[int, int], Path]) -> list[tuple[int, list[str], np.ndarray, np.ndarray,
+                                                                             list[str]]]:
     """The first repeat's test predictions of an experiment (``{(repeat, fold): fold folder}``,
-    as :func:`~msamil_core.reporting.report.run_dirs` gives): ``slide_id, label, predicted, fold,
-    p_predicted, p_true`` (the probabilities of the predicted and of the true class)."""
+    as :func:`~msamil_core.reporting.report.run_dirs` gives), one ``(fold, slide_ids, y_true [N],
+    probs [N, C], classes)`` per fold with a predictions.csv: every slide of the cohort once."""
     from ..evaluation.metrics import read_predictions
 
-    frames = []
+    out = []
     for (repeat, fold), directory in fold_dirs.items():
         path = directory / "predictions.csv"
         if repeat or not path.exists():
             continue
         try:
-            slide_ids, y, probs, classes = read_predictions(path)
+            out.append((fold, *read_predictions(path)))
         except (OSError, ValueError, KeyError, pd.errors.ParserError) as exc:
             raise MsamilError(f"{path}: cannot read the fold's predictions ({exc}); rerun `msamil evaluate`") from None
+    return out
+
+
+def fold_predictions(fold_dirs: dict[tuple[int, int], Path]) -> pd.DataFrame:
+    """The first repeat's test predictions of an experiment (:func:`read_fold_predictions`) as
+    one table: ``slide_id, label, predicted, fold, p_predicted, p_true`` (the probabilities of the
+    predicted and of the true class)."""
+    frames = []
+    for fold, slide_ids, y, probs, classes in read_fold_predictions(fold_dirs):
         predicted = probs.argmax(axis=1)
         rows = range(len(slide_ids))
         frames.append(pd.DataFrame({"slide_id": slide_ids, "label": [classes[i] for i in y],

@@ -23,9 +23,10 @@ from ..errors import MsamilError
 from ..evaluation.metrics import summarize
 
 HEADLINE = ("auc", "balanced_accuracy", "accuracy", "f1_macro")
+SUMMARY = (*HEADLINE, "ece")  # the summary table's columns: the headline scores and the calibration error
 # how the report names the scores of metrics.json (a score not listed: its name, underscores as spaces)
 METRIC_LABELS = {"auc": "AUC", "balanced_accuracy": "balanced accuracy", "accuracy": "accuracy",
-                 "f1_macro": "macro F1"}
+                 "f1_macro": "macro F1", "ece": "ECE (lower is better)"}
 DIFFERENCE_RANGE = (-1.0, 1.0)  # a difference of two scores in [0, 1]
 
 
@@ -47,8 +48,8 @@ def metric(summary: pd.DataFrame, experiment: str, name: str) -> tuple[float, fl
     return (float(row["mean"].iloc[0]), float(row["sd"].iloc[0])) if len(row) else (math.nan, math.nan)
 
 
-def summary_table(summary: pd.DataFrame, metrics=HEADLINE) -> pd.DataFrame:
-    """One row per experiment: ``mean ± sd`` of each headline metric (columns named by
+def summary_table(summary: pd.DataFrame, metrics=SUMMARY) -> pd.DataFrame:
+    """One row per experiment: ``mean ± sd`` of each headline metric and ECE (columns named by
     :func:`metric_label`) and the number of folds."""
     rows = []
     for exp, group in summary.groupby("experiment", sort=False):
@@ -65,6 +66,40 @@ def metrics_table(summary: pd.DataFrame) -> pd.DataFrame:
     table) with readable names and headers, rounded to 4 digits."""
     table = summary.round(4).assign(metric=[metric_label(m) for m in summary["metric"]])
     return table.rename(columns={"n_folds": "folds"})
+
+
+def calibration(fold_dirs: dict[str, dict], configs: dict[str, dict], per_fold: dict[str, dict],
+                summary: pd.DataFrame) -> tuple[pd.DataFrame | None, dict[str, dict]]:
+    """The report's calibration: per experiment, its first repeat's test predictions pooled over
+    folds (:func:`~msamil_core.reporting.slides.read_fold_predictions`) in the experiment's
+    ``ece_bins`` bins (:func:`~msamil_core.evaluation.metrics.reliability`).
+
+    Returns:
+        The table (experiment, test slides, pooled ECE, ECE per fold as mean ± sd, the fitted
+        temperatures as mean ± sd or ``off``; None without predictions) and ``{experiment:
+        reliability dict with its classes}`` for :func:`~msamil_core.reporting.plots.plot_reliability`.
+    """
+    import numpy as np
+
+    from ..evaluation.metrics import reliability
+    from ..settings import ECE_BINS
+    from .slides import read_fold_predictions
+
+    rows, curves = [], {}
+    for name, dirs in fold_dirs.items():
+        found = read_fold_predictions(dirs)
+        if not found:
+            continue
+        classes = found[0][4]
+        y = np.concatenate([f[2] for f in found])
+        probs = np.concatenate([f[3] for f in found])
+        curves[name] = {**reliability(y, probs, int(configs[name].get("ece_bins") or ECE_BINS)), "classes": classes}
+        temperatures = [m["temperature"] for m in per_fold[name].values() if "temperature" in m]
+        t_sd = float(np.std(temperatures, ddof=1)) if len(temperatures) > 1 else None
+        rows.append({"experiment": name, "test slides": len(y), "pooled ECE": round(curves[name]["ece"], 4),
+                     "ECE per fold": mean_sd(*metric(summary, name, "ece")),
+                     "temperature": mean_sd(float(np.mean(temperatures)), t_sd) if temperatures else "off"})
+    return (pd.DataFrame(rows) if rows else None), curves
 
 
 # ----------------------------------------------------------------------------- paired comparisons

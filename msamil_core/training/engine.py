@@ -354,7 +354,7 @@ def _end_epoch(task: Task, schedule: Schedule, state: _LoopState, optimizer, wor
         state.best_score = score if not math.isnan(score) else state.best_score
         state.best_epoch, state.bad_epochs = state.epoch, 0
         state.best_state = copy.deepcopy(model.state_dict())
-        state.best_metrics = {k: v for k, v in (metrics or {}).items() if k not in ("confusion_matrix", "roc")}
+        state.best_metrics = {k: v for k, v in (metrics or {}).items() if k not in ("confusion_matrix", "roc", "reliability")}
     else:
         state.bad_epochs += 1
     state.epoch, state.position, state.losses = state.epoch + 1, 0, []

@@ -34,8 +34,9 @@ from ..errors import MsamilError
 from ..features.bags import Bag, find_bag, load_bag
 from ..fileio import save_torch, torch_load, write_json
 from ..runtime import autocast, is_main_process
-from ..settings import SplitSettings, TrainConfig
+from ..settings import ECE_BINS, SplitSettings, TrainConfig
 from ..wsi.geometry import scale_index
+from .calibration import checkpoint_temperature, fit_temperature, scaled_logits
 from .engine import Schedule, Task, fit
 
 log = logging.getLogger(__name__)
@@ -242,24 +243,35 @@ def forward_bag(model, item: BagItem, device, loss_fn=None, return_attention=Fal
 
 
 @torch.no_grad()
-def predict(model, dataset, device, bf16: bool = True, forward=None) -> tuple[np.ndarray, float]:
-    """Class probabilities [N, C] of every item (bag) of ``dataset`` in eval mode and the mean
-    unweighted cross-entropy; ``forward(item)`` runs one item (default :func:`forward_bag`)."""
+def predict_logits(model, dataset, device, bf16: bool = True, forward=None) -> torch.Tensor:
+    """Logits [N, C] (float32, on the CPU) of every item (bag) of ``dataset`` in eval mode;
+    ``forward(item)`` runs one item (default :func:`forward_bag`)."""
     was_training = model.training
     model.eval()
-    probs, losses = [], []
+    logits = []
     for i in range(len(dataset)):
         item = dataset[i]
         with autocast(device, bf16):
             results, _ = forward(item) if forward else forward_bag(model, item, device)
-        logits = results["logits"].float()
-        probs.append(logits.softmax(-1)[0].cpu().numpy())
-        losses.append(F.cross_entropy(logits, torch.tensor([item.label], device=device)).item())
+        logits.append(results["logits"].float()[0].cpu())
     model.train(was_training)
-    return np.stack(probs) if probs else np.zeros((0, 0)), float(np.mean(losses)) if losses else float("nan")
+    return torch.stack(logits) if logits else torch.zeros((0, 0))
 
 
-def validation_metrics(model, dataset, classes: list[str], device, bf16: bool = True, forward=None) -> dict | None:
+def predict(model, dataset, device, bf16: bool = True, forward=None,
+            temperature: float = 1.0) -> tuple[np.ndarray, float]:
+    """Class probabilities [N, C] of every item of ``dataset`` (:func:`predict_logits`, at
+    ``temperature``: :func:`~.calibration.scaled_logits`) and their mean unweighted cross-entropy."""
+    logits = predict_logits(model, dataset, device, bf16, forward)
+    if not len(logits):
+        return np.zeros((0, 0)), float("nan")
+    logits = scaled_logits(logits, temperature)
+    losses = F.cross_entropy(logits, torch.as_tensor(dataset.labels), reduction="none")
+    return logits.softmax(-1).numpy(), float(np.mean(losses.tolist()))
+
+
+def validation_metrics(model, dataset, classes: list[str], device, bf16: bool = True, forward=None,
+                       ece_bins: int = ECE_BINS) -> dict | None:
     """``loss`` and :func:`~msamil_core.evaluation.metrics.classification_metrics` of the model on a
     validation set (None when it is empty): what the engine's tasks return from ``evaluate``."""
     from ..evaluation.metrics import classification_metrics
@@ -267,7 +279,7 @@ def validation_metrics(model, dataset, classes: list[str], device, bf16: bool = 
     if not len(dataset):
         return None
     probs, loss = predict(model, dataset, device, bf16, forward)
-    return {"loss": loss, **classification_metrics(np.asarray(dataset.labels), probs, classes)}
+    return {"loss": loss, **classification_metrics(np.asarray(dataset.labels), probs, classes, ece_bins)}
 
 
 def load_checkpoint(path: str | os.PathLike, device: torch.device | str = "cpu"):
@@ -334,25 +346,37 @@ class MILTask(SlideTask):
         return results["loss"]
 
     def evaluate(self) -> dict | None:
-        return validation_metrics(self.model, self.val_set, self.classes, self.device, self.cfg.bf16)
+        return validation_metrics(self.model, self.val_set, self.classes, self.device, self.cfg.bf16,
+                                  ece_bins=self.cfg.ece_bins)
 
 
 def train_fold(cfg: TrainConfig, train_set: BagDataset, val_set: BagDataset, classes: list[str], in_dim: int,
                out_dir: str | os.PathLike, device: torch.device, encoder: str = "", run_config: dict | None = None) -> dict:
     """Train one fold and write ``checkpoint.pt`` and ``history.json``; returns the best epoch's
     validation metrics. Resumes from ``out_dir/resume.pt`` when it was written for the same
-    config, classes and training slides."""
+    config, classes and training slides. With ``temperature_scaling`` the best model's temperature
+    is fitted on the validation slides (:func:`~.calibration.fit_temperature`); the checkpoint's
+    ``temperature`` is 1.0 without."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.temperature_scaling and not len(val_set):
+        raise MsamilError(f"{out_dir}: temperature_scaling needs validation slides and this fold has none; set "
+                          "splits.val_fraction above 0 or turn training.temperature_scaling off")
     norm = train_set.feature_statistics() if cfg.standardize else None
     train_set.norm = val_set.norm = norm
     task = MILTask(cfg, train_set, val_set, classes, in_dim, device)
     result = fit(task, Schedule.of(cfg), out_dir / "resume.pt")
     if result.rank == 0:
+        temperature = 1.0
+        if cfg.temperature_scaling:
+            task.model.load_state_dict(result.best_state)
+            logits = predict_logits(task.model, val_set, device, cfg.bf16)
+            temperature = fit_temperature(logits, torch.as_tensor(val_set.labels))
+            log.info("%s: temperature %.4f fitted on %d validation slides", out_dir, temperature, len(val_set))
         save_torch(out_dir / "checkpoint.pt", {
             "model_name": cfg.model, "model_args": dict(task.model.model_args), "state_dict": result.best_state,
             "classes": classes, "encoder": encoder, "config": run_config or asdict(cfg), "epoch": result.best_epoch,
-            "metrics": result.best_metrics, "feature_norm": norm,
+            "metrics": result.best_metrics, "feature_norm": norm, "temperature": temperature,
         })
         write_json(out_dir / "history.json", result.history)
         (out_dir / "resume.pt").unlink(missing_ok=True)
@@ -369,8 +393,10 @@ def checkpoint_scales(ckpt: dict) -> list[str]:
 
 def evaluate_fold(fold_dir: str | os.PathLike, k: int, sheet, folds, features: str | os.PathLike, device,
                   splits: SplitSettings) -> dict:
-    """Run ``fold_dir/checkpoint.pt`` on fold ``k``'s test part; write predictions.csv and
-    metrics.json there (``inference_seconds``: loading the test bags and running the model)."""
+    """Run ``fold_dir/checkpoint.pt`` on fold ``k``'s test part, its probabilities at the
+    checkpoint's temperature; write predictions.csv and metrics.json there
+    (``inference_seconds``: loading the test bags and running the model; ``temperature`` when
+    the model was trained with temperature scaling)."""
     from ..cohort.tasks import select_slides, task_classes
     from ..evaluation.metrics import classification_metrics, write_predictions
     from .splits import fold_parts
@@ -397,10 +423,14 @@ def evaluate_fold(fold_dir: str | os.PathLike, k: int, sheet, folds, features: s
     if not test_ids:
         raise MsamilError(f"fold {k}: no test slide has patches at {'+'.join(scales)}; check the patch selection")
     dataset = BagDataset(paths, test_ids, test_y, scales, norm=ckpt.get("feature_norm"))
-    probs, loss = predict(model, dataset, device)
+    config = ckpt.get("config") or {}
+    temperature = checkpoint_temperature(ckpt, str(fold_dir / "checkpoint.pt"))
+    probs, loss = predict(model, dataset, device, temperature=temperature)
     y = np.asarray(test_y)
-    metrics = classification_metrics(y, probs, classes)
+    metrics = classification_metrics(y, probs, classes, config.get("ece_bins", ECE_BINS))
     metrics["loss"] = loss
+    if config.get("temperature_scaling"):
+        metrics["temperature"] = temperature
     metrics["n_slides"] = len(test_ids)
     if left_out:
         metrics["left_out"] = left_out
