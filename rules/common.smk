@@ -500,8 +500,10 @@ def extract_options(wildcards, output):
         coords={strategy: coords_paths(slide, strategy) for strategy in CFG.used_strategies},
         precision=False,
     )
-    # the slide's path (a new path is a new input file of preprocess_slide, which reruns this job)
-    return f"{slide_option(slide)} {options}"
+    # the slide's path (a new path is a new input file of preprocess_slide, which reruns this job);
+    # --leave-out-unreadable: a slide whose tiles fail to decode gets empty bags that say why, and
+    # the cohort steps leave it out (list_left_out) instead of the whole run stopping at it
+    return f"{slide_option(slide)} {options} --leave-out-unreadable"
 
 
 def extract_weights(wildcards):
@@ -731,10 +733,22 @@ def report_options():
     )
 
 
-def config_file_options():
-    """`--config-file` of each config file Snakemake read (the report's header names them),
-    relative to the project so that a moved project plans no new report."""
-    return " ".join(f"--config-file {shlex.quote(os.path.relpath(path))}" for path in workflow.configfiles)
+def _config_file_name(path):
+    """A config file as the report's header names it: relative to the project when inside it,
+    else to the workflow's folder (its own config/config.yaml), else absolute."""
+    path = os.path.abspath(path)
+    for folder in (os.getcwd(), workflow.basedir):
+        if os.path.commonpath([path, os.path.abspath(folder)]) == os.path.abspath(folder):
+            return os.path.relpath(path, folder)
+    return path
+
+
+def config_file_options(wildcards, output):
+    """`--config-file` of each config file Snakemake read (the report's header names them). Taking
+    `output` makes it a derived param, which the params rerun-trigger leaves out: which files held
+    the settings is provenance, while the settings that decide a result are params of the steps
+    they decide, so a moved project or another clone of the workflow plans no new report."""
+    return " ".join(f"--config-file {shlex.quote(_config_file_name(path))}" for path in workflow.configfiles)
 
 
 # ---------------------------------------------------------------- end-to-end runs

@@ -56,11 +56,9 @@ rule extract_features:
         gpu=1,
     conda:
         "../envs/msamil.yaml"
-    # --leave-out-unreadable: a slide whose tiles fail to decode gets empty bags that say why, and the cohort
-    # steps leave it out (list_left_out) instead of the whole run stopping at it
     shell:
         "msamil extract {params.options} --slide-id {wildcards.slide:q} {params.settings}"
-        " --threads {threads} --no-progress --leave-out-unreadable 2> {log:q}"
+        " --threads {threads} --no-progress 2> {log:q}"
 
 
 # One input for the cohort steps instead of one per slide (common.smk: write_slide_index); it

@@ -16,7 +16,7 @@ rule make_report:
         summary=layout.report_file("summary.csv"),
     params:
         options=report_options(),
-        config_files=config_file_options(),
+        config_files=config_file_options,
         out=report_folder,
     log:
         "logs/make_report.log",
