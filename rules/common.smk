@@ -736,11 +736,8 @@ def report_options():
 def _config_file_name(path):
     """A config file as the report's header names it: relative to the project when inside it,
     else to the workflow's folder (its own config/config.yaml), else absolute."""
-    path = os.path.abspath(path)
-    for folder in (os.getcwd(), workflow.basedir):
-        if os.path.commonpath([path, os.path.abspath(folder)]) == os.path.abspath(folder):
-            return os.path.relpath(path, folder)
-    return path
+    inside = layout.project_path(path)
+    return inside if not os.path.isabs(inside) else layout.project_path(path, workflow.basedir)
 
 
 def config_file_options(wildcards, output):
